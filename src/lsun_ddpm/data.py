@@ -1,0 +1,282 @@
+"""Training images: a Hub dataset or a local folder → one preprocessing → a DataLoader.
+
+Every image the project feeds to a model (training, interpolation inputs,
+neighbour search) goes through `preprocess_image`, so a model never sees two
+different resizings of the same photo.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The requested dataset cannot be loaded (no network, unknown repo, wrong column)."""
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def open_image(source: Any, resolution: int | None = None) -> Image.Image:
+    """Open an image from a path, bytes, a 🤗 datasets image dict or a PIL image, as RGB.
+
+    With `resolution`, JPEGs are decoded directly at a reduced size (PIL's
+    `draft`: DCT scaling by 1/2, 1/4 or 1/8) that still has a shorter side of
+    at least `resolution`, which is far cheaper than decoding full size.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, dict):  # {"bytes": ..., "path": ...} from Image(decode=False)
+        data = source.get("bytes")
+        image = Image.open(io.BytesIO(data)) if data else Image.open(source["path"])
+    elif isinstance(source, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(source))
+    else:
+        image = Image.open(source)
+    if resolution is not None and image.format == "JPEG":
+        image.draft("RGB", (resolution, resolution))
+    if image.mode != "RGB":
+        # Palette/alpha images: composite on white rather than let PIL drop alpha to black.
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB")
+    return image
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """ADM's anti-aliased resize: halve with a BOX filter while the shorter side is
+    at least twice `size`, then BICUBIC so that the shorter side is exactly `size`."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    new_size = tuple(max(size, round(x * scale)) for x in image.size)
+    return image.resize(new_size, resample=Image.BICUBIC)
+
+
+@dataclass
+class ImagePreprocessor:
+    """RGB → shorter side resized to `resolution` → crop → optional flip → CHW float in [-1, 1].
+
+    Random choices (crop offset, flip) use torch's RNG, which accelerate seeds
+    per process and per DataLoader worker and saves in checkpoints.
+    """
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, source: Any) -> torch.Tensor:
+        image = resize_shorter_side(open_image(source, self.resolution), self.resolution)
+        image = self._crop(image)
+        if self.random_flip and torch.rand(()) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def _crop(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        size = self.resolution
+        if self.center_crop:
+            left, top = (width - size) // 2, (height - size) // 2
+        else:
+            left = int(torch.randint(0, width - size + 1, ()))
+            top = int(torch.randint(0, height - size + 1, ()))
+        return image.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(source: Any, resolution: int) -> torch.Tensor:
+    """The deterministic preprocessing (centre crop, no flip) for inference inputs."""
+    return ImagePreprocessor(resolution, center_crop=True, random_flip=False)(source)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def check_hub_dataset_reachable(dataset_name: str) -> None:
+    """Fail in a fraction of a second, with a useful message, when the Hub can't be reached.
+
+    `datasets.load_dataset` retries for ~25 s before giving up with a generic
+    error. In offline mode (HF_HUB_OFFLINE=1) the check is skipped, so a cached
+    copy of the dataset still loads.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi().dataset_info(dataset_name, timeout=10)
+    except RepositoryNotFoundError as error:
+        raise DatasetUnavailableError(
+            f"dataset {dataset_name!r} was not found on the Hugging Face Hub (or needs a token: "
+            "`hf auth login` or HF_TOKEN). To train on local images use --train_data_dir DIR."
+        ) from error
+    except HfHubHTTPError:
+        return  # reachable; let `datasets` report anything more specific
+    except Exception as error:  # connection refused, DNS failure, timeout, proxy
+        raise DatasetUnavailableError(
+            f"cannot reach the Hugging Face Hub to load dataset {dataset_name!r} ({type(error).__name__}: "
+            f"{error}). Without network access, train on a local folder of images with --train_data_dir DIR, "
+            "or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache."
+        ) from error
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    max_train_samples: int | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The training split with one column, `image`, left undecoded ({"bytes", "path"} dicts).
+
+    `train_data_dir` wins over `dataset_name`: it is read with 🤗 datasets'
+    `imagefolder` builder, which walks sub-folders to any depth; sub-folder
+    names are not turned into labels.
+    """
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise DatasetUnavailableError(f"--train_data_dir {train_data_dir!r} is not a directory")
+        if not any(_walk_images(train_data_dir)):
+            raise DatasetUnavailableError(
+                f"--train_data_dir {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=train_data_dir, split="train", drop_labels=True,
+            drop_metadata=True, cache_dir=cache_dir, streaming=streaming,
+        )
+        image_column = "image"
+    elif dataset_name is not None:
+        check_hub_dataset_reachable(dataset_name)
+        try:
+            dataset = datasets.load_dataset(
+                dataset_name, dataset_config_name, split="train", streaming=streaming, cache_dir=cache_dir
+            )
+        except ConnectionError as error:
+            raise DatasetUnavailableError(
+                f"could not load {dataset_name!r}: {error}. Use --train_data_dir DIR for local images."
+            ) from error
+    else:
+        raise DatasetUnavailableError("give --dataset_name (a Hub dataset) or --train_data_dir (a local folder)")
+
+    columns = dataset.column_names or []
+    if columns and image_column not in columns:
+        raise DatasetUnavailableError(
+            f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}"
+        )
+    dataset = dataset.select_columns([image_column])
+    if image_column != "image":
+        dataset = dataset.rename_column(image_column, "image")
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    if max_train_samples is not None:
+        if streaming:
+            dataset = dataset.take(max_train_samples)
+        else:
+            dataset = dataset.select(range(min(max_train_samples, len(dataset))))
+    return dataset
+
+
+def _walk_images(root: str):
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.join(directory, name)
+
+
+# ---------------------------------------------------------------- torch datasets
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, dict) and source.get("path"):
+        return str(source["path"])
+    return "<in-memory image>"
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """A map-style 🤗 dataset, decoded and preprocessed on access.
+
+    An image that cannot be decoded is skipped: a warning names it, and the
+    next image takes its place, so every process still gets full, equally
+    sized batches (a short batch on one DDP rank would stall the others).
+    """
+
+    max_consecutive_failures = 100
+
+    def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor):
+        self.dataset = dataset
+        self.preprocess = preprocess
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(self.max_consecutive_failures):
+            source = self.dataset[(index + offset) % len(self.dataset)]["image"]
+            try:
+                return {"pixel_values": self.preprocess(source)}
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                self.num_skipped += 1
+                logger.warning("skipping unreadable image %s (%s)", _describe(source), error)
+        raise DatasetUnavailableError(f"{self.max_consecutive_failures} unreadable images in a row near index {index}")
+
+
+def _preprocess_stream(preprocess: ImagePreprocessor):
+    def decode(example: dict) -> dict:
+        try:
+            return {"pixel_values": preprocess(example["image"]), "ok": True}
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            logger.warning("skipping unreadable image %s (%s)", _describe(example["image"]), error)
+            return {"pixel_values": torch.zeros(3, preprocess.resolution, preprocess.resolution), "ok": False}
+
+    return decode
+
+
+def make_training_dataset(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    preprocess: ImagePreprocessor,
+    seed: int | None = None,
+    shuffle_buffer_size: int = 10_000,
+) -> torch.utils.data.Dataset:
+    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W)}`."""
+    if isinstance(dataset, datasets.IterableDataset):
+        stream = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        stream = stream.map(_preprocess_stream(preprocess), remove_columns=["image"])
+        return stream.filter(lambda example: example["ok"]).remove_columns(["ok"]).with_format("torch")
+    return PreprocessedImages(dataset, preprocess)
+
+
+def make_dataloader(
+    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Full micro-batches only (`drop_last`): the paper's batch size is part of the recipe."""
+    is_map_style = not isinstance(dataset, torch.utils.data.IterableDataset)
+    if is_map_style and len(dataset) < batch_size:
+        raise DatasetUnavailableError(
+            f"the dataset has {len(dataset)} images, fewer than one micro-batch (--train_batch_size {batch_size})"
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=is_map_style,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

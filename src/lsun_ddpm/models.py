@@ -1,0 +1,158 @@
+"""The ADM ("Diffusion Models Beat GANs") U-Net as a diffusers `UNet2DModel`.
+
+`ADMUNet2DModel` adds nothing to the forward pass of `UNet2DModel`: every ADM
+feature the paper relies on is a `UNet2DModel` configuration (see `PRESETS`).
+What the subclass adds is ADM's initialisation (zero output layers) and the
+export back to a plain `UNet2DModel`, so that published folders load with stock
+diffusers, where `lsun_ddpm` is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+
+
+def _adm_block_types(attention: tuple[bool, ...]) -> dict[str, Any]:
+    """Down/up block types for levels with or without self-attention.
+
+    ADM's `resblock_updown` resamples inside a residual block. diffusers does
+    this with `downsample_type="resnet"` in the attention blocks, and with the
+    `Resnet{Down,Up}sampleBlock2D` blocks in levels without attention.
+    """
+    down = tuple("AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention)
+    up = tuple("AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention))
+    return {"down_block_types": down, "up_block_types": up}
+
+
+def _adm_config(
+    sample_size: int,
+    block_out_channels: tuple[int, ...],
+    attention_resolutions: tuple[int, ...],
+    layers_per_block: int = 2,
+    attention_head_dim: int = 64,
+    dropout: float = 0.1,
+    norm_num_groups: int = 32,
+) -> dict[str, Any]:
+    """A `UNet2DModel` config with ADM's architecture choices.
+
+    Level *i* of the U-Net runs at `sample_size / 2**i`; it gets attention when
+    that resolution is in `attention_resolutions` (ADM's `--attention_resolutions`).
+    """
+    attention = tuple(sample_size // 2**i in attention_resolutions for i in range(len(block_out_channels)))
+    return {
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        **_adm_block_types(attention),
+        "downsample_type": "resnet",  # resblock_updown
+        "upsample_type": "resnet",
+        "resnet_time_scale_shift": "scale_shift",  # use_scale_shift_norm
+        "attention_head_dim": attention_head_dim,  # channels per head (num_head_channels)
+        "attn_norm_num_groups": norm_num_groups,  # ADM normalises the middle attention too
+        "norm_num_groups": norm_num_groups,
+        "norm_eps": 1e-5,
+        "dropout": dropout,
+        "act_fn": "silu",
+        # ADM's timestep embedding is [cos, sin] with no frequency shift.
+        "time_embedding_type": "positional",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's model at 128 px. Widths 128-128-256-256-512-512 over six
+    # levels (128 → 4 px) are those of the original DDPM LSUN model; ADM's own
+    # 128-px widths (256 × (1,1,2,3,4)) are ~4x the compute and do not fit a
+    # micro-batch of 8 on a 24 GB GPU. Parameter count, FLOPs and memory are
+    # measured by bench/model_stats.py and recorded in docs/model.md.
+    "paper128": _adm_config(128, (128, 128, 256, 256, 512, 512), attention_resolutions=(32, 16, 8)),
+    # The same architecture scaled down for the CPU demo (~110 img/s training on
+    # 2 cores with bf16): attention at 8 px, one residual block per level.
+    "small32": _adm_config(
+        32, (32, 64, 128), attention_resolutions=(8,), layers_per_block=1, attention_head_dim=32,
+        norm_num_groups=8, dropout=0.0,
+    ),
+    # The smallest model that still exercises every block type, for tests.
+    "tiny16": _adm_config(
+        16,
+        (32, 64),
+        attention_resolutions=(8,),
+        layers_per_block=1,
+        attention_head_dim=32,
+        norm_num_groups=8,
+        dropout=0.0,
+    ),
+}
+
+
+class ADMUNet2DModel(UNet2DModel):
+    """`UNet2DModel` with ADM's zero-initialised output layers.
+
+    ADM initialises to zero the last convolution of every residual block, the
+    output projection of every attention block and the final `conv_out`, so
+    each block starts as the identity and the network starts by predicting
+    ε = 0. This keeps early training stable at the paper's learning rate of 3e-4.
+    The constructor takes exactly the arguments of `UNet2DModel`.
+    """
+
+    @functools.wraps(UNet2DModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zero_init_output_layers()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ADMUNet2DModel":
+        """Build a freshly initialised model from one of `PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_config({**PRESETS[name], **overrides})
+
+    @torch.no_grad()
+    def zero_init_output_layers(self) -> None:
+        resnets = [m for m in self.modules() if hasattr(m, "conv2") and hasattr(m, "time_emb_proj")]
+        attentions = [m for m in self.modules() if hasattr(m, "to_out") and hasattr(m, "to_q")]
+        layers = [r.conv2 for r in resnets] + [a.to_out[0] for a in attentions] + [self.conv_out]
+        for layer in layers:
+            torch.nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                torch.nn.init.zeros_(layer.bias)
+
+    def to_unet2d(self) -> UNet2DModel:
+        """A plain `UNet2DModel` that shares this model's weights (no copy).
+
+        Pipelines record the class of each component in `model_index.json`; a
+        pipeline holding this subclass could only be loaded with `lsun_ddpm`
+        installed. Saving the returned model instead keeps exports stock.
+        """
+        with torch.device("meta"):
+            stock = UNet2DModel.from_config(self.config)
+        stock.load_state_dict(self.state_dict(), assign=True)
+        return stock.train(self.training)
+
+
+def load_model_config(name_or_path: str) -> dict[str, Any]:
+    """A `UNet2DModel` config from a config file, a model folder, a pipeline
+    folder (its `unet/`), or a Hub repo id."""
+    subfolder = None
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "unet", "config.json")):
+        subfolder = "unet"
+    return dict(UNet2DModel.load_config(name_or_path, subfolder=subfolder))
+
+
+def build_model(preset: str = "paper128", config_name_or_path: str | None = None, **overrides: Any) -> ADMUNet2DModel:
+    """The model to train: a preset, or any `UNet2DModel` config, freshly initialised."""
+    if config_name_or_path is not None:
+        return ADMUNet2DModel.from_config({**load_model_config(config_name_or_path), **overrides})
+    return ADMUNet2DModel.from_preset(preset, **overrides)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,368 @@
+"""The training loop: accumulate, clip, step, EMA, log, checkpoint, sample, export.
+
+`train(config)` reads top to bottom as the paper's recipe; the bookkeeping it
+needs (resuming, logging, writing folders) lives in the helpers below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from . import diffusion
+from .config import TrainingConfig
+from .data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
+from .ema import ema_weights, make_ema
+from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
+from .models import ADMUNet2DModel, build_model, count_parameters
+from .sampling import generate_images, image_grid
+
+logger = get_logger(__name__)
+
+SUMMARY_FILE = "training_summary.json"
+CONFIG_FILE = "training_config.yaml"
+GRID_FILE = "sample_grid.png"
+
+
+def train(config: TrainingConfig) -> Path:
+    """Train the paper's DDPM as `config` says; return the output folder."""
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file is noise
+
+    # Every process builds the same initial weights; noise and dropout then differ per process.
+    if config.seed is not None:
+        set_seed(config.seed)
+    model = build_model(config.model_preset, config.model_config_name_or_path, **_size_override(config))
+    config.resolution = model.config.sample_size
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.seed is not None:
+        set_seed(config.seed, device_specific=True)
+    noise_scheduler = diffusion.make_noise_scheduler(
+        config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type
+    )
+
+    with accelerator.main_process_first():  # one process downloads and caches, the others read
+        dataset = load_image_dataset(
+            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
+            config.streaming, config.cache_dir, config.max_train_samples,
+        )
+    preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip)
+    train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
+    dataloader = make_dataloader(train_images, config.train_batch_size, config.dataloader_num_workers)
+
+    # Adam, as in the paper (AdamW with weight decay 0 is exactly Adam).
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+
+    steps_per_epoch = _optimizer_steps_per_epoch(dataloader, config.gradient_accumulation_steps)
+    max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    # Not prepared: accelerate would step it once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    accelerator.register_for_checkpointing(lr_scheduler)
+    unet = accelerator.unwrap_model(model)
+    ema = make_ema(unet, config.ema_max_decay, config.ema_min_decay, config.ema_use_warmup,
+                   config.ema_inv_gamma, config.ema_power) if config.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = resume_if_requested(accelerator, config, ema)
+    start_run(accelerator, config, unet, max_train_steps, global_step)
+    stats = StepStats(accelerator.device)
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    step_started = time.perf_counter()
+    run_started = time.perf_counter()
+
+    for batch in micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config):
+        clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
+        if config.channels_last:
+            clean_images = clean_images.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(clean_images)
+        timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
+        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
+        target = diffusion.training_target(noise_scheduler, clean_images, noise, timesteps)
+
+        with accelerator.accumulate(model):
+            model_output = model(noisy_images, timesteps).sample
+            losses = diffusion.per_sample_loss(model_output, target)  # ‖ε − ε_θ(x_t, t)‖²
+            accelerator.backward(losses.mean())
+            if accelerator.sync_gradients:
+                stats.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.add(losses.detach(), diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
+
+        if not accelerator.sync_gradients:
+            continue  # still accumulating: no optimizer step has happened
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow steps change nothing
+            lr_scheduler.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        global_step += 1
+
+        now = time.perf_counter()
+        images = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        metrics = stats.finish_step(accelerator, config.ddpm_num_steps)
+        metrics |= {"train/lr": lr_scheduler.get_last_lr()[0], "train/images_per_second": images / (now - step_started)}
+        if ema is not None:
+            metrics["train/ema_decay"] = ema.cur_decay_value
+        accelerator.log(metrics, step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                             img_s=f"{metrics['train/images_per_second']:.1f}", refresh=False)
+
+        is_last = global_step >= max_train_steps
+        if global_step % config.checkpointing_steps == 0 or is_last:
+            save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+        if global_step % config.save_images_steps == 0 or is_last:
+            save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
+        if global_step % config.save_model_steps == 0 or is_last:
+            export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
+        step_started = time.perf_counter()
+        if is_last:
+            break
+
+    progress.close()
+    finish_run(accelerator, config, unet, ema, optimizer, global_step, time.perf_counter() - run_started, stats)
+    return output_dir
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    output_dir = Path(config.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.logger == "none" else config.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+        # Shuffling from a seeded generator whose state is saved in checkpoints.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def _size_override(config: TrainingConfig) -> dict:
+    """`--resolution` changes the model's sample_size; its attention stays at the same levels."""
+    return {} if config.resolution is None else {"sample_size": config.resolution}
+
+
+def _optimizer_steps_per_epoch(dataloader, accumulation: int) -> int | None:
+    """Accelerate ends accumulation at the end of the data, so a last partial group is a step too."""
+    try:
+        return math.ceil(len(dataloader) / accumulation)
+    except TypeError:  # a stream has no length
+        return None
+
+
+def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel,
+              max_train_steps: int, global_step: int) -> None:
+    effective = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        config.save(os.path.join(config.output_dir, CONFIG_FILE))
+        if config.logger != "none":
+            accelerator.init_trackers("train_unconditional", config={
+                k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))
+            })
+    logger.info(
+        "training %s (%.1fM parameters) at %d px for %d optimizer steps (from step %d)\n"
+        "  effective batch %d = micro-batch %d x accumulation %d x %d process(es); precision %s",
+        type(unet).__name__, count_parameters(unet) / 1e6, config.resolution, max_train_steps, global_step,
+        effective, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
+        accelerator.mixed_precision, main_process_only=True,
+    )
+
+
+# ---------------------------------------------------------------- the data stream
+
+
+def micro_batches(accelerator: Accelerator, dataloader, global_step: int, steps_per_epoch: int | None,
+                  config: TrainingConfig) -> Iterator[dict]:
+    """Micro-batches forever, epoch after epoch, starting where `global_step` left off.
+
+    On resume the batches already trained on are skipped by the sampler
+    (`skip_first_batches`), without decoding them.
+    """
+    epoch, skip = 0, 0
+    if steps_per_epoch is not None and global_step:
+        epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+        skip = steps_into_epoch * config.gradient_accumulation_steps
+    elif global_step:
+        logger.warning("resuming a streamed dataset: the stream restarts from its beginning", main_process_only=True)
+    while True:
+        dataloader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class StepStats:
+    """Losses of the micro-batches of one optimizer step, overall and per quarter of t."""
+
+    device: torch.device
+    grad_norm: torch.Tensor | float = 0.0
+    last_loss: float = float("nan")
+    sums: torch.Tensor = field(init=False)
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(4, device=self.device, dtype=torch.float64)
+
+    def add(self, losses: torch.Tensor, quarters: torch.Tensor) -> None:
+        self.sums.index_add_(0, quarters, losses.double())
+        self.counts.index_add_(0, quarters, torch.ones_like(losses, dtype=torch.float64))
+
+    def finish_step(self, accelerator: Accelerator, num_train_timesteps: int) -> dict[str, float]:
+        """Means over all processes' samples of this step; then start the next step."""
+        totals = accelerator.reduce(torch.stack([self.sums, self.counts]), reduction="sum")
+        sums, counts = totals[0], totals[1]
+        self.last_loss = float(sums.sum() / counts.sum())
+        metrics = {"train/loss": self.last_loss, "train/grad_norm": float(self.grad_norm)}
+        width = num_train_timesteps // 4
+        for quarter in range(4):
+            if counts[quarter] > 0:
+                low, high = quarter * width, (quarter + 1) * width - 1 if quarter < 3 else num_train_timesteps - 1
+                metrics[f"train/loss_t{low}-{high}"] = float(sums[quarter] / counts[quarter])
+        self._reset()
+        return metrics
+
+
+# ---------------------------------------------------------------- checkpoints and outputs
+
+
+def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -> int:
+    """Load `--resume_from_checkpoint` (a folder or "latest"); return its optimizer step."""
+    if not config.resume_from_checkpoint:
+        return 0
+    if config.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(config.output_dir)
+        if not checkpoints:
+            logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
+            return 0
+        path = checkpoints[-1]
+    else:
+        path = Path(config.resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+    accelerator.load_state(str(path))
+    if ema is not None:
+        ema.to(accelerator.device)
+    logger.info("resumed from %s", path, main_process_only=True)
+    return checkpoint_step(path)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
+    """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to
+    `checkpoint-<step>`, written under a temporary name and renamed when complete."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replace_path(staging, final)
+        logger.info("saved %s", final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: TrainingConfig, step: int) -> None:
+    """Sample `eval_batch_size` images from the EMA weights; write and log the grid."""
+    if accelerator.is_main_process:
+        with ema_weights(ema, unet):
+            images = generate_images(unet, scheduler, config.eval_batch_size, config.ddpm_num_inference_steps,
+                                     seed=config.seed or 0)
+        grid = image_grid(images)
+        save_image(grid, Path(config.output_dir) / "samples" / f"step-{step:07d}.png")
+        save_image(grid, Path(config.output_dir) / GRID_FILE)
+        if config.logger == "tensorboard":
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("samples/ema", np.asarray(grid), step, dataformats="HWC")
+    accelerator.wait_for_everyone()
+
+
+def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, scheduler, output_dir: Path) -> None:
+    """Write the stock `DDPMPipeline` folder: EMA weights in `unet/`, raw weights in `unet_raw/`."""
+    if accelerator.is_main_process:
+        raw_unet = unet.to_unet2d()
+        with ema_weights(ema, unet):
+            save_pipeline_folder(unet.to_unet2d(), scheduler, output_dir, raw_unet=raw_unet if ema else None)
+    accelerator.wait_for_everyone()
+
+
+def weights_fingerprint(tensors) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
+               wall_time: float, stats: StepStats) -> None:
+    """Check that all processes hold the same weights, write the run summary, push if asked."""
+    fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
+    fingerprints = gather_object([fingerprint])
+    in_sync = len(set(fingerprints)) == 1
+    if not in_sync:
+        logger.error("the processes ended with different weights: %s", fingerprints, main_process_only=True)
+    if accelerator.is_main_process:
+        adam_state = next(iter(optimizer.optimizer.state.values()), {})
+        summary = {
+            "optimizer_steps": global_step,
+            "adam_step": int(adam_state.get("step", 0)),
+            "ema_optimization_step": ema.optimization_step if ema else None,
+            "ema_decay": ema.cur_decay_value if ema else None,
+            "num_processes": accelerator.num_processes,
+            "effective_batch_size": config.train_batch_size * config.gradient_accumulation_steps
+            * accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device),
+            "final_loss": stats.last_loss,
+            "wall_time_seconds": round(wall_time, 1),
+            "weights_sha256_per_process": fingerprints,
+            "replicas_in_sync": in_sync,
+        }
+        with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as file:
+            json.dump(summary, file, indent=2)
+        if config.push_to_hub:
+            from .hub import push_folder_to_hub
+
+            push_folder_to_hub(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Train the paper's DDPM on LSUN bedrooms (or any images) with 🤗 accelerate.
+
+    accelerate launch train_unconditional.py --config configs/lsun_bedroom_128.yaml
+    accelerate launch train_unconditional.py --train_data_dir my_images/ --model_preset small32 --resolution 32
+
+Every option is a field of `lsun_ddpm.config.TrainingConfig` (see `--help`);
+the loop itself is `lsun_ddpm.training.train`.
+"""
+
+from lsun_ddpm.config import parse_training_config
+from lsun_ddpm.training import train
+
+if __name__ == "__main__":
+    train(parse_training_config())
