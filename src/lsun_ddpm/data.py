@@ -259,7 +259,7 @@ def make_training_dataset(
     if isinstance(dataset, datasets.IterableDataset):
         stream = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         stream = stream.map(_preprocess_stream(preprocess), remove_columns=["image"])
-        return stream.filter(lambda example: example["ok"]).remove_columns(["ok"]).with_format("torch")
+        return stream.filter(lambda example: example["ok"]).remove_columns(["ok"])
     return PreprocessedImages(dataset, preprocess)
 
 

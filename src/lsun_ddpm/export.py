@@ -14,7 +14,10 @@ import tempfile
 from pathlib import Path
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 from PIL import Image
+
+from .ema import ema_weights
 
 RAW_UNET_SUBFOLDER = "unet_raw"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -37,22 +40,29 @@ def replace_path(source: Path, destination: Path) -> None:
 
 
 def save_pipeline_folder(
-    ema_unet: UNet2DModel, scheduler: DDPMScheduler, output_dir: str | os.PathLike, raw_unet: UNet2DModel | None = None
+    unet: UNet2DModel, scheduler: DDPMScheduler, output_dir: str | os.PathLike, ema: EMAModel | None = None
 ) -> None:
-    """Write a stock `DDPMPipeline` folder (EMA weights in `unet/`, safetensors) into
-    `output_dir`, and the raw training weights in `unet_raw/` beside it.
+    """Write a stock `DDPMPipeline` folder into `output_dir` (safetensors).
 
-    Other files in `output_dir` (checkpoints, logs, samples) are left alone.
+    With `ema`, `unet/` holds the EMA weights and `unet_raw/` the training
+    weights, which `unet` keeps (they are swapped back bit-identically). Other
+    files in `output_dir` (checkpoints, logs, samples) are left alone.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as staging:
         staging = Path(staging)
-        DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
-        if raw_unet is not None:
-            raw_unet.save_pretrained(staging / RAW_UNET_SUBFOLDER, safe_serialization=True)
+        if ema is not None:
+            _stock(unet).save_pretrained(staging / RAW_UNET_SUBFOLDER, safe_serialization=True)
+        with ema_weights(ema, unet):
+            DDPMPipeline(unet=_stock(unet), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         for entry in sorted(staging.iterdir()):
             replace_path(entry, output_dir / entry.name)
+
+
+def _stock(unet: UNet2DModel) -> UNet2DModel:
+    """Plain `UNet2DModel` (see `ADMUNet2DModel.to_unet2d`), so exports load without this package."""
+    return unet.to_unet2d() if hasattr(unet, "to_unet2d") else unet
 
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> None:

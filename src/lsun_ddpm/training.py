@@ -230,6 +230,7 @@ class StepStats:
     device: torch.device
     grad_norm: torch.Tensor | float = 0.0
     last_loss: float = float("nan")
+    micro_batches: int = 0  # this process, this run
     sums: torch.Tensor = field(init=False)
     counts: torch.Tensor = field(init=False)
 
@@ -241,6 +242,7 @@ class StepStats:
         self.counts = torch.zeros(4, device=self.device, dtype=torch.float64)
 
     def add(self, losses: torch.Tensor, quarters: torch.Tensor) -> None:
+        self.micro_batches += 1
         self.sums.index_add_(0, quarters, losses.double())
         self.counts.index_add_(0, quarters, torch.ones_like(losses, dtype=torch.float64))
 
@@ -320,9 +322,7 @@ def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: Tra
 def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, scheduler, output_dir: Path) -> None:
     """Write the stock `DDPMPipeline` folder: EMA weights in `unet/`, raw weights in `unet_raw/`."""
     if accelerator.is_main_process:
-        raw_unet = unet.to_unet2d()
-        with ema_weights(ema, unet):
-            save_pipeline_folder(unet.to_unet2d(), scheduler, output_dir, raw_unet=raw_unet if ema else None)
+        save_pipeline_folder(unet, scheduler, output_dir, ema=ema)
     accelerator.wait_for_everyone()
 
 
@@ -348,6 +348,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "adam_step": int(adam_state.get("step", 0)),
             "ema_optimization_step": ema.optimization_step if ema else None,
             "ema_decay": ema.cur_decay_value if ema else None,
+            "micro_batches_per_process": stats.micro_batches,
             "num_processes": accelerator.num_processes,
             "effective_batch_size": config.train_batch_size * config.gradient_accumulation_steps
             * accelerator.num_processes,

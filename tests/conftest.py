@@ -1,0 +1,110 @@
+"""Shared fixtures: generated images (no LSUN image is ever committed) and a runner
+for the real training script under `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "train_unconditional.py"
+
+
+def make_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A flat colour with a contrasting square: easy for a tiny model to learn."""
+    colour = rng.integers(0, 256, 3)
+    array = np.empty((height, width, 3), np.uint8)
+    array[:] = colour
+    side = min(width, height) // 2
+    x, y = rng.integers(0, width - side + 1), rng.integers(0, height - side + 1)
+    array[y:y + side, x:x + side] = 255 - colour
+    return Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """32 images of mixed sizes and formats, some in nested folders."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]
+    for index in range(32):
+        extension, pil_format = formats[index % 3]
+        folder = root / ("nested/deeper" if index % 4 == 0 else "flat")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = make_image(rng, int(rng.integers(20, 48)), int(rng.integers(20, 48)))
+        image.save(folder / f"{index:02d}.{extension}", format=pil_format)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf_home(tmp_path, monkeypatch):
+    """Each test caches 🤗 files in its own folder and never reaches the network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        ACCELERATE_USE_CPU="true",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+TINY_RUN = [
+    "--model_preset", "tiny16",
+    "--train_batch_size", "4",
+    "--learning_rate", "2e-3",
+    "--lr_warmup_steps", "4",
+    "--eval_batch_size", "4",
+    "--ddpm_num_inference_steps", "10",
+    "--seed", "0",
+    "--dataloader_num_workers", "0",
+]
+
+
+def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch train_unconditional.py` on the CPU, as a user would run it.
+
+    Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
+    `--cpu --num_processes 2` would silently start a single process.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
+    if num_processes > 1:
+        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    else:
+        launch += ["--cpu", "--num_processes", "1"]
+    command = launch + [str(TRAIN_SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args]
+    result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def read_scalars(output_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one TensorBoard scalar written by the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(output_dir / "logs" / "train_unconditional"))
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars(tag)}

@@ -1,0 +1,87 @@
+"""One options dataclass: the paper's defaults, YAML/JSON files, flags that override them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lsun_ddpm.config import TrainingConfig, parse_training_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers_recipe():
+    config = parse_training_config([])
+    assert config.model_preset == "paper128"
+    assert (config.train_batch_size, config.gradient_accumulation_steps) == (8, 16)
+    assert config.learning_rate == 3e-4 and config.max_grad_norm == 1.0
+    assert config.use_ema and config.ema_max_decay == 0.9999
+    assert (config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type) == (1000, "linear", "epsilon")
+    assert config.dataset_name == "pcuenq/lsun-bedrooms" and config.logger == "tensorboard"
+
+
+def test_diffusers_flag_names_parse():
+    config = parse_training_config([
+        "--train_data_dir", "imgs", "--resolution", "64", "--no_center_crop", "--random_flip", "false",
+        "--output_dir", "out", "--train_batch_size", "2", "--num_epochs", "3", "--gradient_accumulation_steps", "4",
+        "--learning_rate", "1e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "7", "--use_ema", "false",
+        "--mixed_precision", "bf16", "--checkpointing_steps", "9", "--checkpoints_total_limit", "2",
+        "--resume_from_checkpoint", "latest", "--logger", "none", "--logging_dir", "tb", "--seed", "1",
+        "--eval_batch_size", "4", "--ddpm_num_inference_steps", "50", "--dataloader_num_workers", "2",
+    ])
+    assert (config.resolution, config.center_crop, config.random_flip, config.use_ema) == (64, False, False, False)
+    assert (config.num_epochs, config.lr_scheduler, config.mixed_precision) == (3, "cosine", "bf16")
+
+
+def test_yaml_file_with_command_line_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-4\ntrain_batch_size: 4\nuse_ema: false\n")
+    config = parse_training_config(["--config", str(path), "--train_batch_size", "2"])
+    assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
+    assert config.train_batch_size == 2  # the flag wins over the file
+    assert config.use_ema is False
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"max_train_steps": 12, "model_preset": "tiny16"}))
+    config = parse_training_config(["--config", str(path)])
+    assert (config.max_train_steps, config.model_preset) == (12, "tiny16")
+
+
+def test_unknown_option_in_a_file_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rat: 1e-4\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_training_config(["--config", str(path)])
+
+
+def test_invalid_values_are_errors():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        parse_training_config(["--gradient_accumulation_steps", "0"])
+    with pytest.raises(ValueError, match="max_train_steps"):
+        parse_training_config(["--streaming"])
+    with pytest.raises(SystemExit):
+        parse_training_config(["--mixed_precision", "fp8"])
+
+
+def test_the_shipped_paper_config_parses_and_keeps_the_recipe():
+    config = parse_training_config(["--config", str(REPO_ROOT / "configs" / "lsun_bedroom_128.yaml")])
+    assert config.model_preset == "paper128" and config.resolution == 128
+    assert config.train_batch_size * config.gradient_accumulation_steps == 128
+    assert config.learning_rate == 3e-4 and config.ema_max_decay == 0.9999
+
+
+def test_saved_config_has_no_token_and_round_trips(tmp_path):
+    config = parse_training_config(["--hub_token", "hf_secret_value", "--max_train_steps", "5"])
+    config.save(tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "hf_secret_value" not in text and "hub_token" not in text
+    again = parse_training_config(["--config", str(tmp_path / "config.yaml")])
+    assert again.to_dict() == config.to_dict()
+    assert isinstance(yaml.safe_load(text), dict)
+
+
+def test_every_option_has_a_default():
+    assert TrainingConfig().output_dir

@@ -1,0 +1,138 @@
+"""End-to-end runs of `accelerate launch train_unconditional.py` on generated images."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
+
+from conftest import offline_env, read_scalars, read_summary, run_training
+
+pytestmark = pytest.mark.slow
+
+STEPS, ACCUMULATION, WARMUP, LR = 24, 2, 4, 2e-3
+RUN_ARGS = ["--gradient_accumulation_steps", str(ACCUMULATION), "--max_train_steps", str(STEPS),
+            "--checkpointing_steps", "10", "--checkpoints_total_limit", "2",
+            "--save_images_steps", "12", "--save_model_steps", "12"]
+
+
+@pytest.fixture(scope="module")
+def run(image_folder, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run")
+    output_dir = tmp_path / "out"
+    result = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS])
+    return output_dir, result
+
+
+def test_the_loss_falls(run):
+    losses = read_scalars(run[0], "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))  # one value per optimizer step
+    first, last = [losses[s] for s in range(1, 5)], [losses[s] for s in range(STEPS - 3, STEPS + 1)]
+    assert sum(first) / 4 > 0.9  # zero-initialised output: the loss starts at E[ε²] = 1
+    assert sum(last) / 4 < 0.6 * sum(first) / 4
+
+
+def test_loss_per_quarter_of_t_grad_norm_and_throughput_are_logged(run):
+    for tag in ("train/loss_t0-249", "train/loss_t750-999", "train/grad_norm", "train/images_per_second"):
+        assert read_scalars(run[0], tag), tag
+
+
+def test_the_run_writes_checkpoints_pipeline_raw_weights_samples_and_config(run):
+    output_dir, result = run
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-20", "checkpoint-24"]
+    for path in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "unet_raw/diffusion_pytorch_model.safetensors", "samples/step-0000012.png",
+                 "samples/step-0000024.png", "sample_grid.png", "training_config.yaml", "training_summary.json"):
+        assert (output_dir / path).is_file(), path
+    assert not list(output_dir.glob(".*"))  # no staging folders left
+    assert "effective batch 8 = micro-batch 4 x accumulation 2 x 1 process(es)" in result.stderr + result.stdout
+
+
+def test_ema_and_raw_weights_differ(run):
+    ema = load_file(run[0] / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(run[0] / "unet_raw" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def test_the_pipeline_folder_samples_with_ddpm_pipeline(run):
+    pipeline = DDPMPipeline.from_pretrained(run[0], use_safetensors=True)
+    images = pipeline(batch_size=2, num_inference_steps=5, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
+
+
+def test_accumulation_makes_one_optimizer_step_and_one_ema_update_per_group(run):
+    summary = read_summary(run[0])
+    assert summary["optimizer_steps"] == STEPS
+    assert summary["adam_step"] == STEPS
+    assert summary["ema_optimization_step"] == STEPS
+    assert summary["micro_batches_per_process"] == STEPS * ACCUMULATION
+    assert summary["effective_batch_size"] == 4 * ACCUMULATION
+
+
+def test_lr_after_k_optimizer_steps_matches_the_schedule(run):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=WARMUP, num_training_steps=STEPS)
+    expected = {}
+    for step in range(1, STEPS + 1):
+        optimizer.step()
+        schedule.step()
+        expected[step] = schedule.get_last_lr()[0]
+    logged = read_scalars(run[0], "train/lr")
+    assert logged == pytest.approx(expected)
+    assert logged[1] == pytest.approx(LR / WARMUP) and logged[STEPS] == pytest.approx(LR)
+
+
+def test_ema_decay_logged_per_optimizer_step_follows_the_warmup(run):
+    logged = read_scalars(run[0], "train/ema_decay")
+    expected = {s: 0.0 if s == 1 else min(0.9999, 1 - s ** -0.75) for s in range(1, STEPS + 1)}
+    assert logged == pytest.approx(expected, abs=1e-6)
+
+
+def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run[0], resumed, ignore=shutil.ignore_patterns("checkpoint-24"))
+    run_training(tmp_path, resumed, ["--train_data_dir", str(image_folder), *RUN_ARGS,
+                                     "--resume_from_checkpoint", "latest"])
+    summary = read_summary(resumed)
+    assert summary["optimizer_steps"] == STEPS and summary["adam_step"] == STEPS
+    assert summary["ema_optimization_step"] == STEPS
+    assert summary["micro_batches_per_process"] == (STEPS - 20) * ACCUMULATION
+    assert min(read_scalars(resumed, "train/loss")) >= 1  # logged steps continue, never restart at 0
+    # Data order, noise and RNG states come back with the checkpoint: the result is bit-identical.
+    for folder in ("unet", "unet_raw"):
+        uninterrupted = load_file(run[0] / folder / "diffusion_pytorch_model.safetensors")
+        after_resume = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted), folder
+
+
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, image_folder):
+    common = ["--train_data_dir", str(image_folder), "--max_train_steps", "6", "--checkpointing_steps", "100",
+              "--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
+    run_training(tmp_path, tmp_path / "two", common + ["--gradient_accumulation_steps", "1"], num_processes=2)
+    run_training(tmp_path, tmp_path / "one", common + ["--gradient_accumulation_steps", "2"], num_processes=1)
+    two, one = read_summary(tmp_path / "two"), read_summary(tmp_path / "one")
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    fingerprints = two["weights_sha256_per_process"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and two["replicas_in_sync"]
+    for key in ("optimizer_steps", "adam_step", "ema_optimization_step", "effective_batch_size"):
+        assert two[key] == one[key], key
+    assert two["optimizer_steps"] == 6 and two["effective_batch_size"] == 8
+    assert two["micro_batches_per_process"] == 6 and one["micro_batches_per_process"] == 12
+
+
+def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):
+    output_dir = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "lsun_ddpm.cli", "demo", "--output_dir", str(output_dir), "--max_train_steps", "3",
+         "--save_images_steps", "3", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "3",
+         "--logger", "none"],
+        env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "sample_grid.png").is_file() and (output_dir / "model_index.json").is_file()
+    assert "sample_grid.png" in result.stdout
