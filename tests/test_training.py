@@ -136,3 +136,20 @@ def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output_dir / "sample_grid.png").is_file() and (output_dir / "model_index.json").is_file()
     assert "sample_grid.png" in result.stdout
+
+
+def test_streaming_bf16_channels_last_run(tmp_path, image_folder):
+    """The streamed-dataset path (no length: epochs restart the stream) under bf16 autocast."""
+    output_dir = tmp_path / "stream"
+    run_training(tmp_path, output_dir, [
+        "--train_data_dir", str(image_folder), "--streaming", "--max_train_steps", "10",
+        "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--channels_last",
+        "--checkpointing_steps", "100", "--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none",
+    ])
+    summary = read_summary(output_dir)
+    assert summary["mixed_precision"] == "bf16"
+    assert summary["optimizer_steps"] == summary["adam_step"] == 10
+    assert summary["micro_batches_per_process"] == 20  # more than one pass over the 32 images
+    assert 0 < summary["final_loss"] < 2
+    weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
