@@ -134,8 +134,9 @@ def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):
          "--logger", "none"],
         env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (output_dir / "sample_grid.png").is_file() and (output_dir / "model_index.json").is_file()
-    assert "sample_grid.png" in result.stdout
+    for name in ("sample_grid.png", "demo_overview.png", "model_index.json"):
+        assert (output_dir / name).is_file(), name
+    assert "demo_overview.png" in result.stdout
 
 
 def test_streaming_bf16_channels_last_run(tmp_path, image_folder):

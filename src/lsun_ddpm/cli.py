@@ -19,8 +19,11 @@ def train_command(argv: list[str]) -> None:
 
 
 def demo_command(argv: list[str]) -> None:
+    from PIL import Image
+
     from .config import parse_training_config
-    from .demo import demo_defaults, write_demo_images
+    from .demo import demo_defaults, side_by_side, training_images_grid, write_demo_images
+    from .export import save_image
     from .training import GRID_FILE, train
 
     pre_parser = argparse.ArgumentParser(add_help=False)
@@ -30,8 +33,12 @@ def demo_command(argv: list[str]) -> None:
     count = write_demo_images(config.train_data_dir)
     print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
     output = train(config)
-    print(f"\ndemo finished. Open {output / GRID_FILE} (EMA samples; one grid per "
-          f"{config.save_images_steps} steps in {output / 'samples'}).\n"
+    samples = Image.open(output / GRID_FILE)
+    training = training_images_grid(config.train_data_dir, config.resolution, config.eval_batch_size)
+    save_image(side_by_side(training, samples), output / "demo_overview.png")
+    print(f"\ndemo finished. Open {output / 'demo_overview.png'}: training images (left), samples from the "
+          f"EMA weights (right), magnified.\nGrids at full size: {output / GRID_FILE}, one per "
+          f"{config.save_images_steps} steps in {output / 'samples'}.\n"
           f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
 
 

@@ -76,3 +76,21 @@ def write_demo_images(folder: str | Path, size: int = 64) -> int:
             resize_shorter_side(crop, size).save(folder / f"{name}_{index}.png")
             count += 1
     return count
+
+
+def side_by_side(left: Image.Image, right: Image.Image, scale: int = 4, gap: int = 4) -> Image.Image:
+    """Two images next to each other on white, magnified (NEAREST) so small samples are visible."""
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas.resize((canvas.width * scale, canvas.height * scale), resample=Image.NEAREST)
+
+
+def training_images_grid(folder: str | Path, resolution: int, count: int) -> Image.Image:
+    """The first `count` training images, preprocessed as training sees them, as a grid."""
+    from .data import preprocess_image
+    from .sampling import image_grid
+
+    paths = sorted(Path(folder).glob("*.png"))[:count]
+    tensors = [preprocess_image(path, resolution) for path in paths]
+    return image_grid([Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for t in tensors])
