@@ -79,7 +79,7 @@ def test_transparent_pixels_become_white():
 def test_jpeg_is_decoded_at_reduced_size_but_not_below_the_resolution():
     buffer = io.BytesIO()
     halves_image(512, 384).save(buffer, format="JPEG")
-    image = data.open_image(buffer.getvalue(), resolution=64)
+    image = data.open_rgb(buffer.getvalue(), resolution=64)
     assert min(image.size) >= 64 and image.size[0] < 512  # DCT-scaled, still big enough
     assert ImagePreprocessor(64)(buffer.getvalue()).shape == (3, 64, 64)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "train": "train the DDPM (same flags as train_unconditional.py; see `lsun-ddpm train --help`)",
     "demo": "a few minutes of training on bundled photos; writes a sample grid and a pipeline folder",
+    "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
+    "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
 }
 
 
@@ -42,15 +45,128 @@ def demo_command(argv: list[str]) -> None:
           f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
 
 
+def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a pipeline folder written by training, or a Hub repo id")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_bf16", dest="bf16", action="store_false",
+                        help="run in fp32 (default: bf16 autocast + channels_last where the hardware is fast at it)")
+
+
+def _progress_bar(description: str):
+    from tqdm.auto import tqdm
+
+    def start(total: int):
+        bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True)
+        return lambda: bar.update(1)
+
+    return start
+
+
+def sample_command(argv: list[str]) -> None:
+    from .export import save_image
+    from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, generate, image_grid, labelled_side_by_side,
+                           load_scheduler_config, load_unet, pick_device)
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
+    _add_inference_flags(parser)
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER,
+                        help="dpmsolver++ (25 steps) by default; ddpm with 1000 steps is the paper's sampler")
+    parser.add_argument("--num_inference_steps", type=int, help="default: 25 (dpmsolver++, unipc), 50 (ddim), 1000 (ddpm)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--weights", choices=("ema", "raw", "both"), default="ema",
+                        help="both: the same seeds from the raw and the EMA weights side by side (the paper's Fig. 1)")
+    parser.add_argument("--out", default="samples.png", help="the grid (8x8 for 64 images)")
+    parser.add_argument("--out_dir", help="also write one PNG per image here")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1 or (args.num_inference_steps or 1) < 1:
+        parser.error("--num_images, --batch_size and --num_inference_steps must be positive")
+
+    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    config = load_scheduler_config(args.model)
+    device = pick_device()
+    panels = []
+    for weights in (("raw", "ema") if args.weights == "both" else (args.weights,)):
+        unet = load_unet(args.model, weights).to(device)
+        images = generate(unet, config, args.num_images, args.seed, plan, _progress_bar(f"sample ({weights})"))
+        panels.append((weights, image_grid(images)))
+        if args.out_dir:
+            folder = Path(args.out_dir) / weights if args.weights == "both" else Path(args.out_dir)
+            for index, image in enumerate(images):
+                save_image(image, folder / f"{index:05d}.png")
+    grid = panels[0][1] if len(panels) == 1 else labelled_side_by_side([("raw", panels[0][1]), ("EMA", panels[1][1])])
+    save_image(grid, args.out)
+    print(f"wrote {args.out} ({args.num_images} images, {plan.scheduler}, {plan.steps} steps, seed {args.seed})")
+
+
+def interpolate_command(argv: list[str]) -> None:
+    from .export import save_image
+    from .interpolation import (Pair, interpolate_pairs, load_interpolation_pipeline, read_pairs, save_gif,
+                                strip)
+    from .pipelines.ddpm_interpolation import METHODS
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm interpolate", description=COMMANDS["interpolate"])
+    _add_inference_flags(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs=2, metavar=("A", "B"), help="two image files (any size)")
+    source.add_argument("--seeds", nargs=2, type=int, metavar=("S1", "S2"), help="two seeds: sample, then interpolate")
+    source.add_argument("--pairs", metavar="FILE", help="one pair a line: two seeds or two image paths")
+    parser.add_argument("--t", default="500", help="noise level (a timestep in 1..T-1) or 'auto' (chosen per pair)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--method", choices=METHODS, default="slerp",
+                        help="lerp (the paper's), slerp (keeps the noise level), ddim (deterministic)")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps from t (paper: t)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--out", default="interpolation.png", help="the strip: one row per pair")
+    parser.add_argument("--gif", help="also write an animated GIF")
+    args = parser.parse_args(argv)
+    t = args.t if args.t == "auto" else _int_or_error(parser, args.t)
+    if args.frames < 2:
+        parser.error("--frames must be at least 2")
+
+    if args.pairs:
+        pairs = read_pairs(args.pairs)
+    elif args.seeds:
+        pairs = [Pair(*args.seeds)]
+    else:
+        pairs = [Pair(*args.images)]
+    pipeline = load_interpolation_pipeline(args.model, args.weights)
+    results = interpolate_pairs(
+        pipeline, pairs, t, args.frames, args.method, args.num_inference_steps, args.seed, args.bf16,
+        on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
+    )
+    save_image(strip(results), args.out)
+    if args.gif:
+        save_gif(results, args.gif)
+    print(f"wrote {args.out}" + (f" and {args.gif}" if args.gif else ""))
+
+
+def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        parser.error(f"--t must be an integer timestep or 'auto', got {value!r}")
+
+
+HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
+            "interpolate": interpolate_command}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in HANDLERS:
         print("usage: lsun-ddpm <command> [options]\n\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:<10} {text}")
+            print(f"  {name:<12} {text}")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    command, rest = argv[0], argv[1:]
-    {"train": train_command, "demo": demo_command}[command](rest)
+    from .sampling import ModelUnavailableError
+
+    try:
+        HANDLERS[argv[0]](argv[1:])
+    except (ModelUnavailableError, FileNotFoundError, ValueError) as error:
+        if argv[0] in ("train", "demo"):
+            raise
+        raise SystemExit(f"lsun-ddpm {argv[0]}: error: {error}") from None
 
 
 if __name__ == "__main__":

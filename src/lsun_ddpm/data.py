@@ -7,16 +7,16 @@ different resizings of the same photo.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from PIL import Image
+
+from .pipelines.ddpm_interpolation import crop_square, open_rgb, preprocess, resize_shorter_side, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -28,44 +28,9 @@ class DatasetUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------- preprocessing
-
-
-def open_image(source: Any, resolution: int | None = None) -> Image.Image:
-    """Open an image from a path, bytes, a 🤗 datasets image dict or a PIL image, as RGB.
-
-    With `resolution`, JPEGs are decoded directly at a reduced size (PIL's
-    `draft`: DCT scaling by 1/2, 1/4 or 1/8) that still has a shorter side of
-    at least `resolution`, which is far cheaper than decoding full size.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, dict):  # {"bytes": ..., "path": ...} from Image(decode=False)
-        data = source.get("bytes")
-        image = Image.open(io.BytesIO(data)) if data else Image.open(source["path"])
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    else:
-        image = Image.open(source)
-    if resolution is not None and image.format == "JPEG":
-        image.draft("RGB", (resolution, resolution))
-    if image.mode != "RGB":
-        # Palette/alpha images: composite on white rather than let PIL drop alpha to black.
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    return image
-
-
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """ADM's anti-aliased resize: halve with a BOX filter while the shorter side is
-    at least twice `size`, then BICUBIC so that the shorter side is exactly `size`."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    new_size = tuple(max(size, round(x * scale)) for x in image.size)
-    return image.resize(new_size, resample=Image.BICUBIC)
+# The image functions live in the interpolation pipeline file, which must stand
+# alone for users who load it with `custom_pipeline=`; training uses the same
+# functions, so training data and interpolation inputs are prepared identically.
 
 
 @dataclass
@@ -81,27 +46,21 @@ class ImagePreprocessor:
     random_flip: bool = False
 
     def __call__(self, source: Any) -> torch.Tensor:
-        image = resize_shorter_side(open_image(source, self.resolution), self.resolution)
-        image = self._crop(image)
+        image = resize_shorter_side(open_rgb(source, self.resolution), self.resolution)
+        if self.center_crop:
+            image = crop_square(image, self.resolution)
+        else:
+            left = int(torch.randint(0, image.width - self.resolution + 1, ()))
+            top = int(torch.randint(0, image.height - self.resolution + 1, ()))
+            image = crop_square(image, self.resolution, left, top)
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-    def _crop(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
-        size = self.resolution
-        if self.center_crop:
-            left, top = (width - size) // 2, (height - size) // 2
-        else:
-            left = int(torch.randint(0, width - size + 1, ()))
-            top = int(torch.randint(0, height - size + 1, ()))
-        return image.crop((left, top, left + size, top + size))
+        return to_tensor(image)
 
 
 def preprocess_image(source: Any, resolution: int) -> torch.Tensor:
     """The deterministic preprocessing (centre crop, no flip) for inference inputs."""
-    return ImagePreprocessor(resolution, center_crop=True, random_flip=False)(source)
+    return preprocess(source, resolution)
 
 
 # ---------------------------------------------------------------- sources

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from .data import resize_shorter_side
+from .sampling import fast_precision_available, pick_device
 
 # scikit-image's bundled colour photographs (see skimage.data).
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
@@ -23,15 +23,9 @@ DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", 
 DEMO_CROPS = ((1.0, 0.5), (0.8, 0.0), (0.8, 1.0))
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 autocast is then several times faster than fp32 on the CPU."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def demo_defaults(output_dir: str = "demo-run") -> dict:
     """Training options of the demo (every one can still be overridden by a flag)."""
-    fast_bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
+    fast_bf16 = fast_precision_available(pick_device())
     return {
         "train_data_dir": str(Path(output_dir) / "data"),
         "output_dir": output_dir,

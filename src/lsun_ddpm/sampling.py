@@ -1,13 +1,181 @@
-"""Drawing images from a trained U-Net and laying them out as grids."""
+"""Sampling from a trained U-Net: scheduler choice, reproducible seeds, fast precision, grids."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel,
+                       UniPCMultistepScheduler)
 from diffusers.utils import make_image_grid
-from PIL import Image
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image, ImageDraw
+
+# Clip every x₀ estimate to [-1, 1], as ADM does (`clip_denoised`) and as the
+# DDPM/DDIM schedulers do through `clip_sample`: dynamic thresholding with a
+# maximum of 1 is exactly that clipping for the multistep solvers.
+CLIP_X0 = {"thresholding": True, "sample_max_value": 1.0}
+# name → (scheduler class, extra config, default number of steps)
+SCHEDULERS: dict[str, tuple[type, dict, int]] = {
+    "ddpm": (DDPMScheduler, {}, 1000),  # the paper's ancestral sampler
+    "ddim": (DDIMScheduler, {}, 50),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **CLIP_X0}, 25),
+    "unipc": (UniPCMultistepScheduler, {**CLIP_X0}, 25),
+}
+DEFAULT_SCHEDULER = "dpmsolver++"
+WEIGHT_SUBFOLDERS = {"ema": "unet", "raw": "unet_raw"}
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model folder or Hub repo cannot be loaded."""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_unet(model: str, weights: str = "ema") -> UNet2DModel:
+    """The EMA (`unet/`) or raw (`unet_raw/`) U-Net of a pipeline folder or Hub repo, from safetensors only."""
+    if weights not in WEIGHT_SUBFOLDERS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_SUBFOLDERS)}, got {weights!r}")
+    subfolder = WEIGHT_SUBFOLDERS[weights]
+    try:
+        return UNet2DModel.from_pretrained(model, subfolder=subfolder, use_safetensors=True).eval()
+    except (OSError, ValueError) as error:
+        hint = " (runs of this project keep the non-EMA weights in unet_raw/)" if weights == "raw" else ""
+        raise ModelUnavailableError(
+            f"cannot load the {weights} weights from {model!r}/{subfolder}{hint}: {error}. MODEL is a pipeline "
+            "folder written by training, or a Hub repo id (which needs network access, or HF_HUB_OFFLINE=1 and a "
+            "cached copy)."
+        ) from None
+
+
+def load_scheduler_config(model: str) -> dict:
+    try:
+        return dict(DDPMScheduler.load_config(model, subfolder="scheduler"))
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"cannot load the scheduler of {model!r}: {error}") from None
+
+
+def make_scheduler(name: str, config: dict):
+    """A fresh scheduler `name` built from the model's DDPM config (`from_config`).
+
+    "trailing" spacing: respaced schedules start at the noisiest step t = T-1,
+    as ADM's do; diffusers' default "leading" never visits it.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    cls, extra, _ = SCHEDULERS[name]
+    return cls.from_config(config, timestep_spacing="trailing", **extra)
+
+
+# ---------------------------------------------------------------- precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: bf16 autocast is then several times faster than fp32 on the CPU."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def fast_precision_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+@contextlib.contextmanager
+def inference_precision(unet: UNet2DModel, enabled: bool) -> Iterator[None]:
+    """bf16 autocast + channels_last when `enabled` and the hardware runs bf16 fast; fp32 otherwise.
+
+    The latents and the scheduler's arithmetic stay fp32 either way.
+    """
+    device = unet.device
+    if not (enabled and fast_precision_available(device)):
+        yield
+        return
+    unet.to(memory_format=torch.channels_last)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        unet.to(memory_format=torch.contiguous_format)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a run seeded with `seed` (independent streams per image)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+@dataclass
+class SamplingPlan:
+    scheduler: str = DEFAULT_SCHEDULER
+    num_inference_steps: int | None = None  # default: the scheduler's (25 for dpmsolver++, 1000 for ddpm)
+    batch_size: int = 16
+    bf16: bool = True
+
+    @property
+    def steps(self) -> int:
+        return self.num_inference_steps or SCHEDULERS[self.scheduler][2]
+
+
+@torch.no_grad()
+def denoise(unet: UNet2DModel, scheduler, noise: torch.Tensor, num_inference_steps: int,
+            generators: list[torch.Generator], on_step: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """Run `scheduler`'s reverse process from `noise` (x_T) to x₀ in [-1, 1].
+
+    Works for any diffusers scheduler (it applies `init_noise_sigma` and
+    `scale_model_input`, which `DDPMPipeline` skips). Stochastic steps draw
+    their noise from each image's own generator.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    step_options = inspect.signature(scheduler.step).parameters
+    extra = {"generator": generators} if "generator" in step_options else {}
+    if "use_clipped_model_output" in step_options:
+        extra["use_clipped_model_output"] = True  # DDIM: ε re-derived from the clipped x₀, as ADM does
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        eps = unet(model_input, t).sample.float()
+        latents = scheduler.step(eps, t, latents, **extra).prev_sample
+        on_step()
+    return latents.clamp(-1, 1)
+
+
+def generate(unet: UNet2DModel, scheduler_config: dict, num_images: int, seed: int = 0,
+             plan: SamplingPlan | None = None, progress: Callable[[int], Callable[[], None]] | None = None,
+             first_index: int = 0) -> list[Image.Image]:
+    """`num_images` samples; image i depends only on (seed, first_index + i), not on the batch size."""
+    plan = plan or SamplingPlan()
+    device = unet.device
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    on_step = progress(math.ceil(num_images / plan.batch_size) * plan.steps) if progress else (lambda: None)
+    images = []
+    with inference_precision(unet, plan.bf16):
+        for start in range(0, num_images, plan.batch_size):
+            indices = range(first_index + start, first_index + min(start + plan.batch_size, num_images))
+            generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+            noise = torch.cat([randn_tensor(shape, generator=g) for g in generators]).to(device)
+            x0 = denoise(unet, make_scheduler(plan.scheduler, scheduler_config), noise, plan.steps, generators, on_step)
+            images += to_pil(x0)
+    return images
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] → PIL images."""
+    array = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
 
 
 @torch.no_grad()
@@ -18,7 +186,7 @@ def generate_images(
     num_inference_steps: int = 1000,
     seed: int = 0,
 ) -> list[Image.Image]:
-    """Ancestral DDPM samples (the paper's sampler) from `unet` as it is now.
+    """Ancestral DDPM samples (the paper's sampler) with stock `DDPMPipeline`, as training's grids.
 
     The scheduler is copied, so sampling never changes the training
     scheduler's state (`set_timesteps` mutates it).
@@ -32,6 +200,9 @@ def generate_images(
     return output.images
 
 
+# ---------------------------------------------------------------- layout
+
+
 def grid_shape(num_images: int) -> tuple[int, int]:
     """(rows, cols) of the squarest grid that holds exactly `num_images` (64 → 8×8)."""
     rows = int(math.isqrt(num_images))
@@ -43,3 +214,18 @@ def grid_shape(num_images: int) -> tuple[int, int]:
 def image_grid(images: list[Image.Image]) -> Image.Image:
     rows, cols = grid_shape(len(images))
     return make_image_grid(images, rows=rows, cols=cols)
+
+
+def labelled_side_by_side(panels: list[tuple[str, Image.Image]], gap: int = 8) -> Image.Image:
+    """Panels next to each other on white, each with a caption above it (the paper's Fig. 1)."""
+    caption = 14
+    width = sum(image.width for _, image in panels) + gap * (len(panels) - 1)
+    height = max(image.height for _, image in panels) + caption
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for label, image in panels:
+        draw.text((x + 2, 1), label, fill="black")
+        canvas.paste(image, (x, caption))
+        x += image.width + gap
+    return canvas

@@ -1,0 +1,128 @@
+"""The paper's Fig. 2b from any pipeline folder: interpolation strips (one row per pair) and GIFs.
+
+The interpolation itself is `pipelines/ddpm_interpolation.py` (importable as
+`lsun_ddpm.pipelines.ddpm_interpolation`), the same file users load with
+`custom_pipeline=`; this module only loads the model, reads pairs and lays out
+the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
+from .sampling import inference_precision, load_scheduler_config, load_unet, pick_device, to_pil
+from diffusers import DDPMScheduler
+
+
+@dataclass
+class Pair:
+    """Two endpoints: image paths, or seeds (ints) whose samples become the endpoints."""
+
+    a: str | int
+    b: str | int
+
+
+@dataclass
+class InterpolatedPair:
+    endpoints: tuple[Image.Image, Image.Image]
+    frames: list[Image.Image]
+    noise_level: int
+
+
+def load_interpolation_pipeline(model: str, weights: str = "ema", device: torch.device | None = None):
+    unet = load_unet(model, weights).to(device or pick_device())
+    scheduler = DDPMScheduler.from_config(load_scheduler_config(model))
+    return DDPMInterpolationPipeline(unet=unet, scheduler=scheduler)
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """A pairs file: one pair a line, two items (seeds or image paths, relative to the file); # comments."""
+    path = Path(path)
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        items = line.split("#", 1)[0].split()
+        if not items:
+            continue
+        if len(items) != 2:
+            raise ValueError(f"{path}:{number}: expected two items (seeds or image paths), got {len(items)}")
+        pairs.append(Pair(*(_seed_or_path(item, path.parent) for item in items)))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+def _seed_or_path(item: str, base: Path) -> str | int:
+    if item.lstrip("-").isdigit():
+        return int(item)
+    candidate = Path(item) if Path(item).is_absolute() else base / item
+    return str(candidate)
+
+
+def interpolate_pairs(pipeline: DDPMInterpolationPipeline, pairs: list[Pair], t: int | str = 500,
+                      num_frames: int = 8, method: str = "slerp", num_inference_steps: int = 50, seed: int = 0,
+                      bf16: bool = True, on_pair: Callable[[int, int], None] = lambda i, t: None
+                      ) -> list[InterpolatedPair]:
+    """Interpolate each pair; the q-sample/ancestral noise of pair i is seeded by (seed + i)."""
+    results = []
+    with inference_precision(pipeline.unet, bf16):
+        for index, pair in enumerate(pairs):
+            a, b = _endpoint_tensors(pipeline, pair, num_inference_steps)
+            output = pipeline(image_a=a, image_b=b, t=t, num_frames=num_frames, method=method,
+                              num_inference_steps=num_inference_steps,
+                              generator=torch.Generator().manual_seed(seed + index))
+            endpoints = tuple(to_pil(torch.stack([a, b])))
+            results.append(InterpolatedPair(endpoints, output.images, output.noise_level))
+            on_pair(index, output.noise_level)
+    return results
+
+
+def _endpoint_tensors(pipeline: DDPMInterpolationPipeline, pair: Pair, num_inference_steps: int):
+    """Both endpoints as (3, H, W) tensors in [-1, 1]: preprocessed images, or samples from seeds."""
+    if isinstance(pair.a, int) and isinstance(pair.b, int):
+        generated = pipeline.endpoints_from_seeds((pair.a, pair.b), num_inference_steps).float().cpu()
+        return generated[0], generated[1]
+    if isinstance(pair.a, int) or isinstance(pair.b, int):
+        raise ValueError(f"a pair is two seeds or two images, not one of each: {pair}")
+    for path in (pair.a, pair.b):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no image at {path}")
+    return preprocess(pair.a, pipeline.resolution), preprocess(pair.b, pipeline.resolution)
+
+
+def strip(results: list[InterpolatedPair], gap: int = 4) -> Image.Image:
+    """One row per pair: input A | frames | input B, like the paper's Fig. 2b."""
+    size = results[0].frames[0].width
+    columns = len(results[0].frames) + 2
+    width = columns * size + gap * 2
+    canvas = Image.new("RGB", (width, len(results) * size + (len(results) - 1) * gap), "white")
+    for row, result in enumerate(results):
+        y = row * (size + gap)
+        canvas.paste(result.endpoints[0], (0, y))
+        for column, frame in enumerate(result.frames):
+            canvas.paste(frame, (size + gap + column * size, y))
+        canvas.paste(result.endpoints[1], (size + 2 * gap + len(result.frames) * size, y))
+    return canvas
+
+
+def save_gif(results: list[InterpolatedPair], path: str | Path, frame_ms: int = 120) -> None:
+    """An animated GIF going A → B → A; each GIF frame shows frame k of every pair, stacked."""
+    size = results[0].frames[0].width
+    count = len(results[0].frames)
+    order = list(range(count)) + list(range(count - 2, 0, -1))
+    sheets = []
+    for k in order:
+        sheet = Image.new("RGB", (size, size * len(results)))
+        for row, result in enumerate(results):
+            sheet.paste(result.frames[k], (0, row * size))
+        sheets.append(sheet)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    sheets[0].save(staging, format="GIF", save_all=True, append_images=sheets[1:], duration=frame_ms, loop=0)
+    staging.replace(path)
