@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +110,68 @@ def read_scalars(output_dir: Path, tag: str) -> dict[int, float]:
     accumulator = EventAccumulator(str(output_dir / "logs" / "train_unconditional"))
     accumulator.Reload()
     return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+class SingleImageOracle(torch.nn.Module):
+    """The exact ε-predictor for a data set of one image x*:
+    ε(x_t, t) = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t). Every correct sampler must return x*."""
+
+    def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.target = target
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device and dtype
+        self.config = SimpleNamespace(in_channels=target.shape[1], sample_size=target.shape[-1])
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, x, t):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        t = torch.as_tensor(t).long().reshape(-1).expand(x.shape[0])
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x.double() - alpha_bar.sqrt() * self.target.double()) / (1 - alpha_bar).sqrt()
+        return UNet2DOutput(sample=eps.to(x.dtype))
+
+
+def random_tiny_unet(seed: int = 0):
+    """The tiny16 preset with small random weights everywhere (not ADM's zero init), so its output varies."""
+    from lsun_ddpm.models import ADMUNet2DModel
+
+    torch.manual_seed(seed)
+    model = ADMUNet2DModel.from_preset("tiny16")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_folder(tmp_path_factory) -> Path:
+    """A pipeline folder like training writes: EMA weights in unet/, different raw weights in unet_raw/."""
+    from lsun_ddpm.diffusion import make_noise_scheduler
+    from lsun_ddpm.ema import make_ema
+    from lsun_ddpm.export import save_pipeline_folder
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    model = random_tiny_unet()
+    ema = make_ema(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # raw weights move away from the EMA
+    save_pipeline_folder(model, make_noise_scheduler(), folder, ema=ema)
+    return folder
+
+
+def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result

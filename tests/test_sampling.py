@@ -1,0 +1,97 @@
+"""Sampling: every scheduler is correct, images are reproducible per (seed, index), and the CLI writes grids."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SingleImageOracle, random_tiny_unet, run_cli
+from lsun_ddpm import sampling
+from lsun_ddpm.diffusion import make_noise_scheduler
+from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, denoise, generate, grid_shape, make_scheduler
+
+CONFIG = dict(make_noise_scheduler().config)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_recovers_the_data_with_an_exact_model(name):
+    target = torch.rand(1, 3, 8, 8) * 1.6 - 0.8
+    oracle = SingleImageOracle(target, make_noise_scheduler().alphas_cumprod)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    x0 = denoise(oracle, make_scheduler(name, CONFIG), torch.randn(3, 3, 8, 8), SCHEDULERS[name][2], generators)
+    torch.testing.assert_close(x0, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_respaced_schedules_start_at_the_noisiest_step(name):
+    scheduler = make_scheduler(name, CONFIG)
+    scheduler.set_timesteps(20)
+    assert int(scheduler.timesteps[0]) == 999
+
+
+def test_fast_sampler_is_the_default_and_ddpm_keeps_the_papers_1000_steps():
+    assert SamplingPlan().scheduler == "dpmsolver++" and SamplingPlan().steps == 25
+    assert SamplingPlan("ddpm").steps == 1000 and SamplingPlan("ddpm", 50).steps == 50
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpmsolver++"])
+def test_image_i_depends_on_seed_and_index_not_on_batch_size(scheduler):
+    unet = random_tiny_unet()
+    run = lambda batch, seed=7: [np.asarray(im, dtype=np.int16) for im in generate(
+        unet, CONFIG, 5, seed=seed, plan=SamplingPlan(scheduler, 4, batch_size=batch, bf16=False))]
+    one_by_one, batched, uneven = run(1), run(5), run(2)
+    for a, b, c in zip(one_by_one, batched, uneven):
+        assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1  # equal up to float rounding
+    assert any(np.abs(a - b).max() > 10 for a, b in zip(run(1, seed=8), one_by_one))  # the seed matters
+    assert np.abs(one_by_one[0] - one_by_one[1]).max() > 10  # and so does the index
+
+
+def test_bf16_path_runs_and_restores_the_model(monkeypatch):
+    monkeypatch.setattr(sampling, "fast_precision_available", lambda device: True)
+    unet = random_tiny_unet()
+    fast = generate(unet, CONFIG, 2, plan=SamplingPlan("ddim", 5, bf16=True))
+    exact = generate(unet, CONFIG, 2, plan=SamplingPlan("ddim", 5, bf16=False))
+    difference = max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() for a, b in zip(fast, exact))
+    assert difference < 8  # bf16 rounding, not a different image
+    assert unet.conv_in.weight.is_contiguous()  # channels_last is undone afterwards
+
+
+def test_grid_shapes():
+    assert grid_shape(64) == (8, 8) and grid_shape(16) == (4, 4) and grid_shape(12) == (3, 4)
+    assert grid_shape(7) == (1, 7)
+
+
+def test_missing_model_and_missing_raw_weights_are_clear_errors(tmp_path, tiny_pipeline_folder):
+    with pytest.raises(sampling.ModelUnavailableError, match="pipeline folder"):
+        sampling.load_unet(str(tmp_path / "nowhere"))
+    (tmp_path / "only_ema").mkdir()
+    import shutil
+    shutil.copytree(tiny_pipeline_folder / "unet", tmp_path / "only_ema" / "unet")
+    with pytest.raises(sampling.ModelUnavailableError, match="unet_raw"):
+        sampling.load_unet(str(tmp_path / "only_ema"), "raw")
+
+
+def test_sample_cli_writes_a_grid_and_one_png_per_image(tmp_path, tiny_pipeline_folder):
+    run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--num_inference_steps", "3",
+            "--out", "grid.png", "--out_dir", "images")
+    assert Image.open(tmp_path / "grid.png").size == (32, 32)  # 2x2 of 16 px
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    # the same seed gives the same grid; the per-image files are its tiles
+    tile = np.asarray(Image.open(tmp_path / "grid.png"))[:16, 16:32]
+    assert np.array_equal(tile, np.asarray(Image.open(tmp_path / "images" / "00001.png")))
+
+
+def test_sample_cli_both_weights_puts_raw_beside_ema(tmp_path, tiny_pipeline_folder):
+    run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--scheduler", "ddpm",
+            "--num_inference_steps", "3", "--weights", "both", "--out", "fig1.png", "--out_dir", "images")
+    figure = Image.open(tmp_path / "fig1.png")
+    assert figure.width > 64 and figure.height > 32
+    raw, ema = (np.asarray(Image.open(tmp_path / "images" / w / "00000.png"), np.int16) for w in ("raw", "ema"))
+    assert np.abs(raw - ema).max() > 0  # same seed, different weights
+
+
+def test_sample_cli_without_network_names_the_problem(tmp_path):
+    result = run_cli(tmp_path, "sample", "someone/some-model", "--num_images", "1", check=False)
+    assert result.returncode != 0
+    assert "cannot load" in result.stderr and "someone/some-model" in result.stderr
+    assert "Traceback" not in result.stderr
