@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": "a few minutes of training on bundled photos; writes a sample grid and a pipeline folder",
     "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
     "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
+    "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
+    "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
 }
 
 
@@ -141,6 +143,49 @@ def interpolate_command(argv: list[str]) -> None:
     print(f"wrote {args.out}" + (f" and {args.gif}" if args.gif else ""))
 
 
+def push_command(argv: list[str]) -> None:
+    from .hub import prepare_upload, push_run
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm push", description=COMMANDS["push"])
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder written by training")
+    parser.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repo")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="a branch to push to (created if missing)")
+    parser.add_argument("--commit_message", default="Upload DDPM pipeline")
+    parser.add_argument("--hub_token", help="default: HF_TOKEN, then the `hf auth login` cache")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--no_raw", dest="include_raw", action="store_false", help="leave out unet_raw/")
+    parser.add_argument("--no_figures", dest="figures", action="store_false",
+                        help="do not make an interpolation strip when the run has none")
+    parser.add_argument("--dry_run", metavar="DIR", help="write the folder that would be uploaded to DIR; upload nothing")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        prepare_upload(args.output_dir, args.dry_run, args.hub_model_id, args.include_raw, args.figures, args.license)
+        print(f"wrote the folder that would be uploaded to {args.hub_model_id} into {args.dry_run}")
+        return
+    url = push_run(args.output_dir, args.hub_model_id, args.hub_token, args.private, args.revision,
+                   args.commit_message, args.include_raw, args.figures, args.license)
+    print(f"pushed {args.output_dir} to {args.hub_model_id}: {url}")
+
+
+def push_space_command(argv: list[str]) -> None:
+    from .hub import prepare_space_upload, push_space
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm push-space", description=COMMANDS["push-space"])
+    parser.add_argument("--space_id", required=True, help="USER/NAME of the Space")
+    parser.add_argument("--model_id", required=True, help="the model repo the Space serves (its MODEL_ID)")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--hub_token", help="default: HF_TOKEN, then the `hf auth login` cache")
+    parser.add_argument("--dry_run", metavar="DIR", help="write the folder that would be uploaded to DIR; upload nothing")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        prepare_space_upload(args.dry_run, args.model_id)
+        print(f"wrote the Space that would be uploaded to {args.space_id} into {args.dry_run}")
+        return
+    url = push_space(args.space_id, args.model_id, args.hub_token, args.private)
+    print(f"pushed the Space {args.space_id} (MODEL_ID={args.model_id}): {url}")
+
+
 def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
     try:
         return int(value)
@@ -149,7 +194,7 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 
 
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
-            "interpolate": interpolate_command}
+            "interpolate": interpolate_command, "push": push_command, "push-space": push_space_command}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in COMMANDS.items():
             print(f"  {name:<12} {text}")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    from .hub import HubUploadError
     from .sampling import ModelUnavailableError
 
     try:
         HANDLERS[argv[0]](argv[1:])
-    except (ModelUnavailableError, FileNotFoundError, ValueError) as error:
+    except (ModelUnavailableError, HubUploadError, FileNotFoundError, FileExistsError, ValueError) as error:
         if argv[0] in ("train", "demo"):
             raise
         raise SystemExit(f"lsun-ddpm {argv[0]}: error: {error}") from None

@@ -1,48 +1,307 @@
-"""Uploading a run's pipeline folder to the Hugging Face Hub."""
+"""Publishing a run: the model card, the folder that is uploaded, and the push itself.
+
+`prepare_upload` writes exactly the folder that `push_run` uploads, so
+`lsun-ddpm push --dry_run DIR` shows what would be published. Nothing in the
+run folder is changed by either.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .pipelines import ddpm_interpolation
 
 logger = logging.getLogger(__name__)
 
-# What stays local: resumable state, logs and staging folders.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".*", ".*/**"]
+CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
+PIPELINE_FILE = Path(ddpm_interpolation.__file__)
+# Copied as they are, when the run has them.
+RUN_FILES = ("model_index.json", "training_config.yaml", "training_summary.json", "evaluation.json",
+             "sample_grid.png", "interpolation.png", "neighbours.png")
+COMPONENT_FOLDERS = ("unet", "scheduler")
+RAW_FOLDER = "unet_raw"
+TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "lsun", "bedroom", "pytorch"]
 
 
 class HubUploadError(RuntimeError):
     """The upload failed; the local folder is untouched."""
 
 
-def push_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    token: str | None = None,
-    private: bool = False,
-    commit_message: str = "Upload DDPM pipeline",
-) -> str:
-    """Create (if needed) the model repo `repo_id` and upload `folder` to it.
+# ---------------------------------------------------------------- reading a run
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def count_parameters_on_disk(unet_folder: Path) -> int:
+    """Parameters of the saved U-Net, read from the safetensors header (no model is built)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in unet_folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                shape = weights.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count
+    return total
+
+
+def _evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, str]]:
+    labels = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall"}
+    return [{"name": labels[key], "value": f"{evaluation[key]:.4g}"} for key in labels if key in evaluation]
+
+
+def _eval_results(evaluation: dict[str, Any], dataset: str) -> list[EvalResult] | None:
+    results = [
+        EvalResult(task_type="unconditional-image-generation", dataset_type=dataset, dataset_name="LSUN bedroom",
+                   metric_type=key, metric_name=key.upper(), metric_value=float(evaluation[key]))
+        for key in ("fid", "kid") if key in evaluation
+    ]
+    return results or None
+
+
+# ---------------------------------------------------------------- the card
+
+
+def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "apache-2.0",
+                     include_raw: bool = True, has_interpolation: bool = False) -> ModelCard:
+    """The model card of a run, from what the run wrote (config, summary, evaluation, figures)."""
+    run_dir = Path(run_dir)
+    config = _read_yaml(run_dir / "training_config.yaml")
+    summary = _read_json(run_dir / "training_summary.json")
+    evaluation = _read_json(run_dir / "evaluation.json")
+    unet_config = _read_json(run_dir / "unet" / "config.json")
+    scheduler_config = _read_json(run_dir / "scheduler" / "scheduler_config.json")
+    local_data = bool(config.get("train_data_dir"))
+    dataset = config.get("dataset_name") or "lsun-bedroom"
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=license,
+        tags=TAGS,
+        datasets=None if local_data else [dataset],
+        model_name=repo_id.split("/")[-1],
+        eval_results=_eval_results(evaluation, dataset),
+    )
+    steps = summary.get("optimizer_steps")
+    is_lsun = not local_data and "lsun" in dataset.lower()
+    values = {
+        "subject": "LSUN bedrooms" if is_lsun else "images from " + _data_description(config),
+        "is_lsun": is_lsun,
+        "attention": _attention_resolutions(unet_config),
+        "head_channels": unet_config.get("attention_head_dim", "?"),
+        "title": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "resolution": unet_config.get("sample_size", config.get("resolution", "?")),
+        "num_train_timesteps": scheduler_config.get("num_train_timesteps", 1000),
+        "parameters": f"{count_parameters_on_disk(run_dir / 'unet') / 1e6:.1f} M",
+        "dropout": unet_config.get("dropout", "?"),
+        "has_grid": (run_dir / "sample_grid.png").is_file(),
+        "grid_caption": "the last grid written during training",
+        "has_interpolation": has_interpolation,
+        "interpolation_caption": "slerp frames (`t=\"auto\"`)",
+        "data_description": _data_description(config),
+        "random_flip": config.get("random_flip", False),
+        "optimizer_steps": f"{steps:,}" if steps is not None else "unknown",
+        "optimizer_steps_int": steps or 0,
+        "effective_batch": _effective_batch(config, summary),
+        "learning_rate": config.get("learning_rate", "?"),
+        "lr_scheduler": config.get("lr_scheduler", "?"),
+        "lr_warmup_steps": config.get("lr_warmup_steps", "?"),
+        "max_grad_norm": config.get("max_grad_norm", "?"),
+        "ema_max_decay": config.get("ema_max_decay", "?") if config.get("use_ema", True) else "no EMA",
+        "ema_decay_now": f"{summary['ema_decay']:.5f}" if summary.get("ema_decay") else None,
+        "precision": summary.get("mixed_precision", config.get("mixed_precision") or "fp32"),
+        "hardware": summary.get("hardware") or summary.get("device", "unknown"),
+        "wall_time": _duration(summary.get("wall_time_seconds")),
+        "final_loss": f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "unknown",
+        "has_raw": include_raw and (run_dir / RAW_FOLDER).is_dir(),
+        "evaluation": _evaluation_rows(evaluation),
+        "evaluation_note": evaluation.get("note", ""),
+        "has_neighbours": (run_dir / "neighbours.png").is_file(),
+        "neighbours_note": _read_json(run_dir / "neighbours.json").get("note", ""),
+    }
+    return ModelCard.from_template(card_data, template_str=CARD_TEMPLATE.read_text(), **values)
+
+
+def _attention_resolutions(unet_config: dict[str, Any]) -> str:
+    """"32, 16 and 8 px": the resolutions of the levels with attention blocks, and the middle block."""
+    size = unet_config.get("sample_size", 0)
+    sizes = [f"{size // 2**i}" for i, block in enumerate(unet_config.get("down_block_types", [])) if "Attn" in block]
+    if not sizes:
+        return "the middle block only"
+    listed = ", ".join(sizes[:-1]) + (" and " if len(sizes) > 1 else "") + sizes[-1]
+    return f"{listed} px and in the middle block"
+
+
+def _data_description(config: dict[str, Any]) -> str:
+    if config.get("train_data_dir"):
+        source = "a local image folder"
+    else:
+        source = f"[{config.get('dataset_name')}](https://huggingface.co/datasets/{config.get('dataset_name')})"
+    subset = config.get("max_train_samples")
+    return source + (f", first {subset:,} images" if subset else "")
+
+
+def _effective_batch(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    micro, accumulation = config.get("train_batch_size"), config.get("gradient_accumulation_steps")
+    processes = summary.get("num_processes", 1)
+    total = summary.get("effective_batch_size")
+    return f"{total} (micro-batch {micro} × accumulation {accumulation} × {processes} process(es))"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+
+
+# ---------------------------------------------------------------- the upload folder
+
+
+def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, repo_id: str,
+                   include_raw: bool = True, figures: bool = True, license: str = "apache-2.0") -> Path:
+    """Write into `destination` exactly the files that are published for the run in `run_dir`.
+
+    The pipeline folder (EMA weights, safetensors), the raw weights if asked,
+    the run's config, summary and figures, an interpolation strip made now if
+    the run has none, the interpolation pipeline file, and the model card.
+    """
+    run_dir, destination = Path(run_dir), Path(destination)
+    if not (run_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pipeline folder (no model_index.json): train first")
+    destination.mkdir(parents=True, exist_ok=True)
+    if any(destination.iterdir()):
+        raise FileExistsError(f"{destination} is not empty: give a new folder")
+    for name in COMPONENT_FOLDERS + ((RAW_FOLDER,) if include_raw else ()):
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, destination / name)
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, destination / name)
+    if figures and not (destination / "interpolation.png").is_file():
+        make_interpolation_figure(run_dir, destination / "interpolation.png")
+    shutil.copy2(PIPELINE_FILE, destination / PIPELINE_FILE.name)
+    card = build_model_card(run_dir, repo_id, license, include_raw, (destination / "interpolation.png").is_file())
+    card.save(destination / "README.md")
+    return destination
+
+
+def make_interpolation_figure(run_dir: Path, path: Path, seed_pairs=((0, 1), (2, 3))) -> None:
+    """A small interpolation strip (slerp, t chosen per pair) from the run's EMA weights."""
+    from .export import save_image
+    from .interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, strip
+
+    pipeline = load_interpolation_pipeline(str(run_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    results = interpolate_pairs(pipeline, [Pair(a, b) for a, b in seed_pairs], t="auto", num_frames=6,
+                                method="slerp", num_inference_steps=25)
+    save_image(strip(results), path)
+
+
+# ---------------------------------------------------------------- the push
+
+
+def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
+             revision: str | None = None, commit_message: str = "Upload DDPM pipeline", include_raw: bool = True,
+             figures: bool = True, license: str = "apache-2.0") -> str:
+    """Create (if needed) the model repo and upload the run's publishable folder; return the commit URL.
 
     Authentication is huggingface_hub's: `token`, else HF_TOKEN, else the login
-    cache. The token never appears in messages. Returns the commit URL.
+    cache. Errors never show the token and leave the run folder as it was.
     """
-    from huggingface_hub import create_repo, upload_folder
+    with tempfile.TemporaryDirectory(prefix="lsun-ddpm-upload-") as staging:
+        folder = prepare_upload(run_dir, Path(staging) / "upload", repo_id, include_raw, figures, license)
+        return upload_folder_to_hub(folder, repo_id, "model", token, private, revision, commit_message)
 
+
+def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", token: str | None = None,
+                         private: bool = False, revision: str | None = None,
+                         commit_message: str = "Upload", space_sdk: str | None = None) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
     try:
-        repo = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        commit = upload_folder(
-            repo_id=repo.repo_id,
-            folder_path=str(folder),
-            token=token,
-            commit_message=commit_message,
-            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
-        )
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
+        if revision:
+            api.create_branch(repo.repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type=repo_type,
+                                   revision=revision, commit_message=commit_message)
     except Exception as error:
         message = str(error).replace(token, "***") if token else str(error)
         raise HubUploadError(
-            f"could not upload {folder} to the Hub repo {repo_id!r} ({type(error).__name__}: {message}). "
-            "The local folder is unchanged; check the network and `hf auth login` (or HF_TOKEN) and push again."
+            f"could not upload to the Hub {repo_type} repo {repo_id!r} ({type(error).__name__}: {message}). "
+            "Nothing local was changed; check the network and your token (`hf auth login`, HF_TOKEN or "
+            "--hub_token), then push again."
         ) from None
     logger.info("uploaded %s to %s", folder, commit.commit_url)
     return commit.commit_url
+
+
+# ---------------------------------------------------------------- the Space
+
+
+def prepare_space_upload(destination: str | os.PathLike, model_id: str) -> Path:
+    """Write the Space as it is published: app.py, requirements.txt, README.md (its `models`
+    set to `model_id`) and a copy of the `lsun_ddpm` package that app.py imports."""
+    import lsun_ddpm
+    from huggingface_hub import SpaceCard
+
+    from . import space
+
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    if any(destination.iterdir()):
+        raise FileExistsError(f"{destination} is not empty: give a new folder")
+    space_dir = Path(space.__file__).parent
+    for name in ("app.py", "requirements.txt"):
+        shutil.copy2(space_dir / name, destination / name)
+    card = SpaceCard.load(space_dir / "README.md")
+    card.data.models = [model_id]
+    card.save(destination / "README.md")
+    package = destination / "lsun_ddpm"
+    _copy_sources(Path(lsun_ddpm.__file__).parent, package, extra=("model_card_template.md",))
+    _copy_sources(PIPELINE_FILE.parent, package / "pipelines")
+    return destination
+
+
+def _copy_sources(source: Path, destination: Path, extra: tuple[str, ...] = ()) -> None:
+    destination.mkdir(parents=True)
+    for file in sorted(source.iterdir()):
+        if file.suffix == ".py" or file.name in extra:
+            shutil.copy2(file, destination / file.name)
+
+
+def push_space(space_id: str, model_id: str, token: str | None = None, private: bool = False,
+               commit_message: str = "Upload Space") -> str:
+    """Create (if needed) the Gradio Space, upload it, and set its MODEL_ID variable; return the commit URL."""
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory(prefix="lsun-ddpm-space-") as staging:
+        folder = prepare_space_upload(Path(staging) / "space", model_id)
+        url = upload_folder_to_hub(folder, space_id, "space", token, private, None, commit_message, space_sdk="gradio")
+    try:
+        HfApi(token=token).add_space_variable(space_id, "MODEL_ID", model_id)
+    except Exception as error:
+        message = str(error).replace(token, "***") if token else str(error)
+        raise HubUploadError(f"the Space was uploaded, but setting its MODEL_ID variable failed ({message}); "
+                             f"set MODEL_ID={model_id} in the Space's settings") from None
+    return url

@@ -22,10 +22,11 @@ from diffusers import DDPMScheduler
 
 @dataclass
 class Pair:
-    """Two endpoints: image paths, or seeds (ints) whose samples become the endpoints."""
+    """Two endpoints: seeds (ints) whose samples become the endpoints, or two images
+    (paths, PIL images, or (3, H, W) tensors in [-1, 1] already preprocessed)."""
 
-    a: str | int
-    b: str | int
+    a: str | int | Image.Image | torch.Tensor
+    b: str | int | Image.Image | torch.Tensor
 
 
 @dataclass
@@ -89,10 +90,15 @@ def _endpoint_tensors(pipeline: DDPMInterpolationPipeline, pair: Pair, num_infer
         return generated[0], generated[1]
     if isinstance(pair.a, int) or isinstance(pair.b, int):
         raise ValueError(f"a pair is two seeds or two images, not one of each: {pair}")
-    for path in (pair.a, pair.b):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no image at {path}")
-    return preprocess(pair.a, pipeline.resolution), preprocess(pair.b, pipeline.resolution)
+    return _image_tensor(pair.a, pipeline.resolution), _image_tensor(pair.b, pipeline.resolution)
+
+
+def _image_tensor(image, resolution: int) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        raise FileNotFoundError(f"no image at {image}")
+    return preprocess(image, resolution)
 
 
 def strip(results: list[InterpolatedPair], gap: int = 4) -> Image.Image:

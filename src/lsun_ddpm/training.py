@@ -326,6 +326,15 @@ def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, schedul
     accelerator.wait_for_everyone()
 
 
+def describe_hardware(accelerator: Accelerator) -> str:
+    """E.g. "8 x NVIDIA H100 80GB HBM3" or "1 x CPU (2 threads)", for the model card."""
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+    else:
+        name = f"{accelerator.device.type.upper()} ({torch.get_num_threads()} threads)"
+    return f"{accelerator.num_processes} x {name}"
+
+
 def weights_fingerprint(tensors) -> str:
     digest = hashlib.sha256()
     for tensor in tensors:
@@ -354,6 +363,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             * accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
             "device": str(accelerator.device),
+            "hardware": describe_hardware(accelerator),
             "final_loss": stats.last_loss,
             "wall_time_seconds": round(wall_time, 1),
             "weights_sha256_per_process": fingerprints,
@@ -362,8 +372,8 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
         with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as file:
             json.dump(summary, file, indent=2)
         if config.push_to_hub:
-            from .hub import push_folder_to_hub
+            from .hub import push_run
 
-            push_folder_to_hub(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
+            push_run(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,247 @@
+"""The Gradio app of the Space: Generate, Interpolate, About.
+
+`space/app.py` only calls `main()`. The model comes from MODEL_ID (a Hub repo
+id or a local pipeline folder) and is loaded from safetensors only. The app
+makes no request to an outside host: analytics are off and the theme uses the
+system's fonts instead of Google Fonts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .interpolation import InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, save_gif, strip
+from .pipelines.ddpm_interpolation import METHODS
+from .sampling import SamplingPlan, generate, image_grid, load_scheduler_config, pick_device
+
+SAMPLERS = ("dpmsolver++", "unipc", "ddim", "ddpm")
+
+
+class InputError(ValueError):
+    """A request outside the app's limits; its message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 16
+    max_steps: int = 1000
+    max_frames: int = 16
+    max_upload_pixels: int = 4096 * 4096
+    queue_size: int = 16
+    concurrency: int = 1
+
+
+def _check_range(name: str, value, low: int, high: int) -> int:
+    if value is None or int(value) != value or not low <= int(value) <= high:
+        raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    return int(value)
+
+
+class SpaceModel:
+    """The loaded model and the two things the Space does with it."""
+
+    def __init__(self, model_id: str, limits: Limits = Limits(), bf16: bool = True):
+        self.model_id = model_id
+        self.limits = limits
+        self.bf16 = bf16
+        self.pipeline = load_interpolation_pipeline(model_id, "ema", pick_device())
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.scheduler_config = load_scheduler_config(model_id)
+
+    @property
+    def resolution(self) -> int:
+        return self.pipeline.resolution
+
+    def generate(self, num_images, sampler: str, steps, seed, on_progress: Callable[[int, int], None] = None
+                 ) -> list[Image.Image]:
+        num_images = _check_range("Number of images", num_images, 1, self.limits.max_images)
+        steps = _check_range("Steps", steps, 1, self.limits.max_steps)
+        seed = _check_range("Seed", seed, 0, 2**32 - 1)
+        if sampler not in SAMPLERS:
+            raise InputError(f"Sampler must be one of {', '.join(SAMPLERS)}")
+        plan = SamplingPlan(sampler, steps, batch_size=num_images, bf16=self.bf16)
+        return generate(self.pipeline.unet, self.scheduler_config, num_images, seed, plan,
+                        progress=_step_counter(on_progress))
+
+    def interpolate(self, seed_a, seed_b, image_a: Image.Image | None, image_b: Image.Image | None, t, auto_t: bool,
+                    frames, method: str) -> tuple[InterpolatedPair, Image.Image]:
+        frames = _check_range("Frames", frames, 2, self.limits.max_frames)
+        noise_level = "auto" if auto_t else _check_range("Noise level t", t, 1, 999)
+        if method not in METHODS:
+            raise InputError(f"Method must be one of {', '.join(METHODS)}")
+        if image_a is not None or image_b is not None:
+            pair = Pair(*(self._uploaded(image, label) for image, label in ((image_a, "A"), (image_b, "B"))))
+        else:
+            pair = Pair(_check_range("Seed A", seed_a, 0, 2**32 - 1), _check_range("Seed B", seed_b, 0, 2**32 - 1))
+        result = interpolate_pairs(self.pipeline, [pair], noise_level, frames, method, num_inference_steps=25,
+                                   bf16=self.bf16)[0]
+        return result, strip([result])
+
+    def _uploaded(self, image: Image.Image | None, label: str) -> Image.Image:
+        """An uploaded photo (any mode, any size up to the limit); preprocessed like the training data later."""
+        if image is None:
+            raise InputError(f"Upload both photos (photo {label} is missing), or clear both to use seeds")
+        if image.width * image.height > self.limits.max_upload_pixels:
+            raise InputError(f"Photo {label} is {image.width}×{image.height}; the limit is "
+                             f"{self.limits.max_upload_pixels / 10**6:g} megapixels")
+        return image
+
+
+def _step_counter(on_progress: Callable[[int, int], None] | None):
+    if on_progress is None:
+        return None
+
+    def start(total: int):
+        done = [0]
+
+        def step():
+            done[0] += 1
+            on_progress(done[0], total)
+
+        return step
+
+    return start
+
+
+def _temporary_path(suffix: str) -> str:
+    """A file the app made itself (never a user-supplied path), for downloads and the GIF."""
+    handle, path = tempfile.mkstemp(suffix=suffix, prefix="lsun-ddpm-")
+    os.close(handle)
+    return path
+
+
+def model_card_link(model_id: str) -> str:
+    if Path(model_id).is_dir():
+        return f"a local folder (`{Path(model_id).name}`); its model card is its README.md"
+    return f"[{model_id}](https://huggingface.co/{model_id})"
+
+
+def about_markdown(model: SpaceModel) -> str:
+    return f"""
+### About this model
+
+A DDPM (Ho et al., 2020) with the U-Net of *Diffusion Models Beat GANs*, trained on LSUN bedrooms at
+{model.resolution}×{model.resolution} px. Model: {model_card_link(model.model_id)}.
+
+- **Generate** runs DPM-Solver++ with 25 steps by default (the paper used 1000 ancestral DDPM steps; choose
+  `ddpm` and 1000 steps to reproduce it). Each image depends only on the seed and its position.
+- **Interpolate** noises two images to step *t*, interpolates and denoises. `slerp` keeps the noise level the
+  model expects at every frame; `lerp` is the paper's method (its midpoint fades); `ddim` is deterministic and
+  reproduces the two inputs at the ends. *auto* chooses *t* per pair from how different the two images are.
+
+Everything runs on this machine's {'GPU' if torch.cuda.is_available() else 'CPU'}; nothing is sent elsewhere.
+"""
+
+
+def build_demo(model: SpaceModel):
+    """The Blocks app: Generate, Interpolate and About tabs, wired to `model`."""
+    import gradio as gr
+
+    limits = model.limits
+
+    def run_generate(num_images, sampler, steps, seed, progress=gr.Progress()):
+        try:
+            images = model.generate(num_images, sampler, steps, seed,
+                                    on_progress=lambda done, total: progress((done, total), desc="denoising"))
+        except InputError as error:
+            raise gr.Error(str(error))
+        grid_path = _temporary_path(".png")
+        image_grid(images).save(grid_path)
+        return images, grid_path
+
+    def run_interpolate(source, seed_a, seed_b, image_a, image_b, t, auto_t, frames, method,
+                        progress=gr.Progress(track_tqdm=True)):
+        try:
+            use_photos = source == "two photos"
+            result, strip_image = model.interpolate(seed_a, seed_b, image_a if use_photos else None,
+                                                    image_b if use_photos else None, t, auto_t, frames, method)
+        except InputError as error:
+            raise gr.Error(str(error))
+        gif_path = _temporary_path(".gif")
+        save_gif([result], gif_path)
+        return strip_image, gif_path, f"noise level t = {result.noise_level}"
+
+    with gr.Blocks(title="LSUN bedrooms DDPM") as demo:
+        gr.Markdown("# Bedrooms from a diffusion model\nGenerate LSUN-style bedrooms, or interpolate between two.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    num_images = gr.Slider(1, limits.max_images, value=4, step=1, label="Number of images")
+                    sampler = gr.Dropdown(list(SAMPLERS), value="dpmsolver++", label="Sampler")
+                    steps = gr.Slider(1, limits.max_steps, value=25, step=1, label="Steps")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    generate_button = gr.Button("Generate", variant="primary")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Samples", columns=4, object_fit="contain", elem_id="samples")
+                    download = gr.File(label="Download the grid")
+            generate_button.click(run_generate, [num_images, sampler, steps, seed], [gallery, download],
+                                  concurrency_limit=limits.concurrency)
+        with gr.Tab("Interpolate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    source = gr.Radio(["two seeds", "two photos"], value="two seeds", label="Endpoints")
+                    with gr.Row():
+                        seed_a = gr.Number(value=1, precision=0, label="Seed A")
+                        seed_b = gr.Number(value=2, precision=0, label="Seed B")
+                    with gr.Row():
+                        image_a = gr.Image(type="pil", label="Photo A", sources=["upload"])
+                        image_b = gr.Image(type="pil", label="Photo B", sources=["upload"])
+                    auto_t = gr.Checkbox(value=True, label="Choose the noise level automatically")
+                    t = gr.Slider(1, 999, value=500, step=1, label="Noise level t (when not automatic)")
+                    frames = gr.Slider(2, limits.max_frames, value=8, step=1, label="Frames")
+                    method = gr.Radio(list(METHODS), value="slerp", label="Method")
+                    interpolate_button = gr.Button("Interpolate", variant="primary")
+                with gr.Column(scale=2):
+                    strip_view = gr.Image(label="Strip: input A, frames, input B", type="pil", elem_id="strip")
+                    gif_view = gr.Image(label="Animation", type="filepath", elem_id="animation")
+                    chosen_t = gr.Markdown()
+            interpolate_button.click(run_interpolate,
+                                     [source, seed_a, seed_b, image_a, image_b, t, auto_t, frames, method],
+                                     [strip_view, gif_view, chosen_t], concurrency_limit=limits.concurrency)
+        with gr.Tab("About"):
+            gr.Markdown(about_markdown(model))
+            neighbours = find_neighbours_figure(model.model_id)
+            if neighbours is not None:
+                gr.Image(neighbours, label="Samples and their nearest training images (LPIPS)", type="filepath")
+    demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
+    return demo
+
+
+def find_neighbours_figure(model_id: str) -> str | None:
+    """The run's nearest-neighbour figure, if it has one (local folder or Hub repo)."""
+    if Path(model_id).is_dir():
+        path = Path(model_id) / "neighbours.png"
+        return str(path) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(model_id, "neighbours.png")
+    except Exception:  # not there, or no network: the tab simply has no figure
+        return None
+
+
+def offline_theme():
+    """Gradio's default look with the system's fonts: the default theme loads Google Fonts."""
+    import gradio as gr
+
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]
+    return gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
+
+
+def main() -> None:
+    model_id = os.environ.get("MODEL_ID")
+    if not model_id:
+        raise SystemExit("set MODEL_ID to a Hub model repo id or a local pipeline folder")
+    demo = build_demo(SpaceModel(model_id))
+    # server name and port: gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself.
+    demo.launch(theme=offline_theme(), ssr_mode=False, max_file_size="20mb", footer_links=["gradio"])

@@ -1,0 +1,206 @@
+"""Publishing: the model card, the exact upload folder, and pushes to a fake Hub on 127.0.0.1."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard, SpaceCard
+from PIL import Image
+
+from conftest import REPO_ROOT, offline_env, read_summary, run_training
+from fake_hub import FakeHub, fake_hub  # noqa: F401  (the fixture)
+from lsun_ddpm.hub import build_model_card, prepare_upload
+
+TOKEN = "hf_FakeTokenForTests0123456789abcdef"
+
+
+@pytest.fixture()
+def run_folder(tmp_path, tiny_pipeline_folder):
+    """A run folder as training leaves it: pipeline, raw weights, config, summary, grid, plus local-only files."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline_folder, run)
+    (run / "training_config.yaml").write_text(yaml.safe_dump({
+        "dataset_name": "pcuenq/lsun-bedrooms", "train_data_dir": None, "resolution": 16, "train_batch_size": 8,
+        "gradient_accumulation_steps": 16, "learning_rate": 3e-4, "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 500, "max_grad_norm": 1.0, "use_ema": True, "ema_max_decay": 0.9999,
+        "random_flip": True}))
+    (run / "training_summary.json").write_text(json.dumps({
+        "optimizer_steps": 1234, "effective_batch_size": 256, "num_processes": 2, "mixed_precision": "bf16",
+        "hardware": "2 x NVIDIA H200", "wall_time_seconds": 7384.0, "final_loss": 0.0312, "ema_decay": 0.998}))
+    Image.new("RGB", (32, 32), "red").save(run / "sample_grid.png")
+    (run / "checkpoint-1000").mkdir()
+    (run / "checkpoint-1000" / "optimizer.bin").write_bytes(b"local only")
+    (run / "logs").mkdir()
+    (run / "logs" / "events").write_bytes(b"local only")
+    return run
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def digest(folder):
+    return hashlib.sha256(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in folder_bytes(folder).items()},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- the card
+
+
+def test_card_metadata_parses_back(run_folder, tmp_path):
+    build_model_card(run_folder, "someone/ddpm-bedroom").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["pcuenq/lsun-bedrooms"]
+    assert {"diffusers", "ddpm", "lsun"} <= set(card.data.tags)
+    assert card.data.eval_results is None  # no evaluation, no numbers
+
+
+def test_card_body_tells_the_run(run_folder):
+    text = build_model_card(run_folder, "someone/ddpm-bedroom").text
+    assert 'DDPMPipeline.from_pretrained("someone/ddpm-bedroom"' in text
+    assert 'custom_pipeline="ddpm_interpolation"' in text and "DPMSolverMultistepScheduler" in text
+    for fact in ("1,234", "256 (micro-batch 8 × accumulation 16 × 2 process(es))", "bf16", "2 x NVIDIA H200",
+                 "2 h 3 min", "0.0312", "0.9999", "sample_grid.png", "LSUN was collected by scraping the web",
+                 "may contain people", "No FID/KID evaluation"):
+        assert fact in text, fact
+
+
+def test_card_has_a_model_index_when_an_evaluation_exists(run_folder, tmp_path):
+    (run_folder / "evaluation.json").write_text(json.dumps({"fid": 12.5, "kid": 0.0071, "note": "50k samples"}))
+    build_model_card(run_folder, "someone/ddpm-bedroom").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    values = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert values == {"fid": 12.5, "kid": 0.0071}
+    assert "model-index" in (tmp_path / "README.md").read_text()
+    assert "| FID | 12.5 |" in card.text
+
+
+def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
+    config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
+    config["train_data_dir"] = "/data/my_photos"
+    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
+    card = build_model_card(run_folder, "someone/m")
+    assert card.data.datasets is None and "not on LSUN" in card.text and "LSUN bedrooms at" not in card.text
+
+
+# ---------------------------------------------------------------- the upload folder
+
+
+def test_dry_run_writes_exactly_the_publishable_files(run_folder, tmp_path):
+    before = digest(run_folder)
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
+    assert sorted(folder_bytes(upload)) == sorted([
+        "README.md", "ddpm_interpolation.py", "model_index.json", "sample_grid.png", "scheduler/scheduler_config.json",
+        "training_config.yaml", "training_summary.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json",
+        "unet_raw/diffusion_pytorch_model.safetensors"])
+    for name in ("unet/diffusion_pytorch_model.safetensors", "model_index.json", "training_config.yaml"):
+        assert (upload / name).read_bytes() == (run_folder / name).read_bytes()
+    assert (upload / "ddpm_interpolation.py").read_text() == (REPO_ROOT / "pipelines" / "ddpm_interpolation.py").read_text()
+    assert digest(run_folder) == before  # the run folder is never changed
+
+
+def test_dry_run_makes_an_interpolation_strip_and_can_leave_out_raw_weights(run_folder, tmp_path):
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", include_raw=False)
+    assert (upload / "interpolation.png").is_file() and not (upload / "unet_raw").exists()
+    assert "![Interpolations](interpolation.png)" in (upload / "README.md").read_text()
+
+
+def test_dry_run_refuses_a_non_empty_folder_and_a_non_run(run_folder, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        prepare_upload(run_folder, tmp_path / "busy", "someone/m", figures=False)
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        prepare_upload(tmp_path / "busy", tmp_path / "out", "someone/m")
+
+
+# ---------------------------------------------------------------- pushing to a (fake) Hub
+
+
+def cli(env, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_push_uploads_the_dry_run_folder_byte_for_byte(run_folder, tmp_path):
+    before = digest(run_folder)
+    with FakeHub() as hub:
+        env = hub.subprocess_env(offline_env(tmp_path), HF_TOKEN=TOKEN)
+        result = cli(env, "push", str(run_folder), "--hub_model_id", "someone/ddpm-bedroom", "--no_figures",
+                     "--private", "--commit_message", "first upload")
+        assert result.returncode == 0, result.stderr[-3000:]
+        dry = cli(env, "push", str(run_folder), "--hub_model_id", "someone/ddpm-bedroom", "--no_figures",
+                  "--dry_run", str(tmp_path / "dry"))
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert hub.files("someone/ddpm-bedroom") == folder_bytes(tmp_path / "dry")
+        assert hub.repos["someone/ddpm-bedroom"] == {"type": "model", "private": True}
+        assert hub.commits[-1]["message"] == "first upload"
+        assert all(header == f"Bearer {TOKEN}" for header in hub.authorization_headers)
+        uploaded = b"".join(hub.files("someone/ddpm-bedroom").values())
+    assert TOKEN not in result.stdout + result.stderr and TOKEN.encode() not in uploaded
+    assert digest(run_folder) == before
+
+
+def test_push_with_hub_token_flag_and_revision(run_folder, tmp_path):
+    with FakeHub() as hub:
+        env = hub.subprocess_env(offline_env(tmp_path))
+        result = cli(env, "push", str(run_folder), "--hub_model_id", "someone/m", "--no_figures",
+                     "--hub_token", TOKEN, "--revision", "dev")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert hub.commits[-1]["revision"] == "dev" and "README.md" in hub.files("someone/m", revision="dev")
+        assert f"Bearer {TOKEN}" in hub.authorization_headers
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_failed_push_is_clear_hides_the_token_and_changes_nothing(run_folder, tmp_path):
+    before = digest(run_folder)
+    with FakeHub(fail_with=403) as hub:
+        env = hub.subprocess_env(offline_env(tmp_path), HF_TOKEN=TOKEN)
+        result = cli(env, "push", str(run_folder), "--hub_model_id", "someone/m", "--no_figures",
+                     "--hub_token", TOKEN)
+    assert result.returncode != 0
+    assert "could not upload" in result.stderr and "Nothing local was changed" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert digest(run_folder) == before
+
+
+def test_push_space_uploads_the_app_and_sets_model_id(tmp_path):
+    with FakeHub() as hub:
+        env = hub.subprocess_env(offline_env(tmp_path), HF_TOKEN=TOKEN)
+        result = cli(env, "push-space", "--space_id", "someone/bedrooms", "--model_id", "someone/ddpm-bedroom")
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.files("someone/bedrooms")
+        assert hub.repos["someone/bedrooms"]["type"] == "space" and hub.repos["someone/bedrooms"]["sdk"] == "gradio"
+        assert hub.space_variables["someone/bedrooms"] == {"MODEL_ID": "someone/ddpm-bedroom"}
+    assert {"app.py", "requirements.txt", "README.md", "lsun_ddpm/app.py",
+            "lsun_ddpm/pipelines/ddpm_interpolation.py"} <= set(files)
+    (tmp_path / "README.md").write_bytes(files["README.md"])
+    card = SpaceCard.load(tmp_path / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert card.data.models == ["someone/ddpm-bedroom"] and card.data.sdk_version and card.data.short_description
+    assert TOKEN not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_push_to_hub_at_the_end_of_training(tmp_path, image_folder):
+    with FakeHub() as hub:
+        env_overrides = {k: v for k, v in hub.subprocess_env({}, HF_TOKEN=TOKEN).items()}
+        output_dir = tmp_path / "out"
+        run_training(tmp_path, output_dir, [
+            "--train_data_dir", str(image_folder), "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+            "--checkpointing_steps", "100", "--save_images_steps", "100", "--save_model_steps", "100",
+            "--logger", "none", "--push_to_hub", "--hub_model_id", "someone/trained"], extra_env=env_overrides)
+        files = hub.files("someone/trained")
+    assert {"README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors", "training_config.yaml",
+            "interpolation.png", "ddpm_interpolation.py"} <= set(files)
+    assert not any(name.startswith(("checkpoint-", "logs/")) for name in files)
+    assert files["training_summary.json"] == (output_dir / "training_summary.json").read_bytes()
+    assert read_summary(output_dir)["optimizer_steps"] == 2

@@ -1,0 +1,153 @@
+"""The Space: its functions with a tiny model, and the real page driven in headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT, make_image, offline_env
+from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, offline_theme
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_pipeline_folder):
+    return SpaceModel(str(tiny_pipeline_folder), bf16=False)
+
+
+def photo(mode="RGB", size=(40, 30)):
+    return make_image(np.random.default_rng(0), *size).convert(mode)
+
+
+# ---------------------------------------------------------------- the functions
+
+
+def test_generate_returns_the_requested_images(model):
+    progress = []
+    images = model.generate(3, "dpmsolver++", 4, 5, on_progress=lambda done, total: progress.append((done, total)))
+    assert len(images) == 3 and all(image.size == (16, 16) for image in images)
+    assert progress[-1] == (4, 4)  # one report per denoising step
+    again = model.generate(3, "dpmsolver++", 4, 5)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ((17, "dpmsolver++", 25, 0), "Number of images"),
+    ((0, "dpmsolver++", 25, 0), "Number of images"),
+    ((2, "dpmsolver++", 1001, 0), "Steps"),
+    ((2, "dpmsolver++", 2.5, 0), "Steps"),
+    ((2, "euler-but-wrong", 25, 0), "Sampler"),
+    ((2, "ddpm", 25, -1), "Seed"),
+])
+def test_generate_rejects_out_of_bounds_requests_clearly(model, arguments, message):
+    with pytest.raises(InputError, match=message):
+        model.generate(*arguments)
+
+
+def test_interpolate_between_seeds(model):
+    result, strip = model.interpolate(1, 2, None, None, 300, False, 4, "slerp")
+    assert len(result.frames) == 4 and result.noise_level == 300
+    assert strip.size == ((4 + 2) * 16 + 8, 16)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK"])
+def test_interpolate_accepts_photos_of_any_mode_and_size(model, mode):
+    result, _ = model.interpolate(None, None, photo(mode, (50, 30)), photo(mode, (20, 64)), 0, True, 3, "ddim")
+    assert 100 <= result.noise_level <= 900 and len(result.frames) == 3
+
+
+def test_interpolate_rejects_bad_requests_clearly(model):
+    with pytest.raises(InputError, match="photo B is missing"):
+        model.interpolate(None, None, photo(), None, 300, False, 4, "slerp")
+    with pytest.raises(InputError, match="Frames"):
+        model.interpolate(1, 2, None, None, 300, False, 17, "slerp")
+    with pytest.raises(InputError, match="Noise level"):
+        model.interpolate(1, 2, None, None, 1000, False, 4, "slerp")
+    with pytest.raises(InputError, match="Method"):
+        model.interpolate(1, 2, None, None, 300, False, 4, "cubic")
+    small = SpaceModel.__new__(SpaceModel)
+    small.__dict__.update(model.__dict__, limits=Limits(max_upload_pixels=100))
+    with pytest.raises(InputError, match="megapixels"):
+        small.interpolate(None, None, photo(), photo(), 300, False, 4, "slerp")
+
+
+def test_the_app_has_a_bounded_queue_and_no_remote_fonts(model):
+    import gradio as gr
+
+    demo = build_demo(model)
+    assert demo._queue.max_size == Limits().queue_size
+    assert demo._queue.default_concurrency_limit == Limits().concurrency
+    theme = offline_theme()
+    assert not any(isinstance(font, gr.themes.GoogleFont) for font in theme._font + theme._font_mono)
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def running_space(tmp_path, tiny_pipeline_folder):
+    port = free_port()
+    env = offline_env(tmp_path, MODEL_ID=str(tiny_pipeline_folder), GRADIO_SERVER_NAME="127.0.0.1",
+                      GRADIO_SERVER_PORT=str(port))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "space" / "app.py")], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                raise AssertionError(f"the app exited:\n{process.stdout.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the app did not start within 2 minutes")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_browser_generate_then_interpolate(running_space):
+    from playwright.sync_api import sync_playwright
+
+    outside = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.on("request", lambda request: outside.append(request.url)
+                if urlparse(request.url).hostname not in ("127.0.0.1", "localhost", None)
+                and not request.url.startswith(("data:", "blob:")) else None)
+        page.goto(running_space)
+
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#samples img").first.wait_for(state="visible", timeout=120_000)
+        assert page.locator("#samples img").count() >= 1
+
+        page.get_by_role("tab", name="Interpolate").click()
+        page.get_by_role("button", name="Interpolate").click()
+        page.locator("#strip img").first.wait_for(state="visible", timeout=120_000)
+        page.locator("#animation img").first.wait_for(state="visible", timeout=60_000)
+        browser.close()
+    assert outside == [], f"requests to outside hosts: {outside}"
