@@ -204,3 +204,20 @@ def test_push_to_hub_at_the_end_of_training(tmp_path, image_folder):
     assert not any(name.startswith(("checkpoint-", "logs/")) for name in files)
     assert files["training_summary.json"] == (output_dir / "training_summary.json").read_bytes()
     assert read_summary(output_dir)["optimizer_steps"] == 2
+
+
+def test_published_folder_alone_loads_the_interpolation_pipeline_without_this_package(run_folder, tmp_path):
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
+    script = f"""
+import sys
+sys.modules["lsun_ddpm"] = None  # a user with nothing but diffusers
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(upload)!r}, custom_pipeline="ddpm_interpolation",
+                                         trust_remote_code=True, use_safetensors=True)
+frames = pipe(seed_a=1, seed_b=2, t=50, num_frames=3, num_inference_steps=2).images
+print(type(pipe).__name__, len(frames))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=offline_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDPMInterpolationPipeline 3" in result.stdout

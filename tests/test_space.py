@@ -151,3 +151,45 @@ def test_browser_generate_then_interpolate(running_space):
         page.locator("#animation img").first.wait_for(state="visible", timeout=60_000)
         browser.close()
     assert outside == [], f"requests to outside hosts: {outside}"
+
+
+def test_weights_are_read_from_safetensors_only(tmp_path, tiny_pipeline_folder):
+    """A repo that only has pickled weights is refused, so it cannot run code on the server."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lsun_ddpm.sampling import ModelUnavailableError
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_pipeline_folder, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelUnavailableError):
+        SpaceModel(str(pickled))
+
+
+def test_the_app_contacts_no_outside_host_when_it_starts_and_serves(model, monkeypatch):
+    """Every connection the server process opens, at start and while serving a page, is to this machine."""
+    destinations = []
+    original_connect = socket.socket.connect
+
+    def recording_connect(sock, address):
+        destinations.append(address)
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and "/" not in host:
+            raise OSError(f"blocked outside connection to {address}")
+        return original_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
+    demo = build_demo(model)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, theme=offline_theme(),
+                ssr_mode=False, quiet=True)
+    try:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "fonts.googleapis" not in page
+    finally:
+        demo.close()
+    outside = [a for a in destinations if isinstance(a, tuple) and a[0] not in ("127.0.0.1", "localhost", "::1")]
+    assert destinations and outside == []
