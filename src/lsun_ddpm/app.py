@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .interpolation import InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, save_gif, strip
+from .interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, magnified,
+                            save_gif, strip)
 from .pipelines.ddpm_interpolation import METHODS
 from .sampling import SamplingPlan, generate, image_grid, load_scheduler_config, pick_device
 
@@ -61,6 +62,11 @@ class SpaceModel:
     @property
     def resolution(self) -> int:
         return self.pipeline.resolution
+
+    @property
+    def display_scale(self) -> int:
+        """Small models' images are shown enlarged (NEAREST) to at least 128 px."""
+        return max(1, 128 // self.resolution)
 
     def generate(self, num_images, sampler: str, steps, seed, on_progress: Callable[[int, int], None] = None
                  ) -> list[Image.Image]:
@@ -168,8 +174,8 @@ def build_demo(model: SpaceModel):
         except InputError as error:
             raise gr.Error(str(error))
         gif_path = _temporary_path(".gif")
-        save_gif([result], gif_path)
-        return strip_image, gif_path, f"noise level t = {result.noise_level}"
+        save_gif([result], gif_path, scale=model.display_scale)
+        return magnified(strip_image, model.display_scale), gif_path, f"noise level t = {result.noise_level}"
 
     with gr.Blocks(title="LSUN bedrooms DDPM") as demo:
         gr.Markdown("# Bedrooms from a diffusion model\nGenerate LSUN-style bedrooms, or interpolate between two.")

@@ -116,7 +116,12 @@ def strip(results: list[InterpolatedPair], gap: int = 4) -> Image.Image:
     return canvas
 
 
-def save_gif(results: list[InterpolatedPair], path: str | Path, frame_ms: int = 120) -> None:
+def magnified(image: Image.Image, scale: int) -> Image.Image:
+    """`image` enlarged `scale` times with NEAREST, so small samples stay sharp on screen."""
+    return image if scale <= 1 else image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def save_gif(results: list[InterpolatedPair], path: str | Path, frame_ms: int = 120, scale: int = 1) -> None:
     """An animated GIF going A → B → A; each GIF frame shows frame k of every pair, stacked."""
     size = results[0].frames[0].width
     count = len(results[0].frames)
@@ -126,7 +131,7 @@ def save_gif(results: list[InterpolatedPair], path: str | Path, frame_ms: int = 
         sheet = Image.new("RGB", (size, size * len(results)))
         for row, result in enumerate(results):
             sheet.paste(result.frames[k], (0, row * size))
-        sheets.append(sheet)
+        sheets.append(magnified(sheet, scale))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
