@@ -3,11 +3,13 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import offline_env, read_scalars, read_summary, run_training
@@ -154,3 +156,19 @@ def test_streaming_bf16_channels_last_run(tmp_path, image_folder):
     assert 0 < summary["final_loss"] < 2
     weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
+
+
+@pytest.mark.parametrize("seed", ["3", "none"])
+def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
+    """Each process draws its own noise, but both must shuffle the data identically to shard it."""
+    folder = tmp_path / "greys"
+    folder.mkdir()
+    for value in range(16):
+        Image.new("RGB", (8, 8), (value,) * 3).save(folder / f"{value:02d}.png")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_cpu_threads_per_process", "1", "--main_process_port", "0", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_machines", "1",
+               str(Path(__file__).with_name("shard_check.py")), str(folder), seed]
+    result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
+    assert "SHARDS-OK" in result.stdout

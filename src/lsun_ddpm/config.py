@@ -65,7 +65,9 @@ class TrainingConfig:
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes per process."))
     # ---------------------------------------------------------------- optimisation
     output_dir: str = field(default="ddpm-lsun-bedroom-128", metadata=_help("Run folder: pipeline + checkpoints."))
-    seed: Optional[int] = field(default=None, metadata=_help("Seed for a reproducible run."))
+    seed: Optional[int] = field(
+        default=None, metadata=_help("Seed for a reproducible run (it also orders the data; unset: order seed 0).")
+    )
     train_batch_size: int = field(default=8, metadata=_help("Micro-batch per process (the paper: 8)."))
     gradient_accumulation_steps: int = field(
         default=16, metadata=_help("Micro-batches per optimizer step (the paper: 16, for a batch of 128).")

@@ -97,7 +97,8 @@ def train(config: TrainingConfig) -> Path:
     step_started = time.perf_counter()
     run_started = time.perf_counter()
 
-    for batch in micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config):
+    batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
+    for batch in batches if global_step < max_train_steps else []:  # a finished run resumed: nothing to do
         clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
         if config.channels_last:
             clean_images = clean_images.contiguous(memory_format=torch.channels_last)
@@ -161,8 +162,10 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         mixed_precision=config.mixed_precision,
         log_with=None if config.logger == "none" else config.logger,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
-        # Shuffling from a seeded generator whose state is saved in checkpoints.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Shuffling from a seeded generator (reproducible on resume). The seed must be the same on
+        # every process, or the processes' shards of each epoch would overlap: it is --seed (0 if unset),
+        # never the per-process seed that drives noise and dropout.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
 
 
