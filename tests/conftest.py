@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+# The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
+pytest_plugins = ["fake_hub"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "train_unconditional.py"
 

@@ -7,7 +7,6 @@ Prints "SHARDS-OK" from the main process when the epoch is a partition of the da
 
 import sys
 
-import torch
 from accelerate.utils import gather_object, set_seed
 
 from lsun_ddpm.config import parse_training_config

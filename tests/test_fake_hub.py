@@ -15,7 +15,7 @@ import huggingface_hub.hf_api
 import pytest
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
-from fake_hub import FakeHub, fake_hub  # noqa: F401  (fake_hub is a fixture)
+from fake_hub import FakeHub
 
 TOKEN = "hf_fake_token_0123456789"
 IGNORE_PATTERNS = ["logs/**", "*.tmp"]

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
 from conftest import REPO_ROOT, offline_env, read_summary, run_training
-from fake_hub import FakeHub, fake_hub  # noqa: F401  (the fixture)
+from fake_hub import FakeHub
 from lsun_ddpm.hub import build_model_card, prepare_upload
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -63,7 +63,8 @@ def test_card_metadata_parses_back(run_folder, tmp_path):
 
 def test_card_body_tells_the_run(run_folder):
     text = build_model_card(run_folder, "someone/ddpm-bedroom").text
-    assert 'DDPMPipeline.from_pretrained("someone/ddpm-bedroom"' in text
+    repo_id = "someone/ddpm-bedroom"
+    assert f'DDPMPipeline.from_pretrained("{repo_id}"' in text  # the usage snippet names the repo
     assert 'custom_pipeline="ddpm_interpolation"' in text and "DPMSolverMultistepScheduler" in text
     for fact in ("1,234", "256 (micro-batch 8 × accumulation 16 × 2 process(es))", "bf16", "2 x NVIDIA H200",
                  "2 h 3 min", "0.0312", "0.9999", "sample_grid.png", "LSUN was collected by scraping the web",

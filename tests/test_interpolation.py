@@ -3,7 +3,6 @@
 import ast
 import inspect
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 

@@ -11,7 +11,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import REPO_ROOT, make_image, offline_env
 from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, offline_theme

@@ -160,7 +160,7 @@ def build_demo(model: SpaceModel):
             images = model.generate(num_images, sampler, steps, seed,
                                     on_progress=lambda done, total: progress((done, total), desc="denoising"))
         except InputError as error:
-            raise gr.Error(str(error))
+            raise gr.Error(str(error)) from None
         grid_path = _temporary_path(".png")
         image_grid(images).save(grid_path)
         return images, grid_path
@@ -172,7 +172,7 @@ def build_demo(model: SpaceModel):
             result, strip_image = model.interpolate(seed_a, seed_b, image_a if use_photos else None,
                                                     image_b if use_photos else None, t, auto_t, frames, method)
         except InputError as error:
-            raise gr.Error(str(error))
+            raise gr.Error(str(error)) from None
         gif_path = _temporary_path(".gif")
         save_gif([result], gif_path, scale=model.display_scale)
         return magnified(strip_image, model.display_scale), gif_path, f"noise level t = {result.noise_level}"

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from .pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
 from .sampling import inference_precision, load_scheduler_config, load_unet, pick_device, to_pil
-from diffusers import DDPMScheduler
 
 
 @dataclass
