@@ -112,7 +112,8 @@ def interpolate_command(argv: list[str]) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs=2, metavar=("A", "B"), help="two image files (any size)")
     source.add_argument("--seeds", nargs=2, type=int, metavar=("S1", "S2"), help="two seeds: sample, then interpolate")
-    source.add_argument("--pairs", metavar="FILE", help="one pair a line: two seeds or two image paths")
+    source.add_argument("--pairs", metavar="FILE",
+                        help="one pair a line: two seeds or two image paths (relative to FILE); # comments")
     parser.add_argument("--t", default="500", help="noise level (a timestep in 1..T-1) or 'auto' (chosen per pair)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--method", choices=METHODS, default="slerp",
