@@ -222,3 +222,12 @@ print(type(pipe).__name__, len(frames))
                             env=offline_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DDPMInterpolationPipeline 3" in result.stdout
+
+
+def test_nearest_neighbour_figure_is_published_and_shown_when_the_run_has_one(run_folder, tmp_path):
+    Image.new("RGB", (48, 16), "blue").save(run_folder / "neighbours.png")
+    (run_folder / "neighbours.json").write_text(json.dumps({"note": "searched all 3,033,042 training images"}))
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
+    card = (upload / "README.md").read_text()
+    assert (upload / "neighbours.png").read_bytes() == (run_folder / "neighbours.png").read_bytes()
+    assert "![Nearest neighbours](neighbours.png)" in card and "searched all 3,033,042" in card
