@@ -9,6 +9,7 @@ It answers just what `create_repo(...)` and `upload_folder(...)` request (repo t
     POST /api/{type}s/{repo_id}/branch/{branch}          create a branch (409 if it exists)
     POST /api/{type}s/{repo_id}/preupload/{rev}          always answers uploadMode "regular": no LFS, no Xet
     POST /api/{type}s/{repo_id}/commit/{rev}             NDJSON commit, file bytes base64-encoded inline
+    POST /api/spaces/{repo_id}/variables                 add_space_variable (kept in `space_variables`)
     GET  /api/whoami-v2                                  the fake user
     POST /api/validate-yaml                              README.md metadata check: always valid
 
