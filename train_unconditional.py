@@ -5,11 +5,10 @@
     accelerate launch train_unconditional.py --train_data_dir my_images/ --model_preset small32 --resolution 32
 
 Every option is a field of `lsun_ddpm.config.TrainingConfig` (see `--help`);
-the loop itself is `lsun_ddpm.training.train`.
+the loop itself, a readable recipe, is `lsun_ddpm.training.train`.
 """
 
-from lsun_ddpm.config import parse_training_config
-from lsun_ddpm.training import train
+from lsun_ddpm.training import main
 
 if __name__ == "__main__":
-    train(parse_training_config())
+    main()

@@ -172,3 +172,13 @@ def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
     result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
     assert "SHARDS-OK" in result.stdout
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"),
+                             "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "train_unconditional.py: error:" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-made

@@ -17,10 +17,9 @@ COMMANDS = {
 
 
 def train_command(argv: list[str]) -> None:
-    from .config import parse_training_config
-    from .training import train
+    from .training import main
 
-    train(parse_training_config(argv))
+    main(argv, program="lsun-ddpm train")
 
 
 def demo_command(argv: list[str]) -> None:

@@ -152,6 +152,18 @@ def train(config: TrainingConfig) -> Path:
     return output_dir
 
 
+def main(argv: list[str] | None = None, program: str = "train_unconditional.py") -> None:
+    """Parse the options and train; input the user can fix (no data, no checkpoint) is a one-line error."""
+    from .config import parse_training_config
+    from .data import DatasetUnavailableError
+
+    config = parse_training_config(argv)
+    try:
+        train(config)
+    except (DatasetUnavailableError, FileNotFoundError) as error:
+        raise SystemExit(f"{program}: error: {error}") from None
+
+
 # ---------------------------------------------------------------- set-up
 
 
