@@ -310,10 +310,18 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
             return images, t
         return InterpolationOutput(images=images, noise_level=t)
 
+    def _model_input(self, image) -> torch.Tensor:
+        """A (3, H, W) tensor in [-1, 1] already at the model's size is used as it is (it was
+        preprocessed by the caller); anything else goes through `preprocess`."""
+        size = (3, self.resolution, self.resolution)
+        if isinstance(image, torch.Tensor) and tuple(image.shape) in (size, (1, *size)):
+            return image.float().clamp(-1, 1).reshape(3, self.resolution, self.resolution)
+        return preprocess(image, self.resolution)
+
     def _endpoints(self, image_a, image_b, seed_a, seed_b, num_inference_steps, device):
         if image_a is not None and image_b is not None:
-            pair = [preprocess(image, self.resolution) for image in (image_a, image_b)]
-            return torch.stack(pair)[:1].to(device), torch.stack(pair)[1:].to(device)
+            pair = torch.stack([self._model_input(image) for image in (image_a, image_b)]).to(device)
+            return pair[:1], pair[1:]
         if seed_a is not None and seed_b is not None:
             endpoints = self.endpoints_from_seeds((seed_a, seed_b), num_inference_steps)
             return endpoints[:1], endpoints[1:]

@@ -26,7 +26,7 @@ def demo_command(argv: list[str]) -> None:
     from PIL import Image
 
     from .config import parse_training_config
-    from .demo import demo_defaults, side_by_side, training_images_grid, write_demo_images
+    from .demo import demo_defaults, overview, training_images_grid, write_demo_images
     from .export import save_image
     from .training import GRID_FILE, train
 
@@ -39,7 +39,7 @@ def demo_command(argv: list[str]) -> None:
     output = train(config)
     samples = Image.open(output / GRID_FILE)
     training = training_images_grid(config.train_data_dir, config.resolution, config.eval_batch_size)
-    save_image(side_by_side(training, samples), output / "demo_overview.png")
+    save_image(overview(training, samples), output / "demo_overview.png")
     print(f"\ndemo finished. Open {output / 'demo_overview.png'}: training images (left), samples from the "
           f"EMA weights (right), magnified.\nGrids at full size: {output / GRID_FILE}, one per "
           f"{config.save_images_steps} steps in {output / 'samples'}.\n"

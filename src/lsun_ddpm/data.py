@@ -1,8 +1,9 @@
 """Training images: a Hub dataset or a local folder → one preprocessing → a DataLoader.
 
 Every image the project feeds to a model (training, interpolation inputs,
-neighbour search) goes through `preprocess_image`, so a model never sees two
-different resizings of the same photo.
+neighbour search) goes through the same functions (`ImagePreprocessor` here,
+`preprocess` in the interpolation pipeline file, which both build on), so a
+model never sees two different resizings of the same photo.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import datasets
 import torch
 from PIL import Image
 
-from .pipelines.ddpm_interpolation import crop_square, open_rgb, preprocess, resize_shorter_side, to_tensor
+from .pipelines.ddpm_interpolation import crop_square, open_rgb, resize_shorter_side, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ class ImagePreprocessor:
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(image)
-
-
-def preprocess_image(source: Any, resolution: int) -> torch.Tensor:
-    """The deterministic preprocessing (centre crop, no flip) for inference inputs."""
-    return preprocess(source, resolution)
 
 
 # ---------------------------------------------------------------- sources

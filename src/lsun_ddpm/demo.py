@@ -72,19 +72,20 @@ def write_demo_images(folder: str | Path, size: int = 64) -> int:
     return count
 
 
-def side_by_side(left: Image.Image, right: Image.Image, scale: int = 4, gap: int = 4) -> Image.Image:
-    """Two images next to each other on white, magnified (NEAREST) so small samples are visible."""
-    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
-    return canvas.resize((canvas.width * scale, canvas.height * scale), resample=Image.NEAREST)
+def overview(training: Image.Image, samples: Image.Image, scale: int = 4) -> Image.Image:
+    """Training images beside samples, captioned and magnified (NEAREST) so 32-px images are visible."""
+    from .interpolation import magnified
+    from .sampling import labelled_side_by_side
+
+    return magnified(labelled_side_by_side([("training images", training), ("samples (EMA)", samples)]), scale)
 
 
 def training_images_grid(folder: str | Path, resolution: int, count: int) -> Image.Image:
     """The first `count` training images, preprocessed as training sees them, as a grid."""
-    from .data import preprocess_image
-    from .sampling import image_grid
+    import torch
+
+    from .pipelines.ddpm_interpolation import preprocess
+    from .sampling import image_grid, to_pil
 
     paths = sorted(Path(folder).glob("*.png"))[:count]
-    tensors = [preprocess_image(path, resolution) for path in paths]
-    return image_grid([Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for t in tensors])
+    return image_grid(to_pil(torch.stack([preprocess(path, resolution) for path in paths])))

@@ -233,6 +233,11 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
         return upload_folder_to_hub(folder, repo_id, "model", token, private, revision, commit_message)
 
 
+def _without_token(error: Exception, token: str | None) -> str:
+    """The error's message with the token masked: messages are printed and logged."""
+    return str(error).replace(token, "***") if token else str(error)
+
+
 def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", token: str | None = None,
                          private: bool = False, revision: str | None = None,
                          commit_message: str = "Upload", space_sdk: str | None = None) -> str:
@@ -246,9 +251,9 @@ def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", t
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type=repo_type,
                                    revision=revision, commit_message=commit_message)
     except Exception as error:
-        message = str(error).replace(token, "***") if token else str(error)
         raise HubUploadError(
-            f"could not upload to the Hub {repo_type} repo {repo_id!r} ({type(error).__name__}: {message}). "
+            f"could not upload to the Hub {repo_type} repo {repo_id!r} ({type(error).__name__}: "
+            f"{_without_token(error, token)}). "
             "Nothing local was changed; check the network and your token (`hf auth login`, HF_TOKEN or "
             "--hub_token), then push again."
         ) from None
@@ -301,7 +306,7 @@ def push_space(space_id: str, model_id: str, token: str | None = None, private: 
     try:
         HfApi(token=token).add_space_variable(space_id, "MODEL_ID", model_id)
     except Exception as error:
-        message = str(error).replace(token, "***") if token else str(error)
-        raise HubUploadError(f"the Space was uploaded, but setting its MODEL_ID variable failed ({message}); "
+        raise HubUploadError(f"the Space was uploaded, but setting its MODEL_ID variable failed "
+                             f"({_without_token(error, token)}); "
                              f"set MODEL_ID={model_id} in the Space's settings") from None
     return url

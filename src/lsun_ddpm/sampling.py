@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel,
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel,
                        UniPCMultistepScheduler)
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
@@ -176,28 +176,6 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) in [-1, 1] → PIL images."""
     array = ((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in array]
-
-
-@torch.no_grad()
-def generate_images(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    num_images: int,
-    num_inference_steps: int = 1000,
-    seed: int = 0,
-) -> list[Image.Image]:
-    """Ancestral DDPM samples (the paper's sampler) with stock `DDPMPipeline`, as training's grids.
-
-    The scheduler is copied, so sampling never changes the training
-    scheduler's state (`set_timesteps` mutates it).
-    """
-    pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler.config))
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    output = pipeline(
-        batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="pil"
-    )
-    return output.images
 
 
 # ---------------------------------------------------------------- layout

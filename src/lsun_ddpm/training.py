@@ -31,7 +31,7 @@ from .data import ImagePreprocessor, load_image_dataset, make_dataloader, make_t
 from .ema import ema_weights, make_ema
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters
-from .sampling import generate_images, image_grid
+from .sampling import SamplingPlan, generate, image_grid
 
 logger = get_logger(__name__)
 
@@ -323,8 +323,9 @@ def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: Tra
     """Sample `eval_batch_size` images from the EMA weights; write and log the grid."""
     if accelerator.is_main_process:
         with ema_weights(ema, unet):
-            images = generate_images(unet, scheduler, config.eval_batch_size, config.ddpm_num_inference_steps,
-                                     seed=config.seed or 0)
+            # The paper's ancestral sampler; no bf16/channels_last switch here: training owns the model's format.
+            plan = SamplingPlan("ddpm", config.ddpm_num_inference_steps, config.eval_batch_size, bf16=False)
+            images = generate(unet, dict(scheduler.config), config.eval_batch_size, config.seed or 0, plan)
         grid = image_grid(images)
         save_image(grid, Path(config.output_dir) / "samples" / f"step-{step:07d}.png")
         save_image(grid, Path(config.output_dir) / GRID_FILE)
