@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": "a few minutes of training on bundled photos; writes a sample grid and a pipeline folder",
     "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
     "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
+    "neighbours": "each sample's nearest training images under LPIPS, exact over the whole dataset (Fig. 4)",
     "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
     "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
 }
@@ -143,6 +144,52 @@ def interpolate_command(argv: list[str]) -> None:
     print(f"wrote {args.out}" + (f" and {args.gif}" if args.gif else ""))
 
 
+def neighbours_command(argv: list[str]) -> None:
+    from .neighbours import run_neighbours_command
+    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm neighbours", description=COMMANDS["neighbours"])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", metavar="DIR", help="a folder of sample images (e.g. `lsun-ddpm sample --out_dir`)")
+    source.add_argument("--model", metavar="MODEL", help="generate the samples from this pipeline folder or Hub repo")
+    parser.add_argument("--num_samples", type=int, default=64, help="with --model")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the reference images")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER)
+    parser.add_argument("--num_inference_steps", type=int, help="default: the scheduler's (see `sample`)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="sample in fp32")
+    data = parser.add_argument_group("training data, as training takes it (default: a run folder's own)")
+    data.add_argument("--dataset_name")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--train_data_dir")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--streaming", action="store_true")
+    data.add_argument("--cache_dir")
+    parser.add_argument("--resolution", type=int, help="default: the model's, else 128")
+    parser.add_argument("--k", type=int, default=5, help="neighbours per sample")
+    parser.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex", help="LPIPS backbone")
+    parser.add_argument("--lpips_weights", metavar="PATH",
+                        help="torchvision ImageNet state dict of the backbone (e.g. alexnet-owt-7be5be79.pth), offline")
+    parser.add_argument("--random_backbone", action="store_true",
+                        help="a randomly initialised backbone (tests, offline demos; labelled as such)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per feature batch (and cache file)")
+    parser.add_argument("--feature_cache", metavar="DIR", help="keep training-image features here; resumes a pass")
+    parser.add_argument("--num_reference", type=int, default=1000,
+                        help="training images whose nearest other training image calibrates the verdict")
+    parser.add_argument("--out", metavar="FIG.png", help="the figure (default: neighbours.png, or in --run_dir)")
+    parser.add_argument("--csv", metavar="FILE", help="sample,rank,neighbour,distance")
+    parser.add_argument("--run_dir", metavar="DIR",
+                        help="write neighbours.png and neighbours.json into this run folder (the card shows them)")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "k", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.num_reference < 0 or (args.resolution is not None and args.resolution < 8):
+        parser.error("--num_reference must be >= 0 and --resolution >= 8")
+    run_neighbours_command(args)
+
+
 def push_command(argv: list[str]) -> None:
     from .hub import prepare_upload, push_run
 
@@ -194,7 +241,7 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 
 
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
-            "interpolate": interpolate_command, "push": push_command, "push-space": push_space_command}
+            "interpolate": interpolate_command, "neighbours": neighbours_command, "push": push_command, "push-space": push_space_command}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,12 +251,15 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in COMMANDS.items():
             print(f"  {name:<12} {text}")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    from .data import DatasetUnavailableError
     from .hub import HubUploadError
+    from .neighbours import LpipsWeightsUnavailableError
     from .sampling import ModelUnavailableError
 
     try:
         HANDLERS[argv[0]](argv[1:])
-    except (ModelUnavailableError, HubUploadError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (ModelUnavailableError, HubUploadError, DatasetUnavailableError, LpipsWeightsUnavailableError,
+            FileNotFoundError, FileExistsError, ValueError) as error:
         if argv[0] in ("train", "demo"):
             raise
         raise SystemExit(f"lsun-ddpm {argv[0]}: error: {error}") from None

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
+# What PIL raises for a truncated, corrupt or absurdly large file: such an image is skipped and counted.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class DatasetUnavailableError(RuntimeError):
     """The requested dataset cannot be loaded (no network, unknown repo, wrong column)."""
 
@@ -158,7 +162,7 @@ def _walk_images(root: str):
 # ---------------------------------------------------------------- torch datasets
 
 
-def _describe(source: Any) -> str:
+def describe_image_source(source: Any) -> str:
     if isinstance(source, dict) and source.get("path"):
         return str(source["path"])
     return "<in-memory image>"
@@ -187,9 +191,9 @@ class PreprocessedImages(torch.utils.data.Dataset):
             source = self.dataset[(index + offset) % len(self.dataset)]["image"]
             try:
                 return {"pixel_values": self.preprocess(source)}
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            except UNREADABLE_IMAGE_ERRORS as error:
                 self.num_skipped += 1
-                logger.warning("skipping unreadable image %s (%s)", _describe(source), error)
+                logger.warning("skipping unreadable image %s (%s)", describe_image_source(source), error)
         raise DatasetUnavailableError(f"{self.max_consecutive_failures} unreadable images in a row near index {index}")
 
 
@@ -197,8 +201,8 @@ def _preprocess_stream(preprocess: ImagePreprocessor):
     def decode(example: dict) -> dict:
         try:
             return {"pixel_values": preprocess(example["image"]), "ok": True}
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            logger.warning("skipping unreadable image %s (%s)", _describe(example["image"]), error)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            logger.warning("skipping unreadable image %s (%s)", describe_image_source(example["image"]), error)
             return {"pixel_values": torch.zeros(3, preprocess.resolution, preprocess.resolution), "ok": False}
 
     return decode

@@ -1,0 +1,731 @@
+"""Exact nearest training images under LPIPS, over a whole dataset (the paper's Fig. 4).
+
+LPIPS (Zhang et al. 2018, the `lpips` package) compares two images through
+the per-position unit-normalised features f̂_l of a backbone:
+
+    d(x, y) = Σ_l 1/(H_l W_l) Σ_{h,w} Σ_c w_lc (f̂_lchw(x) − f̂_lchw(y))²
+
+with non-negative linear weights w_l. With a_l(x) = √(w_l / (H_l W_l)) ⊙ f̂_l(x)
+flattened and a(x) the concatenation over layers, d(x, y) = ‖a(x) − a(y)‖²
+exactly: a nearest-neighbour search in feature space. So the search is one
+feature pass over the dataset and matrix products against the queries'
+features (‖a‖² + ‖b‖² − 2a·b, float32, to pick candidates), with the few
+candidates per query then scored as ‖a − b‖² in float64, so distances match
+pairwise `lpips.LPIPS` calls to float32 rounding. No network call per pair.
+
+The dataset is cut into batches of `batch_size` consecutive images; batch b
+belongs to process b mod N, and each batch is one file of the feature cache.
+A batch's images (and so its features) do not depend on N, and every process
+keeps its own top-k, merged on all processes by (distance, index): the answer
+is the same on one process or many.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import ImagePreprocessor, UNREADABLE_IMAGE_ERRORS, describe_image_source
+
+# The candidates scored exactly per query and batch, beyond k: covers float32
+# rounding in the expanded product (ties among near-duplicates aside).
+EXACT_RESCORING_SLACK = 16
+CACHE_FORMAT = 1
+
+
+class LpipsWeightsUnavailableError(RuntimeError):
+    """The backbone's ImageNet weights can neither be downloaded nor read from a file."""
+
+
+# ---------------------------------------------------------------- the LPIPS network
+
+
+def torchvision_weights(net: str):
+    """The torchvision ImageNet weights `lpips` builds its backbone `net` from."""
+    from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
+
+    choices = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1,
+               "squeeze": SqueezeNet1_1_Weights.IMAGENET1K_V1}
+    if net not in choices:
+        raise ValueError(f"--net must be one of {sorted(choices)}, got {net!r}")
+    return choices[net]
+
+
+def load_lpips(net: str = "alex", backbone_weights: str | None = None, random_backbone: bool = False):
+    """`lpips.LPIPS(net)` with its calibrated linear layers and the backbone's ImageNet weights.
+
+    `backbone_weights`: a torchvision state-dict file (as torchvision downloads
+    it) for machines without network access. `random_backbone` builds a
+    randomly initialised backbone instead: only for tests and labelled demos,
+    never chosen silently.
+    """
+    import lpips
+
+    url = torchvision_weights(net).url
+    with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore", UserWarning)
+        if backbone_weights is not None or random_backbone:
+            model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+            if backbone_weights is not None:
+                load_backbone_state_dict(model.net, _read_state_dict(backbone_weights))
+            return model.eval()
+        try:
+            return lpips.LPIPS(net=net, verbose=False).eval()
+        except Exception as error:  # URLError, DNS, proxy, timeout: torchvision's download failed
+            raise LpipsWeightsUnavailableError(
+                f"cannot download the ImageNet weights of LPIPS' {net} backbone ({type(error).__name__}). "
+                f"Fetch {url} on a machine with network access and pass --lpips_weights {url.rsplit('/', 1)[-1]}"
+            ) from None
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise LpipsWeightsUnavailableError(f"--lpips_weights {path!r} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise LpipsWeightsUnavailableError(
+            f"--lpips_weights {path!r} is not a torchvision state-dict file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def load_backbone_state_dict(backbone: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load torchvision's `features.<i>.*` tensors into lpips' `slice<j>.<i>.*` modules.
+
+    lpips cuts torchvision's `features` Sequential into slices and keeps each
+    layer's index as its name, so the mapping is by that index.
+    """
+    slice_of = {index: slice_name for slice_name, block in backbone.named_children()
+                for index, _ in block.named_children()}
+    renamed = {}
+    for key, tensor in state_dict.items():
+        _, index, rest = key.split(".", 2) if key.startswith("features.") else (None, None, None)
+        if index in slice_of:
+            renamed[f"{slice_of[index]}.{index}.{rest}"] = tensor
+    expected = set(backbone.state_dict())
+    if set(renamed) != expected:
+        raise LpipsWeightsUnavailableError(
+            f"the --lpips_weights file does not match this backbone: missing {sorted(expected - set(renamed))[:4]}"
+        )
+    backbone.load_state_dict(renamed)
+
+
+class LpipsFeatures(torch.nn.Module):
+    """x ↦ a(x), flattened, with `lpips_model(x, y) == ‖a(x) − a(y)‖²` (module docstring).
+
+    Reuses the lpips model's own modules (scaling layer, backbone,
+    `normalize_tensor`, linear-layer weights); x is (N, 3, H, W) in [-1, 1].
+    """
+
+    def __init__(self, lpips_model):
+        super().__init__()
+        self.lpips = lpips_model.eval()
+        weights = [next(m for m in lin.modules() if isinstance(m, torch.nn.Conv2d)).weight for lin in lpips_model.lins]
+        if any(bool((w < 0).any()) for w in weights):
+            raise ValueError("LPIPS linear weights must be non-negative for the feature-space identity")
+        self.sqrt_weights = [w.detach().reshape(1, -1, 1, 1).sqrt() for w in weights]
+        self.num_layers = len(weights)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from lpips import normalize_tensor
+
+        outputs = self.lpips.net(self.lpips.scaling_layer(images))
+        parts = []
+        for output, sqrt_weight in zip(outputs, self.sqrt_weights):
+            height, width = output.shape[-2:]
+            scaled = normalize_tensor(output) * sqrt_weight.to(output.device) / math.sqrt(height * width)
+            parts.append(scaled.flatten(1))
+        return torch.cat(parts, dim=1).float()
+
+
+# ---------------------------------------------------------------- running top-k
+
+
+class RunningTopK:
+    """Per query, the k smallest (distance, index) pairs seen so far, ordered by distance then index."""
+
+    def __init__(self, num_queries: int, k: int):
+        self.k = k
+        self.distances = torch.empty(num_queries, 0, dtype=torch.float64)
+        self.indices = torch.empty(num_queries, 0, dtype=torch.long)
+
+    def add(self, distances: torch.Tensor, indices: torch.Tensor) -> None:
+        distances = torch.cat([self.distances, distances.double().cpu()], dim=1)
+        indices = torch.cat([self.indices, indices.cpu()], dim=1)
+        # lexicographic (distance, index): the same order whatever the arrival order
+        order = torch.sort(indices, dim=1, stable=True).indices
+        distances, indices = distances.gather(1, order), indices.gather(1, order)
+        order = torch.sort(distances, dim=1, stable=True).indices[:, : self.k]
+        self.distances, self.indices = distances.gather(1, order), indices.gather(1, order)
+
+    def merge(self, others: list[RunningTopK]) -> None:
+        for other in others:
+            self.add(other.distances, other.indices)
+
+
+def score_batch(queries: torch.Tensor, excluded: torch.Tensor, features: torch.Tensor,
+                indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k + slack candidates of one batch per query, with exact float64 distances.
+
+    `excluded[q]` is a dataset index query q must not match (itself), or -1.
+    """
+    approximate = (queries.square().sum(1, keepdim=True) + features.square().sum(1)[None]
+                   - 2 * queries @ features.T)
+    approximate[excluded[:, None] == indices[None].to(excluded.device)] = math.inf
+    count = min(k + EXACT_RESCORING_SLACK, features.shape[0])
+    candidates = approximate.topk(count, dim=1, largest=False).indices
+    exact = torch.stack([
+        (features[row].double() - query.double()).square().sum(1) for query, row in zip(queries, candidates)
+    ])
+    exact[approximate.gather(1, candidates).isinf()] = math.inf
+    return exact, indices.to(candidates.device)[candidates]
+
+
+# ---------------------------------------------------------------- the dataset pass
+
+
+@dataclass
+class DatasetPass:
+    """How this process walks the dataset: which batches, how large, and the feature cache."""
+
+    batch_size: int
+    process_index: int = 0
+    num_processes: int = 1
+    cache_dir: Path | None = None
+    num_images: int = 0  # filled in as the pass goes
+    skipped: int = 0
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.num_processes == self.process_index
+
+    def cache_file(self, batch: int) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"batch-{batch:08d}.safetensors"
+
+
+def stream_batches(stream: datasets.IterableDataset, batch_size: int) -> Iterator[tuple[int, list]]:
+    """(batch number, [(dataset index, undecoded image)]) for consecutive batches of a stream."""
+    batch, members = 0, []
+    for index, example in enumerate(stream):
+        if index // batch_size != batch:
+            yield batch, members
+            batch, members = index // batch_size, []
+        members.append((index, example["image"]))
+    if members:
+        yield batch, members
+
+
+def owned_batches(dataset, plan: DatasetPass) -> Iterator[tuple[int, Callable[[], list]]]:
+    """This process's batches as (number, a function returning [(index, undecoded image)]).
+
+    A map-style dataset is indexed directly, and only when the batch is not
+    cached; a stream is read in order by every process, each keeping its own
+    batches (reading undecoded bytes is cheap next to decoding them).
+    """
+    if isinstance(dataset, datasets.IterableDataset):
+        for batch, members in stream_batches(dataset, plan.batch_size):
+            if plan.owns(batch):
+                yield batch, (lambda members=members: members)
+        return
+    for batch in range(plan.process_index, math.ceil(len(dataset) / plan.batch_size), plan.num_processes):
+        start = batch * plan.batch_size
+        yield batch, (lambda start=start: list(enumerate(dataset[start:start + plan.batch_size]["image"], start)))
+
+
+def decode_batch(members: list[tuple[int, object]], preprocess: ImagePreprocessor
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(pixels (n, 3, H, W), their dataset indices, number of unreadable images skipped)."""
+    pixels, indices = [], []
+    for index, source in members:
+        try:
+            pixels.append(preprocess(source))
+            indices.append(index)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            warnings.warn(f"skipping unreadable image {describe_image_source(source)} ({error})")
+    empty = torch.empty(0, 3, preprocess.resolution, preprocess.resolution)
+    return (torch.stack(pixels) if pixels else empty), torch.tensor(indices, dtype=torch.long), len(members) - len(pixels)
+
+
+def featurised_batches(dataset, extractor: LpipsFeatures, preprocess: ImagePreprocessor, plan: DatasetPass,
+                       device: torch.device, on_batch: Callable[[int], None] = lambda n: None
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, dataset indices) of each of this process's batches, read from or written to the cache.
+
+    A cache file is written under a temporary name and renamed when complete,
+    so an interrupted pass leaves only whole files, which the next run reuses.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for batch, members in owned_batches(dataset, plan):
+        cached = plan.cache_file(batch)
+        if cached is not None and cached.is_file():
+            stored = load_file(str(cached))
+            features, indices, skipped = stored["features"], stored["indices"], int(stored["skipped"])
+        else:
+            pixels, indices, skipped = decode_batch(members(), preprocess)
+            features = extractor(pixels.to(device)).cpu() if len(indices) else torch.empty(0, 0)
+            if cached is not None:
+                staging = cached.with_name(f".{cached.name}.partial-{os.getpid()}")
+                save_file({"features": features.contiguous(), "indices": indices,
+                           "skipped": torch.tensor(skipped)}, str(staging))
+                os.replace(staging, cached)
+        plan.num_images += len(indices)
+        plan.skipped += skipped
+        on_batch(len(indices) + skipped)
+        if len(indices):
+            yield features.to(device), indices
+
+
+def prepare_feature_cache(cache_dir: str | None, identity: dict) -> Path | None:
+    """The cache folder, checked against what its features were computed from (net, data, resolution...)."""
+    if cache_dir is None:
+        return None
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {"format": CACHE_FORMAT, **identity}
+    meta = folder / "cache.json"
+    if meta.is_file():
+        stored = json.loads(meta.read_text())
+        different = {key: (stored.get(key), value) for key, value in identity.items() if stored.get(key) != value}
+        if different:
+            described = ", ".join(f"{key}: cached {old!r}, now {new!r}" for key, (old, new) in different.items())
+            raise ValueError(f"--feature_cache {cache_dir!r} holds features of another set-up ({described}); "
+                             "give a new folder or the same options")
+    else:
+        staging = meta.with_name(f".cache.json.partial-{os.getpid()}")
+        staging.write_text(json.dumps(identity, indent=2))
+        os.replace(staging, meta)
+    return folder
+
+
+# ---------------------------------------------------------------- the search
+
+
+@dataclass
+class SearchResult:
+    """What `search` found; distances are LPIPS values (float64), indices are dataset indices."""
+
+    sample_distances: torch.Tensor  # (num_samples, k)
+    sample_indices: torch.Tensor  # (num_samples, k)
+    reference_distances: torch.Tensor  # (num_references,): each reference image's nearest *other* image
+    reference_indices: list[int]  # the dataset indices of the reference queries
+    num_searched: int  # training images compared (unreadable ones excluded)
+    num_skipped: int
+    extra: dict = field(default_factory=dict)
+
+
+def search(sample_features: torch.Tensor, reference_features: torch.Tensor, reference_indices: list[int],
+           dataset, extractor: LpipsFeatures, preprocess: ImagePreprocessor, k: int, plan: DatasetPass,
+           device: torch.device, on_batch: Callable[[int], None] = lambda n: None,
+           gather: Callable[[list], list] = lambda objects: objects) -> SearchResult:
+    """One pass over this process's share of `dataset`; `gather` (accelerate's `gather_object`) merges processes."""
+    queries = torch.cat([sample_features, reference_features]).to(device)
+    excluded = torch.tensor([-1] * len(sample_features) + list(reference_indices), dtype=torch.long, device=device)
+    best = RunningTopK(len(queries), k)
+    for features, indices in featurised_batches(dataset, extractor, preprocess, plan, device, on_batch):
+        best.add(*score_batch(queries, excluded, features, indices, k))
+    shares = gather([(best.distances, best.indices, plan.num_images, plan.skipped)])
+    merged = RunningTopK(len(queries), k)
+    for distances, indices, _, _ in shares:
+        merged.add(distances, indices)
+    n = len(sample_features)
+    return SearchResult(
+        sample_distances=merged.distances[:n], sample_indices=merged.indices[:n],
+        reference_distances=merged.distances[n:, 0], reference_indices=list(reference_indices),
+        num_searched=sum(share[2] for share in shares), num_skipped=sum(share[3] for share in shares),
+    )
+
+
+def choose_reference_indices(dataset, count: int, seed: int) -> list[int]:
+    """A seeded random subset of the training images that serve as queries for the real-to-real distances.
+
+    A stream has no length: its subset is drawn from its first 20 × `count` images.
+    """
+    if count <= 0:
+        return []
+    pool = len(dataset) if not isinstance(dataset, datasets.IterableDataset) else None
+    if pool is None:
+        pool = sum(1 for _ in dataset.take(20 * count))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(pool, size=min(count, pool), replace=False).tolist())
+
+
+def fetch_images(dataset, indices: list[int]) -> dict[int, object]:
+    """{index: undecoded image} for a few dataset indices (one partial read of a stream)."""
+    wanted = set(indices)
+    if not isinstance(dataset, datasets.IterableDataset):
+        return {index: dataset[int(index)]["image"] for index in wanted}
+    found = {}
+    for index, example in enumerate(dataset):
+        if index in wanted:
+            found[index] = example["image"]
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def featurise(images: torch.Tensor, extractor: LpipsFeatures, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Features of a stack of preprocessed images, in batches."""
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)] or [images]  # (0, D) if empty
+    return torch.cat([extractor(batch.to(device)).cpu() for batch in batches])
+
+
+# ---------------------------------------------------------------- the memorisation verdict
+
+
+def memorisation_summary(nearest: np.ndarray, reference: np.ndarray, copy_percentile: float = 1.0) -> dict:
+    """Where each sample's nearest distance falls among real images' nearest-other distances.
+
+    percentile = % of real images closer to their nearest other training image
+    than the sample is to its nearest; below `copy_percentile` → a possible copy.
+    """
+    reference = np.sort(np.asarray(reference, dtype=np.float64))
+    reference = reference[np.isfinite(reference)]
+    if len(reference) == 0:
+        percentiles = np.full(len(nearest), np.nan)
+        threshold = float("nan")
+    else:
+        percentiles = 100.0 * np.searchsorted(reference, nearest, side="left") / len(reference)
+        threshold = float(np.percentile(reference, copy_percentile))
+    flagged = np.asarray(nearest) < threshold if len(reference) else np.zeros(len(nearest), bool)
+    return {
+        "percentiles": percentiles,
+        "flagged": flagged,
+        "threshold": threshold,
+        "num_flagged": int(flagged.sum()),
+        "median_percentile": float(np.median(percentiles)) if len(percentiles) else float("nan"),
+        "reference_median_distance": float(np.median(reference)) if len(reference) else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------- the whole command
+
+
+@dataclass
+class NeighbourReport:
+    """Samples, their k nearest training images, and the memorisation verdict."""
+
+    sample_names: list[str]
+    samples: torch.Tensor  # (n, 3, H, W) in [-1, 1], preprocessed
+    result: SearchResult
+    labels: dict[int, str]  # dataset index → file path, or "index:<i>"
+    thumbnails: dict[int, torch.Tensor]  # dataset index → preprocessed image
+    verdict: dict
+    settings: dict
+
+    def rows(self) -> Iterator[tuple[str, int, str, float]]:
+        """(sample, rank, neighbour, distance), as in the CSV."""
+        for name, distances, indices in zip(self.sample_names, self.result.sample_distances,
+                                            self.result.sample_indices):
+            for rank, (distance, index) in enumerate(zip(distances.tolist(), indices.tolist()), start=1):
+                if math.isfinite(distance):
+                    yield name, rank, self.labels[index], distance
+
+
+def find_neighbours(samples: list, sample_names: list[str], dataset, *, resolution: int, k: int = 5,
+                    net: str = "alex", lpips_weights: str | None = None, random_backbone: bool = False,
+                    batch_size: int = 64, feature_cache: str | None = None, num_reference: int = 1000,
+                    seed: int = 0, label_by_path: bool = True, dataset_identity: dict | None = None,
+                    accelerator=None, progress: bool = True) -> NeighbourReport:
+    """Each sample's k nearest images of `dataset` under LPIPS, and the real-to-real reference distances.
+
+    `samples`: images in any form `ImagePreprocessor` takes (PIL, paths, tensors).
+    Every image, sample or training image, gets the training preprocessing
+    (shorter side to `resolution`, centre crop; no flip).
+    """
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    lpips_model = load_lpips(net, lpips_weights, random_backbone)
+    extractor = LpipsFeatures(lpips_model).to(device)
+    preprocess = ImagePreprocessor(resolution, center_crop=True, random_flip=False)
+
+    pixels = torch.stack([preprocess(sample) for sample in samples])
+    sample_features = featurise(pixels, extractor, batch_size, device)
+    reference_indices = choose_reference_indices(dataset, num_reference, seed)
+    reference_pixels, reference_indices = _decode_indices(dataset, reference_indices, preprocess)
+    reference_features = featurise(reference_pixels, extractor, batch_size, device)
+
+    identity = {"net": net, "backbone_sha256": _state_fingerprint(lpips_model), "resolution": resolution,
+                "batch_size": batch_size, "dataset": dataset_identity or {}}
+    plan = DatasetPass(batch_size, accelerator.process_index if accelerator else 0, num_processes,
+                       prepare_feature_cache(feature_cache, identity))
+    total = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
+    is_main = accelerator is None or accelerator.is_main_process
+    with tqdm(total=total and math.ceil(total / num_processes), desc="neighbours: training images", unit="img",
+              dynamic_ncols=True, disable=not (progress and is_main)) as bar:
+        result = search(sample_features, reference_features, reference_indices, dataset, extractor, preprocess,
+                        k, plan, device, bar.update, gather_object if num_processes > 1 else (lambda x: x))
+
+    found = sorted({int(i) for i in result.sample_indices.flatten().tolist() if i >= 0})
+    sources = fetch_images(dataset, found)
+    labels = {i: _label(sources[i], i, label_by_path) for i in found}
+    thumbnails = {i: preprocess(sources[i]) for i in found}
+    verdict = memorisation_summary(result.sample_distances[:, 0].numpy(), result.reference_distances.numpy())
+    backbone = f"weights from {Path(lpips_weights).name}" if lpips_weights else (
+        "randomly initialised" if random_backbone else "ImageNet")
+    settings = {"net": net, "backbone": backbone, "resolution": resolution, "k": k}
+    return NeighbourReport(list(sample_names), pixels, result, labels, thumbnails, verdict, settings)
+
+
+def _decode_indices(dataset, indices: list[int], preprocess: ImagePreprocessor) -> tuple[torch.Tensor, list[int]]:
+    sources = fetch_images(dataset, indices)
+    pixels, indices = decode_batch([(i, sources[i]) for i in indices if i in sources], preprocess)[:2]
+    return pixels, indices.tolist()
+
+
+def _state_fingerprint(module: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _label(source, index: int, by_path: bool) -> str:
+    path = source.get("path") if isinstance(source, dict) else None
+    return str(path) if by_path and path else f"index:{index}"
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def summary_dict(report: NeighbourReport) -> dict:
+    """neighbours.json: settings, sizes searched, the verdict, and every sample's neighbours."""
+    verdict, result = report.verdict, report.result
+    n = len(report.sample_names)
+    note = (f"Exact LPIPS ({report.settings['net']} backbone, {report.settings['backbone']}) search over all "
+            f"{result.num_searched:,} training images at {report.settings['resolution']} px: "
+            f"{verdict['num_flagged']} of {n} samples are closer to a training image than 99% of "
+            f"{len(result.reference_indices):,} real training images are to their nearest other one "
+            f"(median percentile of the samples: {verdict['median_percentile']:.0f}).")
+    rows = list(report.rows())
+    return {
+        "note": note,
+        **report.settings,
+        "num_samples": n,
+        "num_training_images_searched": result.num_searched,
+        "num_unreadable_images_skipped": result.num_skipped,
+        "num_reference_queries": len(result.reference_indices),
+        "reference_nearest_distance": {"p1": _finite(verdict["threshold"]),
+                                       "median": _finite(verdict["reference_median_distance"])},
+        "copy_threshold": _finite(verdict["threshold"]),
+        "num_flagged": verdict["num_flagged"],
+        "median_percentile": _finite(verdict["median_percentile"]),
+        "samples": [
+            {"sample": name, "percentile": _finite(percentile), "possible_copy": bool(flag),
+             "neighbours": [{"rank": r, "neighbour": nb, "distance": d} for s, r, nb, d in rows if s == name]}
+            for name, percentile, flag in zip(report.sample_names, verdict["percentiles"], verdict["flagged"])
+        ],
+    }
+
+
+def write_csv(report: NeighbourReport, path: str | os.PathLike) -> None:
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["sample", "rank", "neighbour", "distance"])
+        for name, rank, neighbour, distance in report.rows():
+            writer.writerow([name, rank, neighbour, f"{distance:.6f}"])
+    os.replace(staging, path)
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2, allow_nan=False))
+    os.replace(staging, path)
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined number (no reference images) is written as null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def neighbours_figure(report: NeighbourReport, min_cell: int = 96) -> Image.Image:
+    """The paper's Fig. 4 with numbers: a row per sample, the sample then its neighbours, LPIPS under each.
+
+    Small images are magnified (NEAREST) to at least `min_cell` px so the
+    captions fit; a sample flagged as a possible copy is framed in red.
+    """
+    from PIL import ImageDraw
+
+    from .sampling import to_pil
+
+    summary = summary_dict(report)
+    scale = max(1, math.ceil(min_cell / report.samples.shape[-1]))
+    cell, caption, gap = report.samples.shape[-1] * scale, 14, 10
+    header = _wrap(summary["note"], max(40, (cell + 2) * (report.settings["k"] + 1) // 6))
+    top = 14 * len(header) + 20
+    width = gap + cell + gap * 2 + (cell + 2) * report.settings["k"]
+    height = top + (cell + caption + 4) * len(report.sample_names)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for line_number, line in enumerate(header):
+        draw.text((gap, 4 + 14 * line_number), line, fill="black")
+    draw.text((gap, top - 14), "sample", fill="black")
+    draw.text((gap * 3 + cell, top - 14), f"its {report.settings['k']} nearest training images (LPIPS)", fill="black")
+    for row, (name, indices, distances, flagged) in enumerate(zip(
+            report.sample_names, report.result.sample_indices.tolist(), report.result.sample_distances.tolist(),
+            report.verdict["flagged"])):
+        y = top + row * (cell + caption + 4)
+        canvas.paste(to_pil(report.samples[row:row + 1])[0].resize((cell, cell), Image.NEAREST), (gap, y))
+        if flagged:
+            draw.rectangle((gap - 3, y - 3, gap + cell + 2, y + cell + 2), outline="red", width=3)
+        draw.text((gap, y + cell + 1), ("possible copy" if flagged else _shorten(name, cell)),
+                  fill="red" if flagged else "black")
+        for column, (index, distance) in enumerate(zip(indices, distances)):
+            if not math.isfinite(distance):
+                continue
+            x = gap * 3 + cell + column * (cell + 2)
+            thumbnail = to_pil(report.thumbnails[index][None])[0].resize((cell, cell), Image.NEAREST)
+            canvas.paste(thumbnail, (x, y))
+            draw.text((x, y + cell + 1), f"{distance:.3f}", fill="black")
+    return canvas
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width)
+
+
+def _shorten(name: str, pixels: int) -> str:
+    limit = max(4, pixels // 6)
+    return name if len(name) <= limit else "..." + name[-(limit - 3):]
+
+
+# ---------------------------------------------------------------- `lsun-ddpm neighbours`
+
+DATA_FIELDS = ("dataset_name", "dataset_config_name", "image_column", "train_data_dir", "max_train_samples",
+               "streaming", "cache_dir")
+
+
+def run_neighbours_command(args) -> None:
+    """`lsun-ddpm neighbours`: samples (a folder, or generated), the search, then figure, CSV and JSON.
+
+    Under `accelerate launch` the samples and the dataset pass are shared
+    between the processes; the main process writes the outputs.
+    """
+    from accelerate import Accelerator
+
+    from .data import load_image_dataset
+
+    accelerator = Accelerator()
+    data = data_options(args)
+    resolution = args.resolution or model_resolution(args.model or args.run_dir) or 128
+    if args.model:
+        names, samples = generate_samples(args, accelerator)
+    else:
+        names, samples = read_sample_folder(args.samples)
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(**data)
+    report = find_neighbours(
+        samples, names, dataset, resolution=resolution, k=args.k, net=args.net, lpips_weights=args.lpips_weights,
+        random_backbone=args.random_backbone, batch_size=args.batch_size, feature_cache=args.feature_cache,
+        num_reference=args.num_reference, seed=args.seed, label_by_path=data["train_data_dir"] is not None,
+        dataset_identity=data, accelerator=accelerator,
+    )
+    if accelerator.is_main_process:
+        for line in write_outputs(report, args.out, args.csv, args.run_dir):
+            print(line)
+    accelerator.wait_for_everyone()
+
+
+def write_outputs(report: NeighbourReport, out: str | None, csv_path: str | None, run_dir: str | None) -> list[str]:
+    """Write the figure (+ neighbours.json beside it), the CSV, and the run folder's copies; say what was written."""
+    from .export import save_image
+
+    summary = summary_dict(report)
+    figure = neighbours_figure(report)
+    targets = [Path(run_dir) / "neighbours.png"] if run_dir else []
+    if out or not run_dir:
+        targets.append(Path(out or "neighbours.png"))
+    for path in targets:
+        save_image(figure, path)
+        write_json(summary, path.with_suffix(".json"))
+    if csv_path:
+        write_csv(report, csv_path)
+    written = ", ".join(str(p) for p in targets + ([Path(csv_path)] if csv_path else []))
+    return [summary["note"], f"wrote {written} (and .json beside each figure)"]
+
+
+def data_options(args) -> dict:
+    """The dataset flags, or, when none is given, those of the run folder's `training_config.yaml`."""
+    options = {name: getattr(args, name) for name in DATA_FIELDS}
+    if options["dataset_name"] or options["train_data_dir"]:
+        return options
+    for folder in (args.run_dir, args.model):
+        config_file = Path(folder) / "training_config.yaml" if folder else None
+        if config_file is not None and config_file.is_file():
+            import yaml
+
+            saved = yaml.safe_load(config_file.read_text()) or {}
+            return {name: saved.get(name, options[name]) for name in DATA_FIELDS}
+    from .data import DatasetUnavailableError
+
+    raise DatasetUnavailableError("give the training data: --dataset_name (a Hub dataset) or --train_data_dir "
+                                  "(a local folder), or --run_dir of a run whose training_config.yaml names it")
+
+
+def model_resolution(model: str | None) -> int | None:
+    """The U-Net's sample_size of a local pipeline folder or a Hub repo; None when there is none."""
+    if not model:
+        return None
+    from diffusers import UNet2DModel
+
+    try:
+        return int(UNet2DModel.load_config(model, subfolder="unet")["sample_size"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def read_sample_folder(folder: str) -> tuple[list[str], list[Path]]:
+    """The image files of `folder` (any depth), sorted, named by their path inside it."""
+    from .data import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--samples {folder!r} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"--samples {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [str(p.relative_to(root)) for p in paths], paths
+
+
+def generate_samples(args, accelerator) -> tuple[list[str], list[Image.Image]]:
+    """`--num_samples` images from MODEL, image i from (seed, i) as `lsun-ddpm sample` makes them.
+
+    Each process generates its share of the indices; the shares are gathered
+    in index order, so the samples do not depend on the number of processes.
+    """
+    from accelerate.utils import gather_object
+
+    from .sampling import SamplingPlan, generate, load_scheduler_config, load_unet
+
+    unet = load_unet(args.model, args.weights).to(accelerator.device)
+    config = load_scheduler_config(args.model)
+    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    with accelerator.split_between_processes(list(range(args.num_samples))) as mine:
+        images = generate(unet, config, len(mine), args.seed, plan, first_index=mine[0]) if mine else []
+    shares = gather_object([images]) if accelerator.num_processes > 1 else [images]
+    return [f"{i:05d}.png" for i in range(args.num_samples)], [image for share in shares for image in share]
