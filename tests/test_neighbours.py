@@ -173,7 +173,7 @@ def test_reference_distances_are_each_real_images_nearest_other_image(training_f
     weights = random_backbone_file(tmp_path)
     dataset = load_image_dataset(train_data_dir=str(training_folder))
     report = find_neighbours([torch.zeros(3, RESOLUTION, RESOLUTION)], ["grey"], dataset, resolution=RESOLUTION,
-                             lpips_weights=str(weights), batch_size=8, num_reference=12, seed=5, progress=False)
+                             lpips_weights=str(weights), batch_size=4, num_reference=12, seed=5, progress=False)
     files = [Path(dataset[i]["image"]["path"]) for i in range(len(dataset))]
     # the documented draw: numpy's default_rng(seed), 12 indices without replacement
     assert report.result.reference_indices == sorted(np.random.default_rng(5).choice(30, 12, replace=False).tolist())
