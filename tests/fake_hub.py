@@ -132,7 +132,8 @@ class FakeHub:
     # ------------------------------------------------------------------ test controls
 
     def fail_with(self, status: int | None, on: str = "commit") -> None:
-        """Answer every later `on` request ("commit", "preupload", "create", "branch") with HTTP `status`.
+        """Answer every later `on` request ("commit", "preupload", "create", "branch", "variables") with HTTP
+        `status`, echoing the request's Authorization header in the error message and body.
 
         `None` turns failures off. A 4xx fails the client at once; huggingface_hub may retry 429 and 5xx
         answers with a backoff of tens of seconds (how, depends on its version), so tests use a 4xx.
@@ -296,7 +297,9 @@ class FakeHub:
         if route in ("create", "branch", "preupload", "commit", "whoami", "variables") and not auth.startswith("Bearer "):
             raise HubError(401, "Invalid username or password.")
         if self._fail_status is not None and route == self._fail_on:
-            raise HubError(self._fail_status, f"fake hub: {route} failing on purpose with {self._fail_status}")
+            # Echo the credentials, as a misconfigured proxy or a verbose server error can: callers must mask them.
+            raise HubError(self._fail_status, f"fake hub: {route} failing on purpose with {self._fail_status} "
+                                              f"(request had Authorization: {auth})")
 
         if route == "create":
             return self.create_repo(json.loads(body))
