@@ -22,6 +22,47 @@ def test_every_scheduler_recovers_the_data_with_an_exact_model(name):
     torch.testing.assert_close(x0, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
 
 
+class OracleCleanAtTheEnd(SingleImageOracle):
+    """The exact ε-predictor of `target`, except at timestep `clean_at` (the last call), where it predicts ε = 0
+    ("x_t is already clean"): the sample is then x_t / √ᾱ_t and shows where the trajectory went."""
+
+    def __init__(self, target, alphas_cumprod, clean_at: int):
+        super().__init__(target, alphas_cumprod)
+        self.clean_at = clean_at
+
+    def forward(self, x, t):
+        output = super().forward(x, t)
+        return type(output)(sample=torch.zeros_like(x)) if int(t) == self.clean_at else output
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_sampler_clips_its_x0_estimates(name):
+    """The data x* = ±3 lie outside [−1, 1]. With every x₀ estimate clipped to c = clip(x*) = ±1, the sampler
+    follows x_t = √ᾱ_t c + √(1−ᾱ_t) e, with e = (x_T − √ᾱ_T c)/√(1−ᾱ_T) for the deterministic samplers (DDIM only
+    if it re-derives ε from the clipped x₀) and fresh noise for DDPM. The last call then returns
+    clip(c + √((1−ᾱ_t)/ᾱ_t) e): about half the pixels end strictly inside (−1, 1). Without clipping the
+    trajectory heads for ±3, and every pixel ends at exactly ±1 after the final clamp."""
+    alphas = make_noise_scheduler().alphas_cumprod.double()
+    c = torch.where(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
+    steps = SCHEDULERS[name][2]
+    schedule = make_scheduler(name, CONFIG)
+    schedule.set_timesteps(steps)
+    first, last = int(schedule.timesteps[0]), int(schedule.timesteps[-1])
+    oracle = OracleCleanAtTheEnd(3 * c, alphas, clean_at=last)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    x0 = denoise(oracle, make_scheduler(name, CONFIG), noise, steps, generators).double()
+
+    assert torch.equal(x0.sign(), c.expand_as(x0).double())
+    assert 0.3 < (x0.abs() < 1).double().mean() < 0.7
+    if name == "ddpm":  # the ancestral noise is random: only its size is known, √(1−ᾱ_0) = 0.01
+        assert (x0 - c).abs().max() < 0.1
+    else:
+        e = (noise.double() - alphas[first].sqrt() * c) / (1 - alphas[first]).sqrt()
+        expected = (c + ((1 - alphas[last]) / alphas[last]).sqrt() * e).clamp(-1, 1)
+        torch.testing.assert_close(x0, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_respaced_schedules_start_at_the_noisiest_step(name):
     scheduler = make_scheduler(name, CONFIG)
