@@ -46,6 +46,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+# Either one turns huggingface_hub's offline mode on, which blocks requests to this server too.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 REPO_TYPE_OF_PREFIX = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX_OF_TYPE = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -130,11 +132,11 @@ class FakeHub:
     # ------------------------------------------------------------------ test controls
 
     def fail_with(self, status: int | None, on: str = "commit") -> None:
-        """Answer every later `on` request ("commit", "preupload", "create", "branch") with HTTP `status`.
+        """Answer every later `on` request ("commit", "preupload", "create", "branch", "variables") with HTTP
+        `status`, echoing the request's Authorization header in the error message and body.
 
-        `None` turns failures off. Note that huggingface_hub retries 429 and 5xx answers of the preupload
-        call, and of the commit call on upload_folder's hf_xet pipeline (the default when hf_xet is
-        installed), with backoff (1, 2, 4, 8, 8 s: 23 s); a 4xx fails at once.
+        `None` turns failures off. A 4xx fails the client at once; huggingface_hub may retry 429 and 5xx
+        answers with a backoff of tens of seconds (how, depends on its version), so tests use a 4xx.
         """
         self._fail_status, self._fail_on = status, on
 
@@ -147,12 +149,16 @@ class FakeHub:
         # `huggingface_hub.create_repo` & co. are bound methods of this instance, which copied the endpoint.
         monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", self.url)
         monkeypatch.setenv("HF_ENDPOINT", self.url)
+        # A user's HF_HUB_OFFLINE=1 (read once, at import) would block every request, this server's included.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        for name in OFFLINE_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
 
     def subprocess_env(self, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
         """An environment for a child process that uses this server (online, telemetry off)."""
         env = dict(os.environ if base is None else base)
-        env.pop("HF_HUB_OFFLINE", None)
-        env.pop("TRANSFORMERS_OFFLINE", None)
+        for name in OFFLINE_VARIABLES:
+            env.pop(name, None)
         env.update(HF_ENDPOINT=self.url, HF_HUB_DISABLE_TELEMETRY="1", **extra)
         return env
 
@@ -291,7 +297,9 @@ class FakeHub:
         if route in ("create", "branch", "preupload", "commit", "whoami", "variables") and not auth.startswith("Bearer "):
             raise HubError(401, "Invalid username or password.")
         if self._fail_status is not None and route == self._fail_on:
-            raise HubError(self._fail_status, f"fake hub: {route} failing on purpose with {self._fail_status}")
+            # Echo the credentials, as a misconfigured proxy or a verbose server error can: callers must mask them.
+            raise HubError(self._fail_status, f"fake hub: {route} failing on purpose with {self._fail_status} "
+                                              f"(request had Authorization: {auth})")
 
         if route == "create":
             return self.create_repo(json.loads(body))

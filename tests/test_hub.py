@@ -161,16 +161,48 @@ def test_push_with_hub_token_flag_and_revision(run_folder, tmp_path):
     assert TOKEN not in result.stdout + result.stderr
 
 
-def test_failed_push_is_clear_hides_the_token_and_changes_nothing(run_folder, tmp_path):
+# Where huggingface_hub finds a token, in its order; a user's own must not interfere.
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")
+
+
+def env_with_token_from(source, hub, tmp_path):
+    """A CLI environment whose only token is TOKEN, given by `source`; returns (env, extra CLI arguments)."""
+    env = hub.subprocess_env(offline_env(tmp_path))
+    for name in TOKEN_VARIABLES:
+        env.pop(name, None)
+    if source == "--hub_token":
+        return env, ["--hub_token", TOKEN]
+    if source == "HF_TOKEN":
+        return {**env, "HF_TOKEN": TOKEN}, []
+    token_file = tmp_path / "hf_home" / "token"  # where `hf auth login` stores it
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(TOKEN)
+    return env, []
+
+
+@pytest.mark.parametrize("source, failing", [("--hub_token", "commit"), ("HF_TOKEN", "create"),
+                                             ("login cache", "commit")])
+def test_failed_push_is_clear_hides_the_token_and_changes_nothing(run_folder, tmp_path, source, failing):
     before = digest(run_folder)
-    with FakeHub(fail_with=403) as hub:
-        env = hub.subprocess_env(offline_env(tmp_path), HF_TOKEN=TOKEN)
-        result = cli(env, "push", str(run_folder), "--hub_model_id", "someone/m", "--no_figures",
-                     "--hub_token", TOKEN)
+    with FakeHub(fail_with=403, fail_on=failing) as hub:  # its error message repeats the Authorization header
+        env, token_arguments = env_with_token_from(source, hub, tmp_path)
+        result = cli(env, "push", str(run_folder), "--hub_model_id", "someone/m", "--no_figures", *token_arguments)
+        assert hub.authorization_headers[-1] == f"Bearer {TOKEN}"  # the token was really sent, then echoed
+    output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "could not upload" in result.stderr and "Nothing local was changed" in result.stderr
-    assert TOKEN not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert "Authorization: Bearer ***" in result.stderr  # the echo arrived, masked
+    assert TOKEN not in output and TOKEN[3:15] not in output and "Traceback" not in result.stderr
     assert digest(run_folder) == before
+
+
+def test_failed_space_variable_hides_the_token(tmp_path):
+    with FakeHub(fail_with=403, fail_on="variables") as hub:
+        env, _ = env_with_token_from("HF_TOKEN", hub, tmp_path)
+        result = cli(env, "push-space", "--space_id", "someone/bedrooms", "--model_id", "someone/m")
+    assert result.returncode != 0 and "set MODEL_ID=someone/m" in result.stderr
+    assert "Authorization: Bearer ***" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
 
 
 def test_push_space_uploads_the_app_and_sets_model_id(tmp_path):

@@ -11,6 +11,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from conftest import REPO_ROOT
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.ema import make_ema
 from lsun_ddpm.export import save_pipeline_folder
@@ -95,9 +96,40 @@ def test_to_unet2d_shares_weights_and_gives_identical_outputs():
         p.data.normal_(std=0.05)
     stock = model.to_unet2d()
     assert type(stock) is UNet2DModel
+    ours, theirs = model.state_dict(), stock.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(theirs[name].data_ptr() == tensor.data_ptr() for name, tensor in ours.items())  # same storage
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
     model.eval(), stock.eval()
     torch.testing.assert_close(stock(x, t).sample, model(x, t).sample, rtol=0, atol=0)
+    with torch.no_grad():
+        model.conv_out.bias.add_(1.0)  # a change to one is a change to the other
+    torch.testing.assert_close(stock(x, t).sample, model(x, t).sample, rtol=0, atol=0)
+
+
+# docs/model.md and README.md state these sizes
+PROMISED_MILLIONS_OF_PARAMETERS = {"paper128": "134.3", "small32": "3.2", "tiny16": "0.8"}
+
+
+@pytest.mark.parametrize("name", sorted(PROMISED_MILLIONS_OF_PARAMETERS))
+def test_presets_have_the_documented_number_of_parameters(name, paper_model):
+    model = paper_model if name == "paper128" else ADMUNet2DModel.from_preset(name)
+    millions = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+    assert millions == PROMISED_MILLIONS_OF_PARAMETERS[name]
+    for document in ("README.md", "docs/model.md"):
+        row = next(line for line in (REPO_ROOT / document).read_text().splitlines()
+                   if line.startswith("|") and name in line.split("|")[1])  # the table row of this preset
+        assert f"| {millions} M |" in row, (document, row)
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_every_exported_unet_config_names_the_stock_class(tmp_path, with_ema):
+    model = ADMUNet2DModel.from_preset("tiny16")
+    save_pipeline_folder(model, make_noise_scheduler(), tmp_path, ema=make_ema(model) if with_ema else None)
+    folders = ["unet", "unet_raw"] if with_ema else ["unet"]
+    assert sorted(p.parent.name for p in tmp_path.glob("unet*/config.json")) == folders
+    for folder in folders:
+        assert json.loads((tmp_path / folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
 
 
 def test_saved_pipeline_loads_with_stock_diffusers_without_lsun_ddpm(tmp_path):

@@ -22,6 +22,47 @@ def test_every_scheduler_recovers_the_data_with_an_exact_model(name):
     torch.testing.assert_close(x0, target.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
 
 
+class OracleCleanAtTheEnd(SingleImageOracle):
+    """The exact ε-predictor of `target`, except at timestep `clean_at` (the last call), where it predicts ε = 0
+    ("x_t is already clean"): the sample is then x_t / √ᾱ_t and shows where the trajectory went."""
+
+    def __init__(self, target, alphas_cumprod, clean_at: int):
+        super().__init__(target, alphas_cumprod)
+        self.clean_at = clean_at
+
+    def forward(self, x, t):
+        output = super().forward(x, t)
+        return type(output)(sample=torch.zeros_like(x)) if int(t) == self.clean_at else output
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_sampler_clips_its_x0_estimates(name):
+    """The data x* = ±3 lie outside [−1, 1]. With every x₀ estimate clipped to c = clip(x*) = ±1, the sampler
+    follows x_t = √ᾱ_t c + √(1−ᾱ_t) e, with e = (x_T − √ᾱ_T c)/√(1−ᾱ_T) for the deterministic samplers (DDIM only
+    if it re-derives ε from the clipped x₀) and fresh noise for DDPM. The last call then returns
+    clip(c + √((1−ᾱ_t)/ᾱ_t) e): about half the pixels end strictly inside (−1, 1). Without clipping the
+    trajectory heads for ±3, and every pixel ends at exactly ±1 after the final clamp."""
+    alphas = make_noise_scheduler().alphas_cumprod.double()
+    c = torch.where(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
+    steps = SCHEDULERS[name][2]
+    schedule = make_scheduler(name, CONFIG)
+    schedule.set_timesteps(steps)
+    first, last = int(schedule.timesteps[0]), int(schedule.timesteps[-1])
+    oracle = OracleCleanAtTheEnd(3 * c, alphas, clean_at=last)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    x0 = denoise(oracle, make_scheduler(name, CONFIG), noise, steps, generators).double()
+
+    assert torch.equal(x0.sign(), c.expand_as(x0).double())
+    assert 0.3 < (x0.abs() < 1).double().mean() < 0.7
+    if name == "ddpm":  # the ancestral noise is random: only its size is known, √(1−ᾱ_0) = 0.01
+        assert (x0 - c).abs().max() < 0.1
+    else:
+        e = (noise.double() - alphas[first].sqrt() * c) / (1 - alphas[first]).sqrt()
+        expected = (c + ((1 - alphas[last]) / alphas[last]).sqrt() * e).clamp(-1, 1)
+        torch.testing.assert_close(x0, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_respaced_schedules_start_at_the_noisiest_step(name):
     scheduler = make_scheduler(name, CONFIG)
@@ -34,26 +75,58 @@ def test_fast_sampler_is_the_default_and_ddpm_keeps_the_papers_1000_steps():
     assert SamplingPlan("ddpm").steps == 1000 and SamplingPlan("ddpm", 50).steps == 50
 
 
+# Largest pixel difference (of 255) between batch sizes: none in fp32; under bf16 autocast oneDNN picks
+# different kernels per batch size (docs/sampling.md).
+BATCH_SIZE_TOLERANCE = {False: 0, True: 4}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpmsolver++"])
-def test_image_i_depends_on_seed_and_index_not_on_batch_size(scheduler):
+def test_image_i_depends_on_seed_and_index_not_on_batch_size(monkeypatch, scheduler, bf16):
+    monkeypatch.setattr(sampling, "fast_precision_available", lambda device: True)  # bf16 on any CPU
     unet = random_tiny_unet()
     run = lambda batch, seed=7: [np.asarray(im, dtype=np.int16) for im in generate(
-        unet, CONFIG, 5, seed=seed, plan=SamplingPlan(scheduler, 4, batch_size=batch, bf16=False))]
+        unet, CONFIG, 5, seed=seed, plan=SamplingPlan(scheduler, 4, batch_size=batch, bf16=bf16))]
     one_by_one, batched, uneven = run(1), run(5), run(2)
     for a, b, c in zip(one_by_one, batched, uneven):
-        assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1  # equal up to float rounding
+        assert np.abs(a - b).max() <= BATCH_SIZE_TOLERANCE[bf16] and np.abs(a - c).max() <= BATCH_SIZE_TOLERANCE[bf16]
     assert any(np.abs(a - b).max() > 10 for a, b in zip(run(1, seed=8), one_by_one))  # the seed matters
     assert np.abs(one_by_one[0] - one_by_one[1]).max() > 10  # and so does the index
 
 
-def test_bf16_path_runs_and_restores_the_model(monkeypatch):
+def unet_inputs_while_sampling(unet, plan):
+    """(dtype, memory format) of what the U-Net's last convolution was given at each call during `generate`."""
+    seen = []
+    hook = unet.conv_out.register_forward_hook(lambda module, args, output: seen.append(
+        (args[0].dtype, "channels_last" if args[0].is_contiguous(memory_format=torch.channels_last) else "contiguous")))
+    try:
+        generate(unet, CONFIG, 2, plan=plan)
+    finally:
+        hook.remove()
+    return set(seen)
+
+
+@pytest.mark.parametrize("fast_hardware", [True, False])
+def test_bf16_runs_the_unet_in_bf16_channels_last_only_on_fast_hardware_and_restores_it(monkeypatch, fast_hardware):
+    monkeypatch.setattr(sampling, "fast_precision_available", lambda device: fast_hardware)
+    unet = random_tiny_unet()
+    weights = {name: p.clone() for name, p in unet.state_dict().items()}
+    seen = unet_inputs_while_sampling(unet, SamplingPlan("ddim", 3, bf16=True))
+    assert seen == ({(torch.bfloat16, "channels_last")} if fast_hardware else {(torch.float32, "contiguous")})
+    # afterwards: the same fp32, contiguous weights, and an fp32 run is fp32 again
+    for name, parameter in unet.state_dict().items():
+        assert parameter.dtype == torch.float32 and parameter.is_contiguous(), name
+        assert torch.equal(parameter, weights[name]), name
+    assert unet_inputs_while_sampling(unet, SamplingPlan("ddim", 3, bf16=False)) == {(torch.float32, "contiguous")}
+
+
+def test_bf16_gives_the_fp32_image_up_to_rounding(monkeypatch):
     monkeypatch.setattr(sampling, "fast_precision_available", lambda device: True)
     unet = random_tiny_unet()
     fast = generate(unet, CONFIG, 2, plan=SamplingPlan("ddim", 5, bf16=True))
     exact = generate(unet, CONFIG, 2, plan=SamplingPlan("ddim", 5, bf16=False))
     difference = max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() for a, b in zip(fast, exact))
     assert difference < 8  # bf16 rounding, not a different image
-    assert unet.conv_in.weight.is_contiguous()  # channels_last is undone afterwards
 
 
 def test_grid_shapes():

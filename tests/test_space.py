@@ -11,11 +11,16 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from conftest import REPO_ROOT, make_image, offline_env
-from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, offline_theme
+from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, main, offline_theme
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Without Chromium the browser test fails, so that it can never silently stop running; people without
+# Chromium may set this to skip it, except in CI (`CI` set), where it always runs.
+SKIP_BROWSER_VARIABLE = "LSUN_DDPM_SKIP_BROWSER_TEST"
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +84,52 @@ def test_interpolate_rejects_bad_requests_clearly(model):
         small.interpolate(None, None, photo(), photo(), 300, False, 4, "slerp")
 
 
+# What README.md ("Publish: model repo and Space") promises of the Space.
+PROMISED = dict(queue_size=16, concurrency=1, sampler="dpmsolver++", steps=25, max_file_size="20mb",
+                max_upload_side=4096)
+# CSS generic families: always the browser's own fonts, never a download.
+GENERIC_FONT_FAMILIES = {"serif", "sans-serif", "monospace", "system-ui", "ui-serif", "ui-sans-serif", "ui-monospace"}
+
+
 def test_the_app_has_a_bounded_queue_and_no_remote_fonts(model):
+    demo = build_demo(model)
+    assert demo._queue.max_size == PROMISED["queue_size"]  # gradio has no public accessor for the queue size
+    assert {fn.concurrency_limit for fn in demo.fns.values()} == {PROMISED["concurrency"]}
+    theme = offline_theme().to_dict()["theme"]
+    families = {family.strip() for key in ("font", "font_mono") for family in theme[key].split(",")}
+    assert families <= GENERIC_FONT_FAMILIES
+
+
+def test_the_space_defaults_to_dpm_solver_25_steps_and_bf16_where_supported(tiny_pipeline_folder, monkeypatch):
+    values = {component["props"].get("label"): component["props"].get("value")
+              for component in build_demo(SpaceModel(str(tiny_pipeline_folder))).get_config_file()["components"]}
+    assert values["Sampler"] == PROMISED["sampler"] and values["Steps"] == PROMISED["steps"]
+
+    from lsun_ddpm import sampling
+
+    for fast_hardware, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(sampling, "fast_precision_available", lambda device: fast_hardware)
+        space = SpaceModel(str(tiny_pipeline_folder))  # the Space's own defaults
+        seen = set()
+        space.pipeline.unet.conv_out.register_forward_hook(lambda module, args, output: seen.add(args[0].dtype))
+        space.generate(1, PROMISED["sampler"], 2, 0)
+        assert seen == {dtype}
+
+
+def test_the_space_limits_uploads_to_the_promised_size(model, tiny_pipeline_folder, monkeypatch):
     import gradio as gr
 
-    demo = build_demo(model)
-    assert demo._queue.max_size == Limits().queue_size
-    assert demo._queue.default_concurrency_limit == Limits().concurrency
-    theme = offline_theme()
-    assert not any(isinstance(font, gr.themes.GoogleFont) for font in theme._font + theme._font_mono)
+    side = PROMISED["max_upload_side"]
+    result, _ = model.interpolate(None, None, Image.new("RGB", (side, side)), photo(), 300, False, 2, "slerp")
+    assert len(result.frames) == 2
+    with pytest.raises(InputError, match="megapixels"):
+        model.interpolate(None, None, photo(), Image.new("RGB", (side + 1, side)), 300, False, 2, "slerp")
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.update(options))
+    monkeypatch.setenv("MODEL_ID", str(tiny_pipeline_folder))
+    main()
+    assert launched["max_file_size"] == PROMISED["max_file_size"]
 
 
 # ---------------------------------------------------------------- the page in a browser
@@ -123,15 +166,27 @@ def running_space(tmp_path, tiny_pipeline_folder):
         process.wait(timeout=30)
 
 
+@pytest.fixture()
+def chromium() -> str:
+    """The browser's path; a missing browser fails the test unless the user opted out (never in CI)."""
+    if CHROMIUM is not None:
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
+    if os.environ.get(SKIP_BROWSER_VARIABLE) == "1":
+        pytest.skip(f"Debian's chromium is not installed and {SKIP_BROWSER_VARIABLE}=1")
+    pytest.fail(f"Debian's chromium is not installed: `apt-get install chromium`, or set {SKIP_BROWSER_VARIABLE}=1 "
+                "to skip the browser test")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
-def test_browser_generate_then_interpolate(running_space):
+def test_browser_generate_then_interpolate(chromium, running_space):
     from playwright.sync_api import sync_playwright
 
     outside = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
+            executable_path=chromium, headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page()
@@ -154,7 +209,6 @@ def test_browser_generate_then_interpolate(running_space):
 
 def test_weights_are_read_from_safetensors_only(tmp_path, tiny_pipeline_folder):
     """A repo that only has pickled weights is refused, so it cannot run code on the server."""
-    import torch
     from safetensors.torch import load_file
 
     from lsun_ddpm.sampling import ModelUnavailableError

@@ -234,7 +234,14 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
 
 
 def _without_token(error: Exception, token: str | None) -> str:
-    """The error's message with the token masked: messages are printed and logged."""
+    """The error's message with the token masked: messages are printed and logged.
+
+    Without an explicit `token` the client used HF_TOKEN or the login cache, so
+    that one is masked: a proxy or server error can echo the request's headers.
+    """
+    from huggingface_hub import get_token
+
+    token = token or get_token()
     return str(error).replace(token, "***") if token else str(error)
 
 
