@@ -16,9 +16,11 @@ from conftest import offline_env, read_scalars, read_summary, run_training
 
 pytestmark = pytest.mark.slow
 
+# 32 images in micro-batches of 4, accumulation 2: 4 optimizer steps per epoch. Checkpoints every 7 steps
+# fall inside epochs, where a resumed run must skip batches and re-create the random flips exactly.
 STEPS, ACCUMULATION, WARMUP, LR = 24, 2, 4, 2e-3
 RUN_ARGS = ["--gradient_accumulation_steps", str(ACCUMULATION), "--max_train_steps", str(STEPS),
-            "--checkpointing_steps", "10", "--checkpoints_total_limit", "2",
+            "--random_flip", "true", "--checkpointing_steps", "7", "--checkpoints_total_limit", "2",
             "--save_images_steps", "12", "--save_model_steps", "12"]
 
 
@@ -45,7 +47,7 @@ def test_loss_per_quarter_of_t_grad_norm_and_throughput_are_logged(run):
 
 def test_the_run_writes_checkpoints_pipeline_raw_weights_samples_and_config(run):
     output_dir, result = run
-    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-20", "checkpoint-24"]
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-21", "checkpoint-24"]
     for path in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                  "unet_raw/diffusion_pytorch_model.safetensors", "samples/step-0000012.png",
                  "samples/step-0000024.png", "sample_grid.png", "training_config.yaml", "training_summary.json"):
@@ -96,21 +98,44 @@ def test_ema_decay_logged_per_optimizer_step_follows_the_warmup(run):
     assert logged == pytest.approx(expected, abs=1e-6)
 
 
+def exported_weights(output_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {folder: load_file(output_dir / folder / "diffusion_pytorch_model.safetensors")
+            for folder in ("unet", "unet_raw")}
+
+
+def assert_bitwise_equal(expected: dict, actual: dict) -> None:
+    for folder, tensors in expected.items():
+        assert actual[folder].keys() == tensors.keys(), folder
+        different = [k for k in tensors if not torch.equal(tensors[k], actual[folder][k])]
+        assert not different, f"{folder}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
+    """A folder holding nothing but checkpoint-21 (taken inside an epoch), resumed by its path."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(run[0], resumed, ignore=shutil.ignore_patterns("checkpoint-24"))
+    shutil.copytree(run[0] / "checkpoint-21", resumed / "checkpoint-21")
     run_training(tmp_path, resumed, ["--train_data_dir", str(image_folder), *RUN_ARGS,
-                                     "--resume_from_checkpoint", "latest"])
+                                     "--resume_from_checkpoint", str(resumed / "checkpoint-21")])
     summary = read_summary(resumed)
     assert summary["optimizer_steps"] == STEPS and summary["adam_step"] == STEPS
     assert summary["ema_optimization_step"] == STEPS
-    assert summary["micro_batches_per_process"] == (STEPS - 20) * ACCUMULATION
-    assert min(read_scalars(resumed, "train/loss")) >= 1  # logged steps continue, never restart at 0
-    # Data order, noise and RNG states come back with the checkpoint: the result is bit-identical.
-    for folder in ("unet", "unet_raw"):
-        uninterrupted = load_file(run[0] / folder / "diffusion_pytorch_model.safetensors")
-        after_resume = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted), folder
+    assert summary["micro_batches_per_process"] == (STEPS - 21) * ACCUMULATION
+    # This run logged steps 22-24 only, with the very losses of the uninterrupted run.
+    losses = read_scalars(resumed, "train/loss")
+    assert sorted(losses) == [22, 23, 24]
+    assert losses == {step: read_scalars(run[0], "train/loss")[step] for step in (22, 23, 24)}
+    # Data order, flips, noise and RNG states come back with the checkpoint: the weights this run
+    # exported (there were none in its folder) are bit-identical to the uninterrupted run's.
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, image_folder):
+    missing = tmp_path / "out" / "checkpoint-99"
+    result = run_training(tmp_path, tmp_path / "out", ["--train_data_dir", str(image_folder), *RUN_ARGS,
+                                                       "--resume_from_checkpoint", str(missing)], check=False)
+    assert result.returncode != 0
+    assert f"--resume_from_checkpoint {missing}: no such checkpoint folder" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, image_folder):
