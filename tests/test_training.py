@@ -12,7 +12,7 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import offline_env, read_scalars, read_summary, run_training
+from conftest import TINY_RUN, offline_env, read_scalars, read_summary, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -129,12 +129,19 @@ def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
 
 
+def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
+    return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"), *args],
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, image_folder):
     missing = tmp_path / "out" / "checkpoint-99"
-    result = run_training(tmp_path, tmp_path / "out", ["--train_data_dir", str(image_folder), *RUN_ARGS,
-                                                       "--resume_from_checkpoint", str(missing)], check=False)
+    result = run_script_directly(tmp_path, *TINY_RUN, "--train_data_dir", str(image_folder), "--output_dir",
+                                 str(tmp_path / "out"), "--resume_from_checkpoint", str(missing))
     assert result.returncode != 0
-    assert f"--resume_from_checkpoint {missing}: no such checkpoint folder" in result.stderr
+    assert f"train_unconditional.py: error: --resume_from_checkpoint {missing}: no such checkpoint folder" \
+        in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -200,9 +207,8 @@ def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"),
-                             "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
-                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = run_script_directly(tmp_path, "--train_data_dir", str(tmp_path / "nowhere"),
+                                 "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "train_unconditional.py: error:" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
