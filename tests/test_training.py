@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
+
+from lsun_ddpm import training
+from lsun_ddpm.config import TrainingConfig
 
 from conftest import TINY_RUN, offline_env, read_scalars, read_summary, run_training
 
@@ -127,6 +131,43 @@ def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
     # Data order, flips, noise and RNG states come back with the checkpoint: the weights this run
     # exported (there were none in its folder) are bit-identical to the uninterrupted run's.
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
+
+
+def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_exact(run, tmp_path, image_folder):
+    """SIGKILL mid-save of checkpoint-14 (model and Adam written, EMA not), then `--resume_from_checkpoint latest`."""
+    output_dir = tmp_path / "killed"
+    killed = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS],
+                          probes=["--kill_while_saving", "14"], check=False)
+    assert killed.returncode != 0 and not (output_dir / "training_summary.json").exists()
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-7"]
+    run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS,
+                                        "--resume_from_checkpoint", "latest"])
+    summary = read_summary(output_dir)
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == (STEPS - 7) * ACCUMULATION
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(output_dir))
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-21", "checkpoint-24"]
+    assert not list(output_dir.glob(".*"))  # the killed save's staging folder was cleared
+
+
+def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    torch.nn.init.constant_(model.weight, 1.0)
+    training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
+    torch.nn.init.constant_(model.weight, 2.0)
+
+    def interrupted(source, destination):
+        raise KeyboardInterrupt  # the state is written under its temporary name, not yet renamed
+
+    monkeypatch.setattr(training, "replace_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    torch.nn.init.constant_(model.weight, 3.0)
+    config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    assert training.resume_if_requested(accelerator, config, ema=None) == 1
+    assert torch.all(model.weight == 1.0)
 
 
 def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
