@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from lsun_ddpm import training
 from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.models import build_model
 
 from conftest import TINY_RUN, offline_env, read_scalars, read_summary, run_training
 
@@ -189,12 +190,20 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, image_folder):
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, image_folder):
     common = ["--train_data_dir", str(image_folder), "--max_train_steps", "6", "--checkpointing_steps", "100",
               "--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
-    run_training(tmp_path, tmp_path / "two", common + ["--gradient_accumulation_steps", "1"], num_processes=2)
+    run_training(tmp_path, tmp_path / "two", common + ["--gradient_accumulation_steps", "1"], num_processes=2,
+                 probes=["--save_replicas"])
     run_training(tmp_path, tmp_path / "one", common + ["--gradient_accumulation_steps", "2"], num_processes=1)
     two, one = read_summary(tmp_path / "two"), read_summary(tmp_path / "one")
     assert two["num_processes"] == 2 and one["num_processes"] == 1
-    fingerprints = two["weights_sha256_per_process"]
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and two["replicas_in_sync"]
+    # Each process wrote the weights it holds; DDP must have kept them identical.
+    first, second = (load_file(tmp_path / "two" / f"replica-{i}.safetensors") for i in (0, 1))
+    assert first.keys() == second.keys() and any(k.startswith("ema.") for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    exported = load_file(tmp_path / "two" / "unet_raw" / "diffusion_pytorch_model.safetensors")
+    initial = build_model("tiny16").state_dict()
+    assert any(not torch.equal(exported[k], initial[k]) for k in exported)  # training moved the weights
+    assert all(torch.equal(exported[k], first[f"raw.{k}"]) for k in exported)
+    assert two["replicas_in_sync"]
     for key in ("optimizer_steps", "adam_step", "ema_optimization_step", "effective_batch_size"):
         assert two[key] == one[key], key
     assert two["optimizer_steps"] == 6 and two["effective_batch_size"] == 8
