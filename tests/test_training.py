@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from lsun_ddpm import training
 from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.models import build_model
 
-from conftest import TINY_RUN, offline_env, read_scalars, read_summary, run_training
+from conftest import TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -169,6 +170,40 @@ def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(
     config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     assert training.resume_if_requested(accelerator, config, ema=None) == 1
     assert torch.all(model.weight == 1.0)
+
+
+def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
+    """Through the training step itself: fp32, dropout 0, the same images, noise and timesteps.
+
+    SGD with lr 1 makes the update the (clipped) gradient itself, so any error of scale shows; the
+    clipping threshold is below the gradient's norm, so it must act once, on the accumulated gradient.
+    """
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    scheduler = make_noise_scheduler()
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(128, 3, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(128, 3, 16, 16, generator=generator)
+    timesteps = torch.randint(0, 1000, (128,), generator=generator)
+    max_grad_norm = 1e-3
+
+    def one_update(micro_batch: int):
+        accelerator.gradient_accumulation_steps = 128 // micro_batch
+        model = random_tiny_unet().train()
+        before = [p.detach().clone() for p in model.parameters()]
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        norms = [training.train_micro_batch(accelerator, model, optimizer, scheduler, clean[i:i + micro_batch],
+                                            noise[i:i + micro_batch], timesteps[i:i + micro_batch], max_grad_norm)[1]
+                 for i in range(0, 128, micro_batch)]
+        assert all(norm is None for norm in norms[:-1])  # one optimizer step, after the last micro-batch
+        update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+        return update, float(norms[-1])
+
+    accumulated, accumulated_norm = one_update(8)
+    whole, whole_norm = one_update(128)
+    assert whole_norm > 10 * max_grad_norm  # clipping acts
+    assert accumulated_norm == pytest.approx(whole_norm, rel=1e-5)
+    assert whole.norm() == pytest.approx(max_grad_norm, rel=1e-4)
+    assert (accumulated - whole).norm() < 1e-4 * whole.norm()  # fp32 rounding (measured: 2e-5)
 
 
 def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
