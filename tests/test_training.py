@@ -298,3 +298,15 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert "train_unconditional.py: error:" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing half-made
+
+
+def test_a_hundred_unreadable_images_in_a_row_stop_a_streamed_run_with_a_one_line_error(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for index in range(100):
+        (folder / f"{index:03d}.png").write_bytes(b"not an image at all")
+    result = run_script_directly(tmp_path, *TINY_RUN, "--train_data_dir", str(folder), "--output_dir",
+                                 str(tmp_path / "out"), "--max_train_steps", "2", "--logger", "none", "--streaming")
+    assert result.returncode != 0
+    assert "train_unconditional.py: error: 100 unreadable images in a row" in result.stderr
+    assert "Traceback" not in result.stderr
