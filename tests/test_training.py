@@ -206,6 +206,25 @@ def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
     assert (accumulated - whole).norm() < 1e-4 * whole.norm()  # fp32 rounding (measured: 2e-5)
 
 
+def test_the_hub_token_is_in_no_output_log_config_summary_card_or_upload(tmp_path, image_folder, fake_hub):
+    token = "hf_TrainingTestToken1234567890abcdef"
+    output_dir = tmp_path / "out"
+    result = run_training(tmp_path, output_dir, [
+        "--train_data_dir", str(image_folder), "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+        "--checkpointing_steps", "100", "--save_images_steps", "100", "--save_model_steps", "100",
+        "--logger", "tensorboard", "--push_to_hub", "--hub_model_id", "someone/trained", "--hub_token", token,
+    ], extra_env=fake_hub.subprocess_env({}))
+    assert f"Bearer {token}" in fake_hub.authorization_headers  # the run did use it
+    uploaded = fake_hub.files("someone/trained")
+    assert {"README.md", "training_config.yaml", "training_summary.json"} <= set(uploaded)
+    written = {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()}
+    logs = b"".join(data for path, data in written.items() if "logs" in path.relative_to(output_dir).parts)
+    assert b"someone/trained" in logs  # TensorBoard's hparams hold the options' strings
+    assert token not in result.stdout + result.stderr
+    assert not [str(path) for path, data in written.items() if token.encode() in data]
+    assert not [name for name, data in uploaded.items() if token.encode() in data]
+
+
 def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
     return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"), *args],
