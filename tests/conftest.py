@@ -20,6 +20,7 @@ pytest_plugins = ["fake_hub"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "train_unconditional.py"
+PROBED_SCRIPT = Path(__file__).with_name("probed_training.py")
 
 
 def make_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -82,11 +83,13 @@ TINY_RUN = [
 
 
 def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
-                 check: bool = True, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                 check: bool = True, extra_env: dict[str, str] | None = None,
+                 probes: list[str] | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch train_unconditional.py` on the CPU, as a user would run it.
 
     Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
     `--cpu --num_processes 2` would silently start a single process.
+    `probes` runs tests/probed_training.py with those options instead of the script.
     """
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
@@ -94,7 +97,8 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
         launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
     else:
         launch += ["--cpu", "--num_processes", "1"]
-    command = launch + [str(TRAIN_SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args]
+    script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
+    command = launch + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
     env = offline_env(tmp_path)
     if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
         env.pop("HF_HUB_OFFLINE", None)

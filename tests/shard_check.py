@@ -1,36 +1,35 @@
-"""Run under `accelerate launch` with 2 processes: one epoch of the training DataLoader,
-prepared exactly as training prepares it, must give each image to exactly one process.
+"""Run under `accelerate launch` with 2 processes: two epochs of the training data, made by the very
+functions training uses (`prepare_training_data`, `micro_batches`), must give each image to exactly one
+process per epoch.
 
 Image i of the folder is a flat grey of value i, so a batch tells which images it holds.
-Prints "SHARDS-OK" from the main process when the epoch is a partition of the data set.
+Prints "SHARDS-OK" from the main process when each epoch is a partition of the data set.
 """
 
+import itertools
 import sys
 
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 
 from lsun_ddpm.config import parse_training_config
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
-from lsun_ddpm.training import make_accelerator
+from lsun_ddpm.training import make_accelerator, micro_batches, prepare_training_data, seed_this_process
 
 
 def main(folder: str, seed: str) -> None:
-    config = parse_training_config(["--train_data_dir", folder, "--train_batch_size", "2", "--logger", "none",
+    config = parse_training_config(["--train_data_dir", folder, "--train_batch_size", "2", "--resolution", "8",
+                                    "--gradient_accumulation_steps", "1", "--logger", "none",
                                     "--output_dir", folder + "-out", "--max_train_steps", "1"]
                                    + (["--seed", seed] if seed != "none" else []))
     accelerator = make_accelerator(config)
-    if config.seed is not None:
-        set_seed(config.seed, device_specific=True)  # as training does: a different RNG on each process
-    with accelerator.main_process_first():  # as training does: one process writes the datasets cache
-        images = load_image_dataset(train_data_dir=folder)
-    dataset = make_training_dataset(images, ImagePreprocessor(8))
-    dataloader = accelerator.prepare(make_dataloader(dataset, config.train_batch_size))
+    seed_this_process(config)  # as training does: a different global RNG on each process
+    dataloader = prepare_training_data(accelerator, config)
+    batches = micro_batches(accelerator, dataloader, 0, len(dataloader), config)
     for epoch in range(2):
-        dataloader.set_epoch(epoch)
-        seen = [round(float((image[0, 0, 0] + 1) * 127.5)) for batch in dataloader for image in batch["pixel_values"]]
+        epoch_batches = itertools.islice(batches, len(dataloader))
+        seen = [round(float((image[0, 0, 0] + 1) * 127.5)) for b in epoch_batches for image in b["pixel_values"]]
         everyone = sorted(sum(gather_object([seen]), []))
         if accelerator.is_main_process:
-            assert everyone == list(range(len(dataset))), (epoch, everyone)
+            assert everyone == list(range(len(dataloader.dataset))), (epoch, everyone)
     if accelerator.is_main_process:
         print("SHARDS-OK", flush=True)
     accelerator.wait_for_everyone()  # no process may leave while another is still in a collective

@@ -30,8 +30,17 @@ def test_diffusers_flag_names_parse():
         "--resume_from_checkpoint", "latest", "--logger", "none", "--logging_dir", "tb", "--seed", "1",
         "--eval_batch_size", "4", "--ddpm_num_inference_steps", "50", "--dataloader_num_workers", "2",
     ])
-    assert (config.resolution, config.center_crop, config.random_flip, config.use_ema) == (64, False, False, False)
-    assert (config.num_epochs, config.lr_scheduler, config.mixed_precision) == (3, "cosine", "bf16")
+    expected = {
+        "train_data_dir": "imgs", "resolution": 64, "center_crop": False, "random_flip": False, "output_dir": "out",
+        "train_batch_size": 2, "num_epochs": 3, "gradient_accumulation_steps": 4, "learning_rate": 1e-4,
+        "lr_scheduler": "cosine", "lr_warmup_steps": 7, "use_ema": False, "mixed_precision": "bf16",
+        "checkpointing_steps": 9, "checkpoints_total_limit": 2, "resume_from_checkpoint": "latest",
+        "logger": "none", "logging_dir": "tb", "seed": 1, "eval_batch_size": 4, "ddpm_num_inference_steps": 50,
+        "dataloader_num_workers": 2,
+    }
+    assert {name: getattr(config, name) for name in expected} == expected
+    defaults = TrainingConfig()
+    assert not [name for name, value in expected.items() if getattr(defaults, name) == value]  # each flag changed it
 
 
 def test_yaml_file_with_command_line_overrides(tmp_path):

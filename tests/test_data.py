@@ -102,10 +102,37 @@ def test_dataloader_yields_full_fp32_batches(image_folder):
                for b in batches)
 
 
+def sorted_images(tensors) -> torch.Tensor:
+    """The tensors in a fixed order that does not depend on the order they came in."""
+    return torch.stack(sorted(tensors, key=lambda x: x.flatten().tolist()))
+
+
 def test_streaming_folder_gives_the_same_tensors(image_folder):
+    preprocess = ImagePreprocessor(16)  # centre crop, no flip: nothing random
+    files = [p for p in image_folder.rglob("*") if p.is_file()]
+    expected = sorted_images(preprocess(path.read_bytes()) for path in files)
     stream = load_image_dataset(train_data_dir=str(image_folder), streaming=True)
-    batch = next(iter(make_dataloader(make_training_dataset(stream, ImagePreprocessor(16), seed=0), 4)))
-    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    batches = list(make_dataloader(make_training_dataset(stream, preprocess, seed=0), 4))
+    assert all(batch["pixel_values"].shape == (4, 3, 16, 16) for batch in batches)
+    assert torch.equal(sorted_images(torch.cat([b["pixel_values"] for b in batches])), expected)
+    downloaded = make_training_dataset(load_image_dataset(train_data_dir=str(image_folder)), preprocess)
+    assert torch.equal(sorted_images(downloaded[i]["pixel_values"] for i in range(len(downloaded))), expected)
+
+
+def test_crops_and_flips_depend_only_on_seed_epoch_and_item(image_folder):
+    """Not on the order items are read in, the global RNG, or the DataLoader worker that reads them."""
+    dataset = make_training_dataset(load_image_dataset(train_data_dir=str(image_folder)),
+                                    ImagePreprocessor(16, center_crop=False, random_flip=True), seed=3)
+    dataset.set_epoch(1)
+    torch.manual_seed(0)
+    forwards = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+    torch.manual_seed(1)
+    backwards = [dataset[i]["pixel_values"] for i in reversed(range(len(dataset)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forwards, backwards))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    assert torch.equal(torch.cat([b["pixel_values"] for b in loader]), torch.stack(forwards))
+    dataset.set_epoch(2)
+    assert sum(not torch.equal(dataset[i]["pixel_values"], forwards[i]) for i in range(len(dataset))) > 8
 
 
 def test_unreadable_image_is_skipped_with_a_warning(tmp_path, caplog):
@@ -117,6 +144,40 @@ def test_unreadable_image_is_skipped_with_a_warning(tmp_path, caplog):
         items = [dataset[i]["pixel_values"] for i in range(len(dataset))]
     assert len(items) == 3 and all(x.shape == (3, 16, 16) for x in items)
     assert dataset.num_skipped == 1 and "1.png" in caplog.text
+
+
+def test_unreadable_streamed_image_is_skipped_counted_and_named(tmp_path, caplog):
+    for index in range(3):
+        halves_image(20, 20).save(tmp_path / f"{index}.png")
+    (tmp_path / "1.png").write_bytes(b"not an image at all")
+    stream = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path), streaming=True),
+                                   ImagePreprocessor(16), seed=0)
+    with caplog.at_level(logging.WARNING):
+        items = [item["pixel_values"] for item in stream]
+    assert len(items) == 2 and all(x.shape == (3, 16, 16) for x in items)
+    assert stream.num_skipped == 1 and "1.png" in caplog.text
+
+
+def write_broken_images(folder, count):
+    folder.mkdir(exist_ok=True)
+    for index in range(count):
+        (folder / f"{index:03d}.png").write_bytes(b"not an image at all")
+    return folder
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_hundred_unreadable_images_in_a_row_are_a_clear_error(tmp_path, streaming):
+    images = load_image_dataset(train_data_dir=str(write_broken_images(tmp_path / "broken", 100)),
+                                streaming=streaming)
+    dataset = make_training_dataset(images, ImagePreprocessor(16), seed=0)
+    with pytest.raises(DatasetUnavailableError, match="100 unreadable images in a row"):
+        list(dataset) if streaming else dataset[0]
+
+
+def test_ninety_nine_unreadable_images_in_a_row_are_only_skipped(tmp_path):
+    images = load_image_dataset(train_data_dir=str(write_broken_images(tmp_path / "broken", 99)), streaming=True)
+    stream = make_training_dataset(images, ImagePreprocessor(16), seed=0)
+    assert list(stream) == [] and stream.num_skipped == 99
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path):

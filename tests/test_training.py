@@ -7,18 +7,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import offline_env, read_scalars, read_summary, run_training
+from lsun_ddpm import training
+from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.diffusion import make_noise_scheduler
+from lsun_ddpm.models import build_model
+
+from conftest import TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_training
 
 pytestmark = pytest.mark.slow
 
+# 32 images in micro-batches of 4, accumulation 2: 4 optimizer steps per epoch. Checkpoints every 7 steps
+# fall inside epochs, where a resumed run must skip batches and re-create the random flips exactly.
 STEPS, ACCUMULATION, WARMUP, LR = 24, 2, 4, 2e-3
 RUN_ARGS = ["--gradient_accumulation_steps", str(ACCUMULATION), "--max_train_steps", str(STEPS),
-            "--checkpointing_steps", "10", "--checkpoints_total_limit", "2",
+            "--random_flip", "true", "--checkpointing_steps", "7", "--checkpoints_total_limit", "2",
             "--save_images_steps", "12", "--save_model_steps", "12"]
 
 
@@ -45,7 +53,7 @@ def test_loss_per_quarter_of_t_grad_norm_and_throughput_are_logged(run):
 
 def test_the_run_writes_checkpoints_pipeline_raw_weights_samples_and_config(run):
     output_dir, result = run
-    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-20", "checkpoint-24"]
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-21", "checkpoint-24"]
     for path in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                  "unet_raw/diffusion_pytorch_model.safetensors", "samples/step-0000012.png",
                  "samples/step-0000024.png", "sample_grid.png", "training_config.yaml", "training_summary.json"):
@@ -96,32 +104,160 @@ def test_ema_decay_logged_per_optimizer_step_follows_the_warmup(run):
     assert logged == pytest.approx(expected, abs=1e-6)
 
 
+def exported_weights(output_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {folder: load_file(output_dir / folder / "diffusion_pytorch_model.safetensors")
+            for folder in ("unet", "unet_raw")}
+
+
+def assert_bitwise_equal(expected: dict, actual: dict) -> None:
+    for folder, tensors in expected.items():
+        assert actual[folder].keys() == tensors.keys(), folder
+        different = [k for k in tensors if not torch.equal(tensors[k], actual[folder][k])]
+        assert not different, f"{folder}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
+    """A folder holding nothing but checkpoint-21 (taken inside an epoch), resumed by its path."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(run[0], resumed, ignore=shutil.ignore_patterns("checkpoint-24"))
+    shutil.copytree(run[0] / "checkpoint-21", resumed / "checkpoint-21")
     run_training(tmp_path, resumed, ["--train_data_dir", str(image_folder), *RUN_ARGS,
-                                     "--resume_from_checkpoint", "latest"])
+                                     "--resume_from_checkpoint", str(resumed / "checkpoint-21")])
     summary = read_summary(resumed)
     assert summary["optimizer_steps"] == STEPS and summary["adam_step"] == STEPS
     assert summary["ema_optimization_step"] == STEPS
-    assert summary["micro_batches_per_process"] == (STEPS - 20) * ACCUMULATION
-    assert min(read_scalars(resumed, "train/loss")) >= 1  # logged steps continue, never restart at 0
-    # Data order, noise and RNG states come back with the checkpoint: the result is bit-identical.
-    for folder in ("unet", "unet_raw"):
-        uninterrupted = load_file(run[0] / folder / "diffusion_pytorch_model.safetensors")
-        after_resume = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(uninterrupted[k], after_resume[k]) for k in uninterrupted), folder
+    assert summary["micro_batches_per_process"] == (STEPS - 21) * ACCUMULATION
+    # This run logged steps 22-24 only, with the very losses of the uninterrupted run.
+    losses = read_scalars(resumed, "train/loss")
+    assert sorted(losses) == [22, 23, 24]
+    assert losses == {step: read_scalars(run[0], "train/loss")[step] for step in (22, 23, 24)}
+    # Data order, flips, noise and RNG states come back with the checkpoint: the weights this run
+    # exported (there were none in its folder) are bit-identical to the uninterrupted run's.
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
+
+
+def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_exact(run, tmp_path, image_folder):
+    """SIGKILL mid-save of checkpoint-14 (model and Adam written, EMA not), then `--resume_from_checkpoint latest`."""
+    output_dir = tmp_path / "killed"
+    killed = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS],
+                          probes=["--kill_while_saving", "14"], check=False)
+    assert killed.returncode != 0 and not (output_dir / "training_summary.json").exists()
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-7"]
+    run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS,
+                                        "--resume_from_checkpoint", "latest"])
+    summary = read_summary(output_dir)
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == (STEPS - 7) * ACCUMULATION
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(output_dir))
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-21", "checkpoint-24"]
+    assert not list(output_dir.glob(".*"))  # the killed save's staging folder was cleared
+
+
+def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    torch.nn.init.constant_(model.weight, 1.0)
+    training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
+    torch.nn.init.constant_(model.weight, 2.0)
+
+    def interrupted(source, destination):
+        raise KeyboardInterrupt  # the state is written under its temporary name, not yet renamed
+
+    monkeypatch.setattr(training, "replace_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    torch.nn.init.constant_(model.weight, 3.0)
+    config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    assert training.resume_if_requested(accelerator, config, ema=None) == 1
+    assert torch.all(model.weight == 1.0)
+
+
+def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
+    """Through the training step itself: fp32, dropout 0, the same images, noise and timesteps.
+
+    SGD with lr 1 makes the update the (clipped) gradient itself, so any error of scale shows; the
+    clipping threshold is below the gradient's norm, so it must act once, on the accumulated gradient.
+    """
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    scheduler = make_noise_scheduler()
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(128, 3, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(128, 3, 16, 16, generator=generator)
+    timesteps = torch.randint(0, 1000, (128,), generator=generator)
+    max_grad_norm = 1e-3
+
+    def one_update(micro_batch: int):
+        accelerator.gradient_accumulation_steps = 128 // micro_batch
+        model = random_tiny_unet().train()
+        before = [p.detach().clone() for p in model.parameters()]
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        norms = [training.train_micro_batch(accelerator, model, optimizer, scheduler, clean[i:i + micro_batch],
+                                            noise[i:i + micro_batch], timesteps[i:i + micro_batch], max_grad_norm)[1]
+                 for i in range(0, 128, micro_batch)]
+        assert all(norm is None for norm in norms[:-1])  # one optimizer step, after the last micro-batch
+        update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+        return update, float(norms[-1])
+
+    accumulated, accumulated_norm = one_update(8)
+    whole, whole_norm = one_update(128)
+    assert whole_norm > 10 * max_grad_norm  # clipping acts
+    assert accumulated_norm == pytest.approx(whole_norm, rel=1e-5)
+    assert whole.norm() == pytest.approx(max_grad_norm, rel=1e-4)
+    assert (accumulated - whole).norm() < 1e-4 * whole.norm()  # fp32 rounding (measured: 2e-5)
+
+
+def test_the_hub_token_is_in_no_output_log_config_summary_card_or_upload(tmp_path, image_folder, fake_hub):
+    token = "hf_TrainingTestToken1234567890abcdef"
+    output_dir = tmp_path / "out"
+    result = run_training(tmp_path, output_dir, [
+        "--train_data_dir", str(image_folder), "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+        "--checkpointing_steps", "100", "--save_images_steps", "100", "--save_model_steps", "100",
+        "--logger", "tensorboard", "--push_to_hub", "--hub_model_id", "someone/trained", "--hub_token", token,
+    ], extra_env=fake_hub.subprocess_env({}))
+    assert f"Bearer {token}" in fake_hub.authorization_headers  # the run did use it
+    uploaded = fake_hub.files("someone/trained")
+    assert {"README.md", "training_config.yaml", "training_summary.json"} <= set(uploaded)
+    written = {path: path.read_bytes() for path in output_dir.rglob("*") if path.is_file()}
+    logs = b"".join(data for path, data in written.items() if "logs" in path.relative_to(output_dir).parts)
+    assert b"someone/trained" in logs  # TensorBoard's hparams hold the options' strings
+    assert token not in result.stdout + result.stderr
+    assert not [str(path) for path, data in written.items() if token.encode() in data]
+    assert not [name for name, data in uploaded.items() if token.encode() in data]
+
+
+def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
+    return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"), *args],
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, image_folder):
+    missing = tmp_path / "out" / "checkpoint-99"
+    result = run_script_directly(tmp_path, *TINY_RUN, "--train_data_dir", str(image_folder), "--output_dir",
+                                 str(tmp_path / "out"), "--resume_from_checkpoint", str(missing))
+    assert result.returncode != 0
+    assert f"train_unconditional.py: error: --resume_from_checkpoint {missing}: no such checkpoint folder" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, image_folder):
     common = ["--train_data_dir", str(image_folder), "--max_train_steps", "6", "--checkpointing_steps", "100",
               "--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
-    run_training(tmp_path, tmp_path / "two", common + ["--gradient_accumulation_steps", "1"], num_processes=2)
+    run_training(tmp_path, tmp_path / "two", common + ["--gradient_accumulation_steps", "1"], num_processes=2,
+                 probes=["--save_replicas"])
     run_training(tmp_path, tmp_path / "one", common + ["--gradient_accumulation_steps", "2"], num_processes=1)
     two, one = read_summary(tmp_path / "two"), read_summary(tmp_path / "one")
     assert two["num_processes"] == 2 and one["num_processes"] == 1
-    fingerprints = two["weights_sha256_per_process"]
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1] and two["replicas_in_sync"]
+    # Each process wrote the weights it holds; DDP must have kept them identical.
+    first, second = (load_file(tmp_path / "two" / f"replica-{i}.safetensors") for i in (0, 1))
+    assert first.keys() == second.keys() and any(k.startswith("ema.") for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    exported = load_file(tmp_path / "two" / "unet_raw" / "diffusion_pytorch_model.safetensors")
+    initial = build_model("tiny16").state_dict()
+    assert any(not torch.equal(exported[k], initial[k]) for k in exported)  # training moved the weights
+    assert all(torch.equal(exported[k], first[f"raw.{k}"]) for k in exported)
+    assert two["replicas_in_sync"]
     for key in ("optimizer_steps", "adam_step", "ema_optimization_step", "effective_batch_size"):
         assert two[key] == one[key], key
     assert two["optimizer_steps"] == 6 and two["effective_batch_size"] == 8
@@ -175,10 +311,21 @@ def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"),
-                             "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")],
-                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = run_script_directly(tmp_path, "--train_data_dir", str(tmp_path / "nowhere"),
+                                 "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "train_unconditional.py: error:" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing half-made
+
+
+def test_a_hundred_unreadable_images_in_a_row_stop_a_streamed_run_with_a_one_line_error(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for index in range(100):
+        (folder / f"{index:03d}.png").write_bytes(b"not an image at all")
+    result = run_script_directly(tmp_path, *TINY_RUN, "--train_data_dir", str(folder), "--output_dir",
+                                 str(tmp_path / "out"), "--max_train_steps", "2", "--logger", "none", "--streaming")
+    assert result.returncode != 0
+    assert "train_unconditional.py: error: 100 unreadable images in a row" in result.stderr
+    assert "Traceback" not in result.stderr

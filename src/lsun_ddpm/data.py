@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,23 +43,23 @@ class DatasetUnavailableError(RuntimeError):
 class ImagePreprocessor:
     """RGB → shorter side resized to `resolution` → crop → optional flip → CHW float in [-1, 1].
 
-    Random choices (crop offset, flip) use torch's RNG, which accelerate seeds
-    per process and per DataLoader worker and saves in checkpoints.
+    Random choices (crop offset, flip) are drawn from `generator`, or from
+    torch's global RNG without one.
     """
 
     resolution: int
     center_crop: bool = True
     random_flip: bool = False
 
-    def __call__(self, source: Any) -> torch.Tensor:
+    def __call__(self, source: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         image = resize_shorter_side(open_rgb(source, self.resolution), self.resolution)
         if self.center_crop:
             image = crop_square(image, self.resolution)
         else:
-            left = int(torch.randint(0, image.width - self.resolution + 1, ()))
-            top = int(torch.randint(0, image.height - self.resolution + 1, ()))
+            left = int(torch.randint(0, image.width - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, image.height - self.resolution + 1, (), generator=generator))
             image = crop_square(image, self.resolution, left, top)
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(image)
 
@@ -168,44 +169,88 @@ def describe_image_source(source: Any) -> str:
     return "<in-memory image>"
 
 
+MAX_CONSECUTIVE_UNREADABLE = 100
+
+
+def too_many_unreadable(where: str) -> DatasetUnavailableError:
+    return DatasetUnavailableError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row {where}")
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of the random crop and flip of item `index` in `epoch`.
+
+    They depend on nothing else: not on the process or DataLoader worker that
+    decodes the item, and not on the global RNG, which also draws the noise.
+    accelerate's DataLoader reads one batch ahead, so a checkpoint's RNG state
+    already holds the next batch's draws; a resumed run that drew that batch's
+    flips from it again would flip other images and shift all later noise.
+    """
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]))
+
+
 class PreprocessedImages(torch.utils.data.Dataset):
     """A map-style 🤗 dataset, decoded and preprocessed on access.
 
     An image that cannot be decoded is skipped: a warning names it, and the
     next image takes its place, so every process still gets full, equally
     sized batches (a short batch on one DDP rank would stall the others).
+    `set_epoch` gives each epoch new random crops and flips.
     """
 
-    max_consecutive_failures = 100
-
-    def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor):
+    def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
         self.dataset = dataset
         self.preprocess = preprocess
+        self.seed = seed
+        self.epoch = 0
         self.num_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for offset in range(self.max_consecutive_failures):
+        generator = augmentation_generator(self.seed, self.epoch, index)
+        for offset in range(MAX_CONSECUTIVE_UNREADABLE):
             source = self.dataset[(index + offset) % len(self.dataset)]["image"]
             try:
-                return {"pixel_values": self.preprocess(source)}
+                return {"pixel_values": self.preprocess(source, generator)}
             except UNREADABLE_IMAGE_ERRORS as error:
                 self.num_skipped += 1
                 logger.warning("skipping unreadable image %s (%s)", describe_image_source(source), error)
-        raise DatasetUnavailableError(f"{self.max_consecutive_failures} unreadable images in a row near index {index}")
+        raise too_many_unreadable(f"near index {index}")
 
 
-def _preprocess_stream(preprocess: ImagePreprocessor):
-    def decode(example: dict) -> dict:
-        try:
-            return {"pixel_values": preprocess(example["image"]), "ok": True}
-        except UNREADABLE_IMAGE_ERRORS as error:
-            logger.warning("skipping unreadable image %s (%s)", describe_image_source(example["image"]), error)
-            return {"pixel_values": torch.zeros(3, preprocess.resolution, preprocess.resolution), "ok": False}
+class PreprocessedStream(torch.utils.data.IterableDataset):
+    """A streamed 🤗 dataset, decoded and preprocessed as it arrives.
 
-    return decode
+    Unreadable images are skipped, counted and named in a warning, as in
+    `PreprocessedImages`; 100 in a row stop the run.
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, preprocess: ImagePreprocessor):
+        self.stream = stream
+        self.preprocess = preprocess
+        self.num_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)  # a new shuffle order
+
+    def __iter__(self):
+        in_a_row = 0
+        for example in self.stream:
+            try:
+                pixel_values = self.preprocess(example["image"])
+            except UNREADABLE_IMAGE_ERRORS as error:
+                self.num_skipped += 1
+                in_a_row += 1
+                logger.warning("skipping unreadable image %s (%s)", describe_image_source(example["image"]), error)
+                if in_a_row == MAX_CONSECUTIVE_UNREADABLE:
+                    raise too_many_unreadable("in the stream") from error
+                continue
+            in_a_row = 0
+            yield {"pixel_values": pixel_values}
 
 
 def make_training_dataset(
@@ -216,10 +261,8 @@ def make_training_dataset(
 ) -> torch.utils.data.Dataset:
     """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W)}`."""
     if isinstance(dataset, datasets.IterableDataset):
-        stream = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        stream = stream.map(_preprocess_stream(preprocess), remove_columns=["image"])
-        return stream.filter(lambda example: example["ok"]).remove_columns(["ok"])
-    return PreprocessedImages(dataset, preprocess)
+        return PreprocessedStream(dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size), preprocess)
+    return PreprocessedImages(dataset, preprocess, seed or 0)
 
 
 def make_dataloader(
@@ -237,5 +280,9 @@ def make_dataloader(
         shuffle=is_map_style,
         drop_last=True,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        # Workers are started anew each epoch, with the dataset's current epoch (its crops and flips).
+        persistent_workers=False,
+        # Every `iter()` draws a seed for the workers (even with none) from this generator; drawn from
+        # the global RNG instead, it would shift the noise of a resumed run, which starts a fresh iterator.
+        generator=torch.Generator(),
     )

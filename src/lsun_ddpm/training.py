@@ -54,27 +54,18 @@ def train(config: TrainingConfig) -> Path:
     config.resolution = model.config.sample_size
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if config.seed is not None:
-        set_seed(config.seed, device_specific=True)
+    seed_this_process(config)
     noise_scheduler = diffusion.make_noise_scheduler(
         config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type
     )
-
-    with accelerator.main_process_first():  # one process downloads and caches, the others read
-        dataset = load_image_dataset(
-            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
-            config.streaming, config.cache_dir, config.max_train_samples,
-        )
-    preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip)
-    train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
-    dataloader = make_dataloader(train_images, config.train_batch_size, config.dataloader_num_workers)
+    dataloader = prepare_training_data(accelerator, config)
 
     # Adam, as in the paper (AdamW with weight decay 0 is exactly Adam).
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
     )
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     steps_per_epoch = _optimizer_steps_per_epoch(dataloader, config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
@@ -104,18 +95,11 @@ def train(config: TrainingConfig) -> Path:
             clean_images = clean_images.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(clean_images)
         timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
-        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
-        target = diffusion.training_target(noise_scheduler, clean_images, noise, timesteps)
-
-        with accelerator.accumulate(model):
-            model_output = model(noisy_images, timesteps).sample
-            losses = diffusion.per_sample_loss(model_output, target)  # ‖ε − ε_θ(x_t, t)‖²
-            accelerator.backward(losses.mean())
-            if accelerator.sync_gradients:
-                stats.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        stats.add(losses.detach(), diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
+        losses, grad_norm = train_micro_batch(accelerator, model, optimizer, noise_scheduler,
+                                              clean_images, noise, timesteps, config.max_grad_norm)
+        stats.add(losses, diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
+        if grad_norm is not None:
+            stats.grad_norm = grad_norm
 
         if not accelerator.sync_gradients:
             continue  # still accumulating: no optimizer step has happened
@@ -181,6 +165,27 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     )
 
 
+def seed_this_process(config: TrainingConfig) -> None:
+    """Noise, timesteps and dropout: a different stream on each process, from --seed."""
+    if config.seed is not None:
+        set_seed(config.seed, device_specific=True)
+
+
+def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
+    """The training DataLoader of this process: its shard of each epoch, in micro-batches.
+
+    `config.resolution` must be set (training sets it from the model).
+    """
+    with accelerator.main_process_first():  # one process downloads and caches, the others read
+        dataset = load_image_dataset(
+            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
+            config.streaming, config.cache_dir, config.max_train_samples,
+        )
+    preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip)
+    train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
+    return accelerator.prepare(make_dataloader(train_images, config.train_batch_size, config.dataloader_num_workers))
+
+
 def _size_override(config: TrainingConfig) -> dict:
     """`--resolution` changes the model's sample_size; its attention stays at the same levels."""
     return {} if config.resolution is None else {"sample_size": config.resolution}
@@ -213,6 +218,32 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
     )
 
 
+# ---------------------------------------------------------------- one micro-batch
+
+
+def train_micro_batch(accelerator: Accelerator, model, optimizer, noise_scheduler, clean_images: torch.Tensor,
+                      noise: torch.Tensor, timesteps: torch.Tensor, max_grad_norm: float):
+    """The paper's objective on one micro-batch; at the end of an accumulation group, clip and step.
+
+    `model` and `optimizer` are prepared by `accelerator`: it scales the loss by
+    the accumulation, and its optimizer steps only when gradients are synced.
+    Returns the per-image losses and the gradient norm before clipping (None
+    while still accumulating).
+    """
+    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
+    target = diffusion.training_target(noise_scheduler, clean_images, noise, timesteps)
+    grad_norm = None
+    with accelerator.accumulate(model):
+        model_output = model(noisy_images, timesteps).sample
+        losses = diffusion.per_sample_loss(model_output, target)  # ‖ε − ε_θ(x_t, t)‖²
+        accelerator.backward(losses.mean())
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses.detach(), grad_norm
+
+
 # ---------------------------------------------------------------- the data stream
 
 
@@ -230,7 +261,9 @@ def micro_batches(accelerator: Accelerator, dataloader, global_step: int, steps_
     elif global_step:
         logger.warning("resuming a streamed dataset: the stream restarts from its beginning", main_process_only=True)
     while True:
-        dataloader.set_epoch(epoch)
+        dataloader.set_epoch(epoch)  # the sampler's shuffle
+        if hasattr(dataloader.dataset, "set_epoch"):  # the random crops and flips (accelerate may not tell it)
+            dataloader.dataset.set_epoch(epoch)
         yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         epoch, skip = epoch + 1, 0
 
