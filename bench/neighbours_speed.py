@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--lpips_weights")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--gpu_tflops", type=float, default=20.0,
+                        help="assumed sustained fp32 TFLOP/s of one GPU for the projection (no TF32: see docs)")
+    parser.add_argument("--decode_workers", type=int, default=16, help="CPU cores decoding for each GPU")
+    parser.add_argument("--num_queries", type=int, default=64 + 1000, help="samples + reference queries")
     args = parser.parse_args()
 
     import lpips
@@ -122,11 +126,19 @@ def main() -> None:
         _, feature_seconds = timed(lambda: extractor(batch), repeat=3)
         features = extractor(batch)
     per_image_features = feature_seconds / len(batch)
-    queries = torch.randn(64 + 1000, features.shape[1], device=device)
+    queries = torch.randn(args.num_queries, features.shape[1], device=device)
     _, matmul_seconds = timed(lambda: queries @ features.T, repeat=5)
     matmul_flops = 2 * queries.shape[0] * features.shape[1] * features.shape[0]
     matmul_per_image = matmul_seconds / len(batch)
 
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        extractor(batch[:1])
+    backbone_flops = counter.get_total_flops()
+    gpu_seconds_per_image = (backbone_flops + 2 * args.num_queries * features.shape[1]) / (args.gpu_tflops * 1e12)
+    decode_images_per_s = (args.decode_workers / decode_per_image) if not math.isnan(decode_per_image) else math.nan
+    gpu_images_per_s = min(1 / gpu_seconds_per_image, decode_images_per_s)
     results = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "lpips": getattr(lpips, "__version__", "?"), "net": args.net, "resolution": args.resolution,
@@ -137,6 +149,11 @@ def main() -> None:
         "decode_s_per_image": decode_per_image, "features_s_per_image": per_image_features,
         "matmul_gflop_per_s": matmul_flops / matmul_seconds / 1e9,
         "matmul_s_per_image_1064_queries": matmul_per_image,
+        "feature_gflop_per_image": backbone_flops / 1e9,
+        "assumed_gpu_tflops": args.gpu_tflops, "assumed_decode_workers_per_gpu": args.decode_workers,
+        "projected_gpu_images_per_s": gpu_images_per_s,
+        "projected_lsun_minutes_1_gpu": LSUN_BEDROOMS / gpu_images_per_s / 60,
+        "projected_lsun_minutes_8_gpus": LSUN_BEDROOMS / gpu_images_per_s / 60 / 8,
         "projected_lsun_hours_this_device": LSUN_BEDROOMS * (per_image_features + matmul_per_image
                                                              + (0 if math.isnan(decode_per_image) else decode_per_image)
                                                              / torch.get_num_threads()) / 3600,
@@ -151,6 +168,10 @@ def main() -> None:
     print(f"per image: decode+preprocess {decode_per_image * 1e3:.2f} ms (one core), backbone features "
           f"{per_image_features * 1e3:.2f} ms, matrix product vs 1,064 queries {matmul_per_image * 1e3:.3f} ms "
           f"({results['matmul_gflop_per_s']:.0f} GFLOP/s)")
+    print(f"features: {backbone_flops / 1e9:.2f} GFLOP per image; projected for {LSUN_BEDROOMS:,} images with "
+          f"{args.num_queries} queries: this device {results['projected_lsun_hours_this_device']:.1f} h; one GPU at "
+          f"{args.gpu_tflops:g} TFLOP/s with {args.decode_workers} decoding cores: {gpu_images_per_s:,.0f} img/s, "
+          f"{results['projected_lsun_minutes_1_gpu']:.0f} min; 8 GPUs: {results['projected_lsun_minutes_8_gpus']:.0f} min")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=2)

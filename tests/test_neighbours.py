@@ -334,3 +334,19 @@ def test_run_dir_gets_the_files_the_model_card_reads(cli_run, training_folder, s
     note = json.loads((run_dir / "neighbours.json").read_text())["note"]
     assert (run_dir / "neighbours.png").is_file() and "all 30 training images" in note
     assert not math.isnan(json.loads((run_dir / "neighbours.json").read_text())["median_percentile"])
+
+
+def test_a_streamed_dataset_gives_the_same_answer(training_folder, sample_folder, tmp_path):
+    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.neighbours import find_neighbours
+
+    weights = random_backbone_file(tmp_path)
+    samples = sorted(sample_folder.glob("*.png"))[:3]
+    options = dict(resolution=RESOLUTION, lpips_weights=str(weights), batch_size=8, num_reference=0, progress=False)
+    answers = [find_neighbours(samples, ["a", "b", "c"], load_image_dataset(train_data_dir=str(training_folder),
+                                                                             streaming=streaming), **options)
+               for streaming in (False, True)]
+    assert answers[1].result.num_searched == 30
+    assert torch.equal(answers[0].result.sample_indices, answers[1].result.sample_indices)
+    assert torch.equal(answers[0].result.sample_distances, answers[1].result.sample_distances)
+    assert answers[0].labels == answers[1].labels

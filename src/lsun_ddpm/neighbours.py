@@ -64,13 +64,20 @@ def torchvision_weights(net: str):
     return choices[net]
 
 
+def imagenet_weights_cached(net: str) -> bool:
+    """Whether torchvision already has the backbone's ImageNet weights on disk (no download needed)."""
+    from torch.hub import get_dir
+
+    return (Path(get_dir()) / "checkpoints" / torchvision_weights(net).url.rsplit("/", 1)[-1]).is_file()
+
+
 def load_lpips(net: str = "alex", backbone_weights: str | None = None, random_backbone: bool = False):
     """`lpips.LPIPS(net)` with its calibrated linear layers and the backbone's ImageNet weights.
 
     `backbone_weights`: a torchvision state-dict file (as torchvision downloads
     it) for machines without network access. `random_backbone` builds a
-    randomly initialised backbone instead: only for tests and labelled demos,
-    never chosen silently.
+    randomly initialised (seeded) backbone instead: only for tests and
+    labelled demos, never chosen silently.
     """
     import lpips
 
@@ -78,7 +85,9 @@ def load_lpips(net: str = "alex", backbone_weights: str | None = None, random_ba
     with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore", UserWarning)
         if backbone_weights is not None or random_backbone:
-            model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)  # a random backbone is the same one every run
+                model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
             if backbone_weights is not None:
                 load_backbone_state_dict(model.net, _read_state_dict(backbone_weights))
             return model.eval()
@@ -593,11 +602,12 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def neighbours_figure(report: NeighbourReport, min_cell: int = 96) -> Image.Image:
+def neighbours_figure(report: NeighbourReport, min_cell: int = 96, max_rows: int | None = None) -> Image.Image:
     """The paper's Fig. 4 with numbers: a row per sample, the sample then its neighbours, LPIPS under each.
 
     Small images are magnified (NEAREST) to at least `min_cell` px so the
-    captions fit; a sample flagged as a possible copy is framed in red.
+    captions fit; a sample flagged as a possible copy is framed in red. The
+    header summarises all samples, also when only `max_rows` are drawn.
     """
     from PIL import ImageDraw
 
@@ -609,7 +619,8 @@ def neighbours_figure(report: NeighbourReport, min_cell: int = 96) -> Image.Imag
     header = _wrap(summary["note"], max(40, (cell + 2) * (report.settings["k"] + 1) // 6))
     top = 14 * len(header) + 20
     width = gap + cell + gap * 2 + (cell + 2) * report.settings["k"]
-    height = top + (cell + caption + 4) * len(report.sample_names)
+    rows = len(report.sample_names) if max_rows is None else min(max_rows, len(report.sample_names))
+    height = top + (cell + caption + 4) * rows
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for line_number, line in enumerate(header):
@@ -619,6 +630,8 @@ def neighbours_figure(report: NeighbourReport, min_cell: int = 96) -> Image.Imag
     for row, (name, indices, distances, flagged) in enumerate(zip(
             report.sample_names, report.result.sample_indices.tolist(), report.result.sample_distances.tolist(),
             report.verdict["flagged"])):
+        if row == rows:
+            break
         y = top + row * (cell + caption + 4)
         canvas.paste(to_pil(report.samples[row:row + 1])[0].resize((cell, cell), Image.NEAREST), (gap, y))
         if flagged:
