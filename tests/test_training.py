@@ -270,11 +270,17 @@ def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):
         [sys.executable, "-m", "lsun_ddpm.cli", "demo", "--output_dir", str(output_dir), "--max_train_steps", "3",
          "--save_images_steps", "3", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "3",
          "--logger", "none"],
-        env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+        env=offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch")), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("sample_grid.png", "demo_overview.png", "model_index.json"):
+    for name in ("sample_grid.png", "demo_overview.png", "model_index.json", "raw_vs_ema.png", "interpolation.png",
+                 "neighbours.png", "neighbours.csv"):
         assert (output_dir / name).is_file(), name
     assert "demo_overview.png" in result.stdout
+    neighbours = json.loads((output_dir / "neighbours.json").read_text())
+    assert neighbours["num_samples"] == 4 and neighbours["num_training_images_searched"] == len(
+        list((output_dir / "data").glob("*.png")))
+    # offline without torchvision's ImageNet weights, the stand-in backbone is named, never silent
+    assert "randomly initialised" in neighbours["note"] and "random backbone" in result.stdout
 
 
 def test_streaming_bf16_channels_last_run(tmp_path, image_folder):

@@ -24,12 +24,10 @@ def train_command(argv: list[str]) -> None:
 
 
 def demo_command(argv: list[str]) -> None:
-    from PIL import Image
-
     from .config import parse_training_config
-    from .demo import demo_defaults, overview, training_images_grid, write_demo_images
+    from .demo import demo_defaults, overview, paper_figures, write_demo_images
     from .export import save_image
-    from .training import GRID_FILE, train
+    from .training import train
 
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--output_dir", default="demo-run")
@@ -38,12 +36,10 @@ def demo_command(argv: list[str]) -> None:
     count = write_demo_images(config.train_data_dir)
     print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
     output = train(config)
-    samples = Image.open(output / GRID_FILE)
-    training = training_images_grid(config.train_data_dir, config.resolution, config.eval_batch_size)
-    save_image(overview(training, samples), output / "demo_overview.png")
-    print(f"\ndemo finished. Open {output / 'demo_overview.png'}: training images (left), samples from the "
-          f"EMA weights (right), magnified.\nGrids at full size: {output / GRID_FILE}, one per "
-          f"{config.save_images_steps} steps in {output / 'samples'}.\n"
+    save_image(overview(paper_figures(output, config)), output / "demo_overview.png")
+    print(f"\ndemo finished. Open {output / 'demo_overview.png'}: the paper's figures from this run: samples beside "
+          f"the training images (Fig. 2a), raw vs EMA weights (Fig. 1), an interpolation (Fig. 2b) and each "
+          f"sample's nearest training images (Fig. 4; full figure in {output / 'neighbours.png'}).\n"
           f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
 
 
