@@ -336,7 +336,7 @@ def test_run_dir_gets_the_files_the_model_card_reads(cli_run, training_folder, s
     assert not math.isnan(json.loads((run_dir / "neighbours.json").read_text())["median_percentile"])
 
 
-def test_a_streamed_dataset_gives_the_same_answer(training_folder, sample_folder, tmp_path):
+def test_a_stream_or_decoding_workers_give_the_same_answer(training_folder, sample_folder, tmp_path):
     from lsun_ddpm.data import load_image_dataset
     from lsun_ddpm.neighbours import find_neighbours
 
@@ -344,9 +344,11 @@ def test_a_streamed_dataset_gives_the_same_answer(training_folder, sample_folder
     samples = sorted(sample_folder.glob("*.png"))[:3]
     options = dict(resolution=RESOLUTION, lpips_weights=str(weights), batch_size=8, num_reference=0, progress=False)
     answers = [find_neighbours(samples, ["a", "b", "c"], load_image_dataset(train_data_dir=str(training_folder),
-                                                                             streaming=streaming), **options)
-               for streaming in (False, True)]
-    assert answers[1].result.num_searched == 30
-    assert torch.equal(answers[0].result.sample_indices, answers[1].result.sample_indices)
-    assert torch.equal(answers[0].result.sample_distances, answers[1].result.sample_distances)
-    assert answers[0].labels == answers[1].labels
+                                                                             streaming=streaming),
+                               num_workers=workers, **options)
+               for streaming, workers in ((False, 0), (True, 0), (False, 2))]
+    for answer in answers[1:]:
+        assert answer.result.num_searched == 30
+        assert torch.equal(answers[0].result.sample_indices, answer.result.sample_indices)
+        assert torch.equal(answers[0].result.sample_distances, answer.result.sample_distances)
+        assert answers[0].labels == answer.labels

@@ -170,6 +170,8 @@ def neighbours_command(argv: list[str]) -> None:
     parser.add_argument("--random_backbone", action="store_true",
                         help="a randomly initialised backbone (tests, offline demos; labelled as such)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per feature batch (and cache file)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="processes decoding images (per accelerate process; not for --streaming)")
     parser.add_argument("--feature_cache", metavar="DIR", help="keep training-image features here; resumes a pass")
     parser.add_argument("--num_reference", type=int, default=1000,
                         help="training images whose nearest other training image calibrates the verdict")
@@ -181,8 +183,8 @@ def neighbours_command(argv: list[str]) -> None:
     for name in ("num_samples", "k", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
-    if args.num_reference < 0 or (args.resolution is not None and args.resolution < 8):
-        parser.error("--num_reference must be >= 0 and --resolution >= 8")
+    if args.num_reference < 0 or args.dataloader_num_workers < 0 or (args.resolution is not None and args.resolution < 8):
+        parser.error("--num_reference and --dataloader_num_workers must be >= 0, --resolution >= 8")
     run_neighbours_command(args)
 
 

@@ -264,21 +264,51 @@ def stream_batches(stream: datasets.IterableDataset, batch_size: int) -> Iterato
         yield batch, members
 
 
-def owned_batches(dataset, plan: DatasetPass) -> Iterator[tuple[int, Callable[[], list]]]:
-    """This process's batches as (number, a function returning [(index, undecoded image)]).
+class DecodedBatches(torch.utils.data.Dataset):
+    """Item i: (batch number, pixels, indices, skipped) of this process's i-th map-style batch.
 
-    A map-style dataset is indexed directly, and only when the batch is not
-    cached; a stream is read in order by every process, each keeping its own
-    batches (reading undecoded bytes is cheap next to decoding them).
+    A DataLoader over it decodes batches in worker processes
+    (`--dataloader_num_workers`); a batch already in the feature cache is
+    not decoded (pixels is None).
     """
+
+    def __init__(self, dataset: datasets.Dataset, plan: DatasetPass, preprocess: ImagePreprocessor):
+        self.dataset, self.plan, self.preprocess = dataset, plan, preprocess
+        self.batches = range(plan.process_index, math.ceil(len(dataset) / plan.batch_size), plan.num_processes)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int):
+        batch = self.batches[item]
+        cached = self.plan.cache_file(batch)
+        if cached is not None and cached.is_file():
+            return batch, None, None, 0
+        start = batch * self.plan.batch_size
+        members = list(enumerate(self.dataset[start:start + self.plan.batch_size]["image"], start))
+        return (batch, *decode_batch(members, self.preprocess))
+
+
+def decoded_batches(dataset, plan: DatasetPass, preprocess: ImagePreprocessor, num_workers: int = 0):
+    """(batch number, pixels or None when cached, indices, skipped) for this process's batches, in order."""
     if isinstance(dataset, datasets.IterableDataset):
+        # A stream is read in order by every process, each keeping its own batches (reading
+        # undecoded bytes is cheap next to decoding them); it is decoded here, as it arrives.
         for batch, members in stream_batches(dataset, plan.batch_size):
-            if plan.owns(batch):
-                yield batch, (lambda members=members: members)
+            cached = plan.cache_file(batch)
+            if not plan.owns(batch):
+                continue
+            if cached is not None and cached.is_file():
+                yield batch, None, None, 0
+            else:
+                yield (batch, *decode_batch(members, preprocess))
         return
-    for batch in range(plan.process_index, math.ceil(len(dataset) / plan.batch_size), plan.num_processes):
-        start = batch * plan.batch_size
-        yield batch, (lambda start=start: list(enumerate(dataset[start:start + plan.batch_size]["image"], start)))
+    yield from torch.utils.data.DataLoader(DecodedBatches(dataset, plan, preprocess), batch_size=None,
+                                           num_workers=num_workers, collate_fn=_unchanged)
+
+
+def _unchanged(item):
+    return item
 
 
 def decode_batch(members: list[tuple[int, object]], preprocess: ImagePreprocessor
@@ -296,8 +326,8 @@ def decode_batch(members: list[tuple[int, object]], preprocess: ImagePreprocesso
 
 
 def featurised_batches(dataset, extractor: LpipsFeatures, preprocess: ImagePreprocessor, plan: DatasetPass,
-                       device: torch.device, on_batch: Callable[[int], None] = lambda n: None
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                       device: torch.device, on_batch: Callable[[int], None] = lambda n: None,
+                       num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, dataset indices) of each of this process's batches, read from or written to the cache.
 
     A cache file is written under a temporary name and renamed when complete,
@@ -305,13 +335,12 @@ def featurised_batches(dataset, extractor: LpipsFeatures, preprocess: ImagePrepr
     """
     from safetensors.torch import load_file, save_file
 
-    for batch, members in owned_batches(dataset, plan):
+    for batch, pixels, indices, skipped in decoded_batches(dataset, plan, preprocess, num_workers):
         cached = plan.cache_file(batch)
-        if cached is not None and cached.is_file():
+        if pixels is None:
             stored = load_file(str(cached))
             features, indices, skipped = stored["features"], stored["indices"], int(stored["skipped"])
         else:
-            pixels, indices, skipped = decode_batch(members(), preprocess)
             features = extractor(pixels.to(device)).cpu() if len(indices) else torch.empty(0, 0)
             if cached is not None:
                 staging = cached.with_name(f".{cached.name}.partial-{os.getpid()}")
@@ -366,12 +395,12 @@ class SearchResult:
 def search(sample_features: torch.Tensor, reference_features: torch.Tensor, reference_indices: list[int],
            dataset, extractor: LpipsFeatures, preprocess: ImagePreprocessor, k: int, plan: DatasetPass,
            device: torch.device, on_batch: Callable[[int], None] = lambda n: None,
-           gather: Callable[[list], list] = lambda objects: objects) -> SearchResult:
+           gather: Callable[[list], list] = lambda objects: objects, num_workers: int = 0) -> SearchResult:
     """One pass over this process's share of `dataset`; `gather` (accelerate's `gather_object`) merges processes."""
     queries = torch.cat([sample_features, reference_features]).to(device)
     excluded = torch.tensor([-1] * len(sample_features) + list(reference_indices), dtype=torch.long, device=device)
     best = RunningTopK(len(queries), k)
-    for features, indices in featurised_batches(dataset, extractor, preprocess, plan, device, on_batch):
+    for features, indices in featurised_batches(dataset, extractor, preprocess, plan, device, on_batch, num_workers):
         best.add(*score_batch(queries, excluded, features, indices, best))
     shares = gather([(best.distances, best.indices, plan.num_images, plan.skipped)])
     merged = RunningTopK(len(queries), k)
@@ -475,7 +504,7 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
                     net: str = "alex", lpips_weights: str | None = None, random_backbone: bool = False,
                     batch_size: int = 64, feature_cache: str | None = None, num_reference: int = 1000,
                     seed: int = 0, label_by_path: bool = True, dataset_identity: dict | None = None,
-                    accelerator=None, progress: bool = True) -> NeighbourReport:
+                    num_workers: int = 0, accelerator=None, progress: bool = True) -> NeighbourReport:
     """Each sample's k nearest images of `dataset` under LPIPS, and the real-to-real reference distances.
 
     `samples`: images in any form `ImagePreprocessor` takes (PIL, paths, tensors).
@@ -508,7 +537,8 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
     with tqdm(total=total and math.ceil(total / num_processes), desc="neighbours: training images", unit="img",
               dynamic_ncols=True, disable=not (progress and is_main)) as bar:
         result = search(sample_features, reference_features, reference_indices, dataset, extractor, preprocess,
-                        k, plan, device, bar.update, gather_object if num_processes > 1 else (lambda x: x))
+                        k, plan, device, bar.update, gather_object if num_processes > 1 else (lambda x: x),
+                        num_workers)
 
     found = sorted({int(i) for i in result.sample_indices.flatten().tolist() if i >= 0})
     sources = fetch_images(dataset, found)
@@ -688,7 +718,7 @@ def run_neighbours_command(args) -> None:
         samples, names, dataset, resolution=resolution, k=args.k, net=args.net, lpips_weights=args.lpips_weights,
         random_backbone=args.random_backbone, batch_size=args.batch_size, feature_cache=args.feature_cache,
         num_reference=args.num_reference, seed=args.seed, label_by_path=data["train_data_dir"] is not None,
-        dataset_identity=data, accelerator=accelerator,
+        dataset_identity=data, num_workers=args.dataloader_num_workers, accelerator=accelerator,
     )
     if accelerator.is_main_process:
         for line in write_outputs(report, args.out, args.csv, args.run_dir):
