@@ -97,7 +97,8 @@ def main() -> None:
         image.save(folder / f"{index:06d}.png")
     dataset = load_image_dataset(train_data_dir=str(folder))
     train = torch.stack([preprocess(example["image"]) for example in dataset])
-    samples = make_images(args.num_samples, args.resolution, 1)
+    # 8-bit, as every image the search reads (a float tensor is quantised by the preprocessing)
+    samples = ((make_images(args.num_samples, args.resolution, 1) + 1) * 127.5).round() / 127.5 - 1
     samples[: min(2, len(samples))] = train[: min(2, len(samples))]  # two exact copies: a known answer
 
     # the pair-by-pair loop, at its best: one call per training image against all samples
@@ -159,9 +160,9 @@ def main() -> None:
         "projected_gpu_images_per_s": gpu_images_per_s,
         "projected_lsun_minutes_1_gpu": LSUN_BEDROOMS / gpu_images_per_s / 60,
         "projected_lsun_minutes_8_gpus": LSUN_BEDROOMS / gpu_images_per_s / 60 / 8,
+        # one process, decoding in series with the features (no --dataloader_num_workers)
         "projected_lsun_hours_this_device": LSUN_BEDROOMS * (per_image_features + matmul_per_image
-                                                             + (0 if math.isnan(decode_per_image) else decode_per_image)
-                                                             / torch.get_num_threads()) / 3600,
+                                                             + np.nan_to_num(decode_per_image)) / 3600,
     }
     print(f"{args.net} at {args.resolution} px, {len(samples)} samples x {len(train)} training images, {device}, "
           f"{torch.get_num_threads()} threads, feature dim {features.shape[1]:,}")
