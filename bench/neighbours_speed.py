@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lsun_ddpm.data import ImagePreprocessor, load_image_dataset
-from lsun_ddpm.neighbours import LpipsFeatures, find_neighbours, load_lpips
+from lsun_ddpm.lpips_features import LpipsFeatures, load_lpips
+from lsun_ddpm.neighbours import find_neighbours
 from lsun_ddpm.sampling import to_pil
 
 LSUN_BEDROOMS = 3_033_042

@@ -120,7 +120,7 @@ def read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
 def test_feature_distance_equals_lpips(net, tmp_path, monkeypatch):
-    from lsun_ddpm.neighbours import LpipsFeatures, load_lpips
+    from lsun_ddpm.lpips_features import LpipsFeatures, load_lpips
 
     weights = random_backbone_file(tmp_path, net)
     reference = reference_lpips(net, weights, monkeypatch)
@@ -269,7 +269,8 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
 
 def test_unreadable_training_images_are_skipped_and_counted(training_folder, sample_folder, tmp_path):
     from lsun_ddpm.data import load_image_dataset
-    from lsun_ddpm.neighbours import find_neighbours, summary_dict
+    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.neighbours_report import summary_dict
 
     folder = tmp_path / "with_a_bad_file"
     folder.mkdir()
@@ -314,7 +315,7 @@ def test_offline_without_backbone_weights_is_one_clear_line(sample_folder, train
 
 
 def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
-    from lsun_ddpm.neighbours import LpipsWeightsUnavailableError, load_lpips
+    from lsun_ddpm.lpips_features import LpipsWeightsUnavailableError, load_lpips
 
     (tmp_path / "bad.pth").write_text("not weights")
     with pytest.raises(LpipsWeightsUnavailableError, match="not a torchvision state-dict file"):

@@ -1,5 +1,6 @@
 """End-to-end runs of `accelerate launch train_unconditional.py` on generated images."""
 
+import json
 import shutil
 import subprocess
 import sys

@@ -141,7 +141,7 @@ def interpolate_command(argv: list[str]) -> None:
 
 
 def neighbours_command(argv: list[str]) -> None:
-    from .neighbours import run_neighbours_command
+    from .neighbours_report import run_neighbours_command
     from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm neighbours", description=COMMANDS["neighbours"])
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     from .data import DatasetUnavailableError
     from .hub import HubUploadError
-    from .neighbours import LpipsWeightsUnavailableError
+    from .lpips_features import LpipsWeightsUnavailableError
     from .sampling import ModelUnavailableError
 
     try:

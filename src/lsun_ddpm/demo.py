@@ -141,7 +141,9 @@ def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.
     which the figure and neighbours.json say.
     """
     from .data import load_image_dataset
-    from .neighbours import find_neighbours, imagenet_weights_cached, neighbours_figure, write_outputs
+    from .lpips_features import imagenet_weights_cached
+    from .neighbours import find_neighbours
+    from .neighbours_report import neighbours_figure, write_outputs
 
     imagenet = imagenet_weights_cached("alex")
     if not imagenet:
