@@ -8,7 +8,7 @@ from pathlib import Path
 
 COMMANDS = {
     "train": "train the DDPM (same flags as train_unconditional.py; see `lsun-ddpm train --help`)",
-    "demo": "a few minutes of training on bundled photos; writes a sample grid and a pipeline folder",
+    "demo": "a few minutes of training on bundled photos, then the paper's figures from it and a pipeline folder",
     "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
     "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
     "neighbours": "each sample's nearest training images under LPIPS, exact over the whole dataset (Fig. 4)",

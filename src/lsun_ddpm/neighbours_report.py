@@ -11,6 +11,7 @@ from PIL import Image
 
 from .neighbours import NeighbourReport, find_neighbours
 
+
 def summary_dict(report: NeighbourReport) -> dict:
     """neighbours.json: settings, sizes searched, the verdict, and every sample's neighbours."""
     verdict, result = report.verdict, report.result
