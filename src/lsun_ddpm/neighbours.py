@@ -20,7 +20,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -268,7 +268,6 @@ class SearchResult:
     reference_indices: list[int]  # the dataset indices of the reference queries
     num_searched: int  # training images compared (unreadable ones excluded)
     num_skipped: int
-    extra: dict = field(default_factory=dict)
 
 
 def search(sample_features: torch.Tensor, reference_features: torch.Tensor, reference_indices: list[int],
