@@ -114,7 +114,7 @@ def load_image_dataset(
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise DatasetUnavailableError(f"--train_data_dir {train_data_dir!r} is not a directory")
-        if not any(_walk_images(train_data_dir)):
+        if not any(walk_images(train_data_dir)):
             raise DatasetUnavailableError(
                 f"--train_data_dir {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
             )
@@ -153,7 +153,8 @@ def load_image_dataset(
     return dataset
 
 
-def _walk_images(root: str):
+def walk_images(root: str):
+    """Paths of the image files under `root`, at any depth."""
     for directory, _, files in os.walk(root):
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):

@@ -73,6 +73,15 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
     os.replace(staging, path)
 
 
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file under a temporary name and move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """`checkpoint-<step>` folders in `output_dir`, oldest step first."""
     output_dir = Path(output_dir)

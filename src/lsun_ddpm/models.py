@@ -156,3 +156,13 @@ def build_model(preset: str = "paper128", config_name_or_path: str | None = None
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weights_fingerprint(tensors) -> str:
+    """SHA-256 of the tensors' values (as float32), in order: equal weights, equal fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

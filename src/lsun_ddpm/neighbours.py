@@ -30,6 +30,7 @@ import torch
 
 from .data import ImagePreprocessor, UNREADABLE_IMAGE_ERRORS, describe_image_source
 from .lpips_features import LpipsFeatures, load_lpips
+from .models import weights_fingerprint
 
 # The candidates scored exactly per query and batch, beyond k: covers float32
 # rounding in the expanded product (ties among near-duplicates aside).
@@ -406,7 +407,7 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
     reference_pixels, reference_indices = _decode_indices(dataset, reference_indices, preprocess)
     reference_features = featurise(reference_pixels, extractor, batch_size, device)
 
-    identity = {"net": net, "backbone_sha256": _state_fingerprint(lpips_model), "resolution": resolution,
+    identity = {"net": net, "backbone_sha256": weights_fingerprint(lpips_model.state_dict().values())[:16], "resolution": resolution,
                 "batch_size": batch_size, "dataset": dataset_identity or {}}
     plan = DatasetPass(batch_size, accelerator.process_index if accelerator else 0, num_processes,
                        prepare_feature_cache(feature_cache, identity))
@@ -433,16 +434,6 @@ def _decode_indices(dataset, indices: list[int], preprocess: ImagePreprocessor) 
     sources = fetch_images(dataset, indices)
     pixels, indices = decode_batch([(i, sources[i]) for i in indices if i in sources], preprocess)[:2]
     return pixels, indices.tolist()
-
-
-def _state_fingerprint(module: torch.nn.Module) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _label(source, index: int, by_path: bool) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .export import write_text
 from .neighbours import NeighbourReport, find_neighbours
 
 
@@ -44,24 +45,18 @@ def summary_dict(report: NeighbourReport) -> dict:
 
 def write_csv(report: NeighbourReport, path: str | os.PathLike) -> None:
     import csv
+    import io
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["sample", "rank", "neighbour", "distance"])
-        for name, rank, neighbour, distance in report.rows():
-            writer.writerow([name, rank, neighbour, f"{distance:.6f}"])
-    os.replace(staging, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["sample", "rank", "neighbour", "distance"])
+    for name, rank, neighbour, distance in report.rows():
+        writer.writerow([name, rank, neighbour, f"{distance:.6f}"])
+    write_text(text.getvalue(), path)
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(staging, path)
+    write_text(json.dumps(data, indent=2, allow_nan=False), path)
 
 
 def _finite(value: float) -> float | None:
@@ -189,9 +184,9 @@ def data_options(args) -> dict:
     for folder in (args.run_dir, args.model):
         config_file = Path(folder) / "training_config.yaml" if folder else None
         if config_file is not None and config_file.is_file():
-            import yaml
+            from .config import read_config_file
 
-            saved = yaml.safe_load(config_file.read_text()) or {}
+            saved = read_config_file(str(config_file))
             return {name: saved.get(name, options[name]) for name in DATA_FIELDS}
     from .data import DatasetUnavailableError
 
@@ -213,12 +208,12 @@ def model_resolution(model: str | None) -> int | None:
 
 def read_sample_folder(folder: str) -> tuple[list[str], list[Path]]:
     """The image files of `folder` (any depth), sorted, named by their path inside it."""
-    from .data import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS, walk_images
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"--samples {folder!r} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths = sorted(Path(path) for path in walk_images(folder))
     if not paths:
         raise FileNotFoundError(f"--samples {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [str(p.relative_to(root)) for p in paths], paths

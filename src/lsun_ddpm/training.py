@@ -6,7 +6,6 @@ needs (resuming, logging, writing folders) lives in the helpers below it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from .config import TrainingConfig
 from .data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
 from .ema import ema_weights, make_ema
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
-from .models import ADMUNet2DModel, build_model, count_parameters
+from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
 from .sampling import SamplingPlan, generate, image_grid
 
 logger = get_logger(__name__)
@@ -382,13 +381,6 @@ def describe_hardware(accelerator: Accelerator) -> str:
     else:
         name = f"{accelerator.device.type.upper()} ({torch.get_num_threads()} threads)"
     return f"{accelerator.num_processes} x {name}"
-
-
-def weights_fingerprint(tensors) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
