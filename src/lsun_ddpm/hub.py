@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .errors import InputError
 from .pipelines import ddpm_interpolation
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,18 @@ TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "lsu
 
 class HubUploadError(RuntimeError):
     """The upload failed; the local folder is untouched."""
+
+
+def check_repo_id(repo_id: str, flag: str) -> str:
+    """`repo_id` if the Hub would accept it as `NAME` or `USER/NAME`; else an InputError naming `flag`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise InputError(f"{flag} {repo_id!r} is not a valid Hub repo id: {error}") from None
+    return repo_id
 
 
 # ---------------------------------------------------------------- reading a run
