@@ -87,6 +87,11 @@ class TrainingConfig:
     adam_weight_decay: float = field(default=0.0, metadata=_help("0 makes AdamW the paper's Adam."))
     adam_epsilon: float = 1e-8
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (global norm)."))
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata=_help("Optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop "
+                       "the run with a checkpoint of the last good weights."),
+    )
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
         default=None, metadata=_help("Autocast precision; default: accelerate's config. Data, noise, loss stay fp32.")
     )
@@ -130,7 +135,8 @@ class TrainingConfig:
 
     def __post_init__(self):
         positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "save_images_steps", "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps")
+                    "save_images_steps", "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps",
+                    "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
