@@ -1,5 +1,7 @@
 """A streamed dataset resumes where training stopped, with the same crops and flips."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -61,3 +63,18 @@ def test_a_streamed_run_killed_after_a_checkpoint_resumes_bit_exactly(tmp_path, 
     resumed = run_training(tmp_path, output_dir, args + ["--resume_from_checkpoint", "latest"])
     assert "restarts" not in resumed.stderr + resumed.stdout
     assert_bitwise_equal(exported_weights(tmp_path / "whole"), exported_weights(output_dir))
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_stream_bit_exactly(tmp_path, image_folder):
+    """accelerate reads a stream on the main process and hands each process a slice of every batch, so the
+    position a checkpoint holds must be that of the last slice, which the main process never trained on."""
+    args = ["--train_data_dir", str(image_folder), "--streaming", "--shuffle_buffer_size", str(BUFFER),
+            "--center_crop", "false", "--random_flip", "true", "--gradient_accumulation_steps", "1",
+            "--max_train_steps", "6", "--checkpointing_steps", "3", "--save_images_steps", "100",
+            "--save_model_steps", "100", "--logger", "none"]
+    run_training(tmp_path, tmp_path / "whole", args, num_processes=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", resumed / "checkpoint-3")
+    run_training(tmp_path, resumed, args + ["--resume_from_checkpoint", "latest"], num_processes=2)
+    assert_bitwise_equal(exported_weights(tmp_path / "whole"), exported_weights(resumed))

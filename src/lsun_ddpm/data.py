@@ -241,7 +241,11 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
     the batch accelerate has already read ahead). A stream given that state by
     `load_state_dict` passes over the items before it without decoding them, so
     a resumed run trains on exactly the items, crops and flips that the
-    uninterrupted run would have.
+    uninterrupted run would have. (With several workers each resumes its own
+    share exactly, but the DataLoader starts its round of workers again at
+    worker 0, so batches may come in another interleaving; a worker shuffles
+    its share in another order than the main process, so a run is resumed with
+    the `--dataloader_num_workers` it was started with.)
 
     🤗 datasets' own `IterableDataset.state_dict()` cannot do this: it does not
     hold the content of the shuffle buffer, and a stream restored from it
