@@ -65,6 +65,11 @@ class TrainingConfig:
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes per process."))
     # ---------------------------------------------------------------- optimisation
     output_dir: str = field(default="ddpm-lsun-bedroom-128", metadata=_help("Run folder: pipeline + checkpoints."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help("Start a new run in an --output_dir that holds another: the old run is moved aside to "
+                       "OUTPUT_DIR.replaced-<UTC time>, not deleted."),
+    )
     seed: Optional[int] = field(
         default=None, metadata=_help("Seed for a reproducible run (it also orders the data; unset: order seed 0).")
     )
