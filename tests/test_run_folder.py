@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lsun_ddpm import run_folder
 from lsun_ddpm.config import TrainingConfig
@@ -260,3 +261,23 @@ def test_overwrite_output_dir_moves_the_old_run_aside_logs_included(finished_run
     logs = [name for name in new_run if name.startswith("logs/")]
     assert logs and not set(logs) & set(old_run)  # TensorBoard holds this run only
     assert read_summary(output_dir)["optimizer_steps"] == 4
+
+
+def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp_path):
+    """An older run's checkpoint carries no config: the shapes themselves give it away when loading."""
+    from accelerate import Accelerator
+
+    from lsun_ddpm import training
+
+    saving = Accelerator(cpu=True, mixed_precision="no")
+    small = torch.nn.Linear(2, 2)
+    saving.prepare(small, torch.optim.AdamW(small.parameters()))
+    saving.save_state(str(tmp_path / "checkpoint-3"))
+    accelerator = Accelerator(cpu=True, mixed_precision="no")  # a new run, of another shape
+    large = torch.nn.Linear(3, 3)
+    accelerator.prepare(large, torch.optim.AdamW(large.parameters()))
+    config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    with pytest.raises(InputError) as refused:
+        training.resume_if_requested(accelerator, config, ema=None)
+    assert str(refused.value) == (f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}: its weights have other "
+                                  f"shapes than this model's (tiny16); resume it with the model it was trained with")
