@@ -120,6 +120,12 @@ def test_overwrite_moves_the_old_run_aside_and_keeps_training_data_inside_it(tmp
     assert run_folder.check_output_dir(tiny_config(output_dir)) is False  # a new run may start
 
 
+def test_a_saved_config_reused_never_moves_its_run_aside(tmp_path):
+    tiny_config(tmp_path, overwrite_output_dir=True).save(str(tmp_path / "training_config.yaml"))
+    saved = (tmp_path / "training_config.yaml").read_text()
+    assert "overwrite_output_dir" not in saved and "model_preset: tiny16" in saved
+
+
 def test_two_overwrites_in_the_same_second_keep_both_old_runs(tmp_path):
     first = run_folder.move_run_aside(fake_run(tmp_path / "out", tiny_config(tmp_path / "out")))
     second = run_folder.move_run_aside(fake_run(tmp_path / "out", tiny_config(tmp_path / "out")))
