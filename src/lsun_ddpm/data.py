@@ -263,17 +263,27 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.start: dict[int, int] = {}  # worker → items of this epoch to pass over (a resumed run)
         self.trained: dict[int, int] = {}  # worker → items of this epoch the recorded batches went up to
+        self.pending: list[torch.Tensor] = []  # (worker, last position) of recorded batches, not yet read
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a new epoch starts at its beginning (accelerate also re-sets the current one)
-            self.start, self.trained = {}, {}
+            self.start, self.trained, self.pending = {}, {}, []
         self.epoch = epoch
         self.stream.set_epoch(epoch)  # a new shuffle order
 
     def record(self, batch: dict[str, torch.Tensor]) -> None:
         """Note that `batch` was trained on: a checkpoint taken now resumes after it."""
-        worker = int(batch["stream_worker"][0])  # a DataLoader batch comes from a single worker
-        self.trained[worker] = max(self.trained.get(worker, 0), int(batch["stream_position"].max()) + 1)
+        # A batch comes from one worker, in stream order. Its tensors may be on the GPU: reading them now
+        # would wait for the GPU at every micro-batch, so they are read in bulk, now and then.
+        self.pending.append(torch.stack([batch["stream_worker"][-1], batch["stream_position"][-1]]))
+        if len(self.pending) == 64:
+            self._read_pending()
+
+    def _read_pending(self) -> None:
+        if self.pending:
+            for worker, position in torch.stack(self.pending).tolist():
+                self.trained[worker] = max(self.trained.get(worker, 0), position + 1)
+            self.pending = []
 
     def state_dict(self) -> dict:
         """The epoch and, per worker, the position after the items trained on by any process.
@@ -281,6 +291,7 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         accelerate writes this object's state from the main process only, so
         every process's record is gathered here (each process calls it).
         """
+        self._read_pending()
         positions: dict[int, int] = {}
         for trained in gather_object([self.trained]):
             for worker, position in trained.items():
@@ -289,7 +300,7 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
-        self.start, self.trained = dict(state["positions"]), dict(state["positions"])
+        self.start, self.trained, self.pending = dict(state["positions"]), dict(state["positions"]), []
 
     def __iter__(self):
         worker_info = torch.utils.data.get_worker_info()
