@@ -147,13 +147,26 @@ def test_latest_passes_over_incomplete_and_foreign_checkpoints(tmp_path):
                            "resolution 32 (this run: 16))", "checkpoint-6 (it holds no optimizer.bin)"]
 
 
-def test_latest_in_a_run_without_a_complete_checkpoint_is_refused(tmp_path):
+def test_latest_in_a_run_with_results_but_no_complete_checkpoint_is_refused(tmp_path):
     config = tiny_config(tmp_path, resume_from_checkpoint="latest")
     config.save(str(tmp_path / "training_config.yaml"))
+    (tmp_path / "model_index.json").write_text("{}")  # it exported a pipeline: never restarted from zero
     fake_checkpoint(tmp_path / ".checkpoint-2.partial", config)
+    assert not run_folder.check_output_dir(config)
     with pytest.raises(InputError, match=r"holds a run but no complete checkpoint of it; start a new run with "
                                          r"--overwrite_output_dir"):
         run_folder.checkpoint_to_resume(config)
+
+
+def test_latest_after_an_attempt_stopped_before_its_first_checkpoint_restarts_it_aside(tmp_path):
+    """A preemptible job resubmitted with `latest`, killed before it saved anything: it starts
+    again from step 0 and the aborted attempt's files are moved aside, not mixed in."""
+    config = tiny_config(tmp_path / "out", resume_from_checkpoint="latest")
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    config.save(str(tmp_path / "out" / "training_config.yaml"))
+    fake_checkpoint(tmp_path / "out" / ".checkpoint-2.partial", config)
+    assert run_folder.check_output_dir(config)  # move it aside
+    assert run_folder.checkpoint_to_resume(config) == (None, [])
 
 
 def test_latest_in_an_empty_folder_starts_a_new_run(tmp_path):

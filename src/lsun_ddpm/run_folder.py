@@ -94,7 +94,25 @@ def check_output_dir(config: TrainingConfig) -> bool:
         raise InputError(f"cannot resume the run in {output_dir}: it was trained with {', '.join(differences)}; "
                          f"resume it with its settings, or start a new run with --overwrite_output_dir, "
                          f"which moves the old one aside")
-    return False
+    return is_restart_before_first_checkpoint(config)
+
+
+def is_restart_before_first_checkpoint(config: TrainingConfig) -> bool:
+    """`latest` in a folder whose run stopped before its first complete checkpoint and exported nothing.
+
+    That is a preemptible job's restart (jobs are resubmitted with the same
+    `--resume_from_checkpoint latest`): there is no step to resume and nothing
+    but the aborted attempt's logs and grids, which are moved aside rather than
+    mixed with the new attempt's. A run that exported a pipeline or wrote its
+    summary is never restarted from zero behind the user's back.
+    """
+    output_dir = Path(config.output_dir)
+    return (config.resume_from_checkpoint == "latest" and bool(run_entries(output_dir, config.logging_dir))
+            and latest_checkpoint(config)[0] is None and not _holds_results(output_dir))
+
+
+def _holds_results(output_dir: Path) -> bool:
+    return any((output_dir / name).exists() for name in (SUMMARY_FILE, "model_index.json"))
 
 
 def move_run_aside(output_dir: Path, keep: list[str | None] = ()) -> Path:
@@ -157,14 +175,16 @@ def checkpoint_to_resume(config: TrainingConfig) -> tuple[Path | None, list[str]
     """The checkpoint `--resume_from_checkpoint` names, checked, and the newer ones `latest` passed over.
 
     None when nothing is to be resumed: no flag, or `latest` in a folder that
-    holds no run yet. Raises InputError for anything else that cannot be resumed.
+    holds no run yet or one stopped before its first checkpoint (see
+    `is_restart_before_first_checkpoint`). Raises InputError for anything else
+    that cannot be resumed.
     """
     if not config.resume_from_checkpoint:
         return None, []
     flag = f"--resume_from_checkpoint {config.resume_from_checkpoint}"
     if config.resume_from_checkpoint == "latest":
         path, passed_over = latest_checkpoint(config)
-        if path is None and run_entries(Path(config.output_dir), config.logging_dir):
+        if path is None and _holds_results(Path(config.output_dir)):
             passed = f" ({'; '.join(passed_over)})" if passed_over else ""
             raise InputError(f"{flag}: {config.output_dir} holds a run but no complete checkpoint of it{passed}; "
                              f"start a new run with --overwrite_output_dir, which moves the old one aside")

@@ -227,7 +227,11 @@ def prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, unet: A
     accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
     if move_aside and accelerator.is_main_process:
         aside = run_folder.move_run_aside(Path(config.output_dir), keep=[config.train_data_dir, config.cache_dir])
-        logger.warning("--overwrite_output_dir: moved the previous run in %s to %s", config.output_dir, aside)
+        if config.overwrite_output_dir:
+            logger.warning("--overwrite_output_dir: moved the previous run in %s to %s", config.output_dir, aside)
+        else:
+            logger.warning("--resume_from_checkpoint latest: the run in %s stopped before its first checkpoint; "
+                           "moved that attempt to %s and starting from step 0", config.output_dir, aside)
     accelerator.wait_for_everyone()
 
 
