@@ -159,16 +159,26 @@ def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.
 
 
 def overview(panels: list[tuple[str, Image.Image]], gap: int = 16) -> Image.Image:
-    """The captioned figures one under the other, on white."""
+    """The captioned figures one under the other, on white.
+
+    Each caption's height and width are measured with the font it is drawn
+    in: the canvas is wide enough for the longest caption, and each figure
+    starts below its caption, whatever the model's image size.
+    """
     from PIL import ImageDraw
 
-    width = max(image.width for _, image in panels) + 2 * gap
-    height = sum(image.height + 18 + gap for _, image in panels) + gap
-    canvas = Image.new("RGB", (width, height), "white")
+    from .sampling import caption_font, text_size
+
+    font = caption_font()
+    sizes = [text_size(caption, font) for caption, _ in panels]
+    width = max(max(image.width, text_width) for (_, image), (text_width, _) in zip(panels, sizes)) + 2 * gap
+    height = sum(image.height + text_height + gap // 2 + gap for (_, image), (_, text_height) in zip(panels, sizes))
+    canvas = Image.new("RGB", (width, height + gap), "white")
     draw = ImageDraw.Draw(canvas)
     y = gap
-    for caption, image in panels:
-        draw.text((gap, y), caption, fill="black")
-        canvas.paste(image, (gap, y + 18))
-        y += image.height + 18 + gap
+    for (caption, image), (_, text_height) in zip(panels, sizes):
+        draw.text((gap, y), caption, fill="black", font=font)
+        y += text_height + gap // 2
+        canvas.paste(image, (gap, y))
+        y += image.height + gap
     return canvas
