@@ -92,8 +92,12 @@ def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
     assert "images from a local image folder at 16×16" in card.text
 
 
-def test_card_of_a_run_without_ema_says_its_samples_are_from_the_raw_weights(no_ema_pipeline_folder):
-    text = build_model_card(no_ema_pipeline_folder, "someone/m").text
+def test_card_of_a_run_without_ema_says_its_samples_are_from_the_raw_weights(no_ema_pipeline_folder, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(no_ema_pipeline_folder, run)
+    Image.new("RGB", (32, 32), "red").save(run / "sample_grid.png")
+    text = build_model_card(run, "someone/m").text
+    assert "*Samples from the raw weights (trained without EMA)" in text
     assert "EMA weights" not in text and "decay up to" not in text and "from the exponential" not in text
     assert "| EMA | none (trained without EMA) |" in text
     assert "`unet/` holds the raw training weights, and there is no `unet_raw/`" in text

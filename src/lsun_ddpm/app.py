@@ -144,22 +144,25 @@ def photo_upload(label: str):
     """An image upload whose unreadable files are reported in one sentence.
 
     gradio decodes an upload before the app sees it and turns a failure into
-    a generic "error" toast; this component reports it as a `gr.Error` instead.
+    a generic "error" toast, so this component's decoding reports it as a
+    `gr.Error` instead. (Wrapped on the instance: a subclass of a gradio
+    component makes gradio write a .pyi file beside this module.)
     """
     import gradio as gr
 
-    class PhotoUpload(gr.Image):
-        is_template = True  # drawn by gradio's own Image component in the browser
+    upload = gr.Image(type="pil", label=label, sources=["upload"])
+    decode = upload.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-                name = getattr(payload, "orig_name", None) or "the uploaded file"
-                raise gr.Error(f"{label}: {name} is not an image this app can read ({type(error).__name__}); "
-                               "upload a PNG, JPEG or WebP photo") from None
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(f"{label}: {name} is not an image this app can read ({type(error).__name__}); "
+                           "upload a PNG, JPEG or WebP photo") from None
 
-    return PhotoUpload(type="pil", label=label, sources=["upload"])
+    upload.preprocess = preprocess
+    return upload
 
 
 def model_card_link(model_id: str) -> str:
