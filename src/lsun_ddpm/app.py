@@ -28,7 +28,7 @@ from .interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_inte
                             save_gif, strip)
 from .pipelines.ddpm_interpolation import METHODS
 from .sampling import (SamplingPlan, generate, has_ema_weights, image_grid, load_scheduler_config, pick_device,
-                       read_run_config)
+                       recorded_training_options)
 
 SAMPLERS = ("dpmsolver++", "unipc", "ddim", "ddpm")
 # gradio's delete_cache (frequency, age) in seconds: every 10 minutes, the files served more than an hour ago
@@ -59,7 +59,7 @@ class SpaceModel:
         self.model_id = model_id
         self.limits = limits
         self.bf16 = bf16
-        run_config = read_run_config(model_id)
+        run_config = recorded_training_options(model_id)
         self.training_data = training_data(run_config)
         self.has_ema = has_ema_weights(run_config)  # without EMA, unet/ holds the raw weights: those are served
         self.pipeline = load_interpolation_pipeline(model_id, "ema", pick_device(), has_ema=self.has_ema)

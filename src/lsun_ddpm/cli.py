@@ -76,9 +76,9 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
     compare and is refused.
     """
     from .errors import InputError
-    from .sampling import has_ema_weights, read_run_config
+    from .sampling import has_ema_weights, recorded_training_options
 
-    if has_ema_weights(read_run_config(model)):
+    if has_ema_weights(recorded_training_options(model)):
         return True, weights
     if weights == "both":
         raise InputError(f"{model} was trained without EMA, so there are no EMA weights to set beside the raw "

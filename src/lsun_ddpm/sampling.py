@@ -41,11 +41,14 @@ class ModelUnavailableError(RuntimeError):
 # ---------------------------------------------------------------- loading
 
 
-def read_run_config(model: str) -> dict:
+def recorded_training_options(model: str) -> dict:
     """The training options a run recorded (`training_config.yaml`), from a folder or a Hub repo; {} if none.
 
     Only what a run says about itself is read here (its data, whether it kept
-    an EMA); a model without the file is taken as a plain pipeline.
+    an EMA), so unlike `run_folder.read_run_config` (which resumes runs) keys
+    are not checked against this version's options, a Hub repo is read too, and
+    the Space, which does not install `transformers`, can use it. A model
+    without the file is taken as a plain pipeline.
     """
     import yaml
 
@@ -81,7 +84,7 @@ def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> 
     A run trained without EMA (`has_ema` False; by default read from the
     run's `training_config.yaml`) has only `unet/`, its raw weights.
     """
-    has_ema = has_ema_weights(read_run_config(model)) if has_ema is None else has_ema
+    has_ema = has_ema_weights(recorded_training_options(model)) if has_ema is None else has_ema
     subfolder = weights_subfolder(weights, has_ema)
     try:
         return UNet2DModel.from_pretrained(model, subfolder=subfolder, use_safetensors=True).eval()
