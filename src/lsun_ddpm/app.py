@@ -101,7 +101,8 @@ class SpaceModel:
         return result, strip([result])
 
     def _uploaded(self, image: Image.Image | None, label: str) -> Image.Image:
-        """An uploaded photo (any mode, any size up to the limit), decoded now; preprocessed like the training data later."""
+        """An uploaded photo (any mode, any size up to the limit), decoded now; preprocessed like the training
+        data later."""
         if image is None:
             raise InputError(f"Upload both photos (photo {label} is missing), or clear both to use seeds")
         if image.width * image.height > self.limits.max_upload_pixels:  # checked before the pixels are decoded
