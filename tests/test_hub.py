@@ -92,6 +92,16 @@ def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
     assert "images from a local image folder at 16×16" in card.text
 
 
+def test_card_of_a_hub_dataset_other_than_lsun_names_it_and_has_no_lsun_tags(run_folder):
+    config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
+    config["dataset_name"] = "huggan/flowers-102-categories"
+    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
+    card = build_model_card(run_folder, "someone/m")
+    assert card.data.datasets == ["huggan/flowers-102-categories"] and not {"lsun", "bedroom"} & set(card.data.tags)
+    assert "model of **images from huggan/flowers-102-categories at 16×16**" in card.text
+    assert "LSUN was collected" not in card.text and "not on LSUN" in card.text
+
+
 def test_card_of_a_run_without_ema_says_its_samples_are_from_the_raw_weights(no_ema_pipeline_folder, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(no_ema_pipeline_folder, run)
