@@ -256,14 +256,18 @@ def nothing_interpolated(monkeypatch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
-@pytest.mark.parametrize("flags", [["--num_inference_steps", "0"], ["--num_inference_steps", "-3"]])
-def test_interpolate_refuses_non_positive_steps(nothing_interpolated, tiny_pipeline_folder, capsys, flags):
+@pytest.mark.parametrize("flags, message", [
+    (["--num_inference_steps", "0"], "--num_inference_steps must be a positive whole number, got 0"),
+    (["--num_inference_steps", "-3"], "--num_inference_steps must be a positive whole number, got -3"),
+    (["--t", "1000"], "--t must be 'auto' or a timestep from 1 to 999, got 1000"),  # the model's T is 1000
+])
+def test_interpolate_refuses_non_positive_steps_and_t_beyond_the_schedule(nothing_interpolated, tiny_pipeline_folder,
+                                                                           capsys, flags, message):
     from lsun_ddpm.cli import interpolate_command
 
     with pytest.raises(SystemExit) as exit_info:
         interpolate_command([str(tiny_pipeline_folder), "--seeds", "1", "2", *flags])
-    assert exit_info.value.code == 2
-    assert f"--num_inference_steps must be a positive whole number, got {flags[1]}" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("source, message", [
