@@ -55,7 +55,7 @@ CASES = {
                        ["options.yaml", "max_train_steps", "whole number", "2.5"]),
     "yaml unknown precision": ("script", train("--config", "options.yaml"), "mixed_precision: bf61\n",
                                ["options.yaml", "mixed_precision", "'bf61'", "did you mean bf16?"]),
-    "yaml not yaml": ("script", train("--config", "options.yaml"), "learning_rate: [1e-4\n",
+    "invalid yaml syntax": ("script", train("--config", "options.yaml"), "learning_rate: [1e-4\n",
                       ["options.yaml", "not valid YAML"]),
     "flag steps 2.5": ("script", train("--max_train_steps", "2.5"), None, ["--max_train_steps", "'2.5'"]),
     "misspelt flag": ("cli", ["train", *train("--learnig_rate", "1e-4")], None,
