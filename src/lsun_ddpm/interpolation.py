@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
+from .errors import InputError
 from .pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
 from .sampling import inference_precision, load_scheduler_config, load_unet, pick_device, to_pil
 
@@ -51,10 +52,10 @@ def read_pairs(path: str | Path) -> list[Pair]:
         if not items:
             continue
         if len(items) != 2:
-            raise ValueError(f"{path}:{number}: expected two items (seeds or image paths), got {len(items)}")
+            raise InputError(f"{path}:{number}: expected two items (seeds or image paths), got {len(items)}")
         pairs.append(Pair(*(_seed_or_path(item, path.parent) for item in items)))
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs")
     return pairs
 
 
@@ -89,7 +90,7 @@ def _endpoint_tensors(pipeline: DDPMInterpolationPipeline, pair: Pair, num_infer
         generated = pipeline.endpoints_from_seeds((pair.a, pair.b), num_inference_steps).float().cpu()
         return generated[0], generated[1]
     if isinstance(pair.a, int) or isinstance(pair.b, int):
-        raise ValueError(f"a pair is two seeds or two images, not one of each: {pair}")
+        raise InputError(f"a pair is two seeds or two images, not one of each: {pair}")
     return _image_tensor(pair.a, pipeline.resolution), _image_tensor(pair.b, pipeline.resolution)
 
 
