@@ -88,7 +88,7 @@ class TrainingConfig:
     learning_rate: float = field(default=3e-4, metadata=_help("Adam learning rate (the paper: 3e-4)."))
     lr_scheduler: str = field(
         default="constant_with_warmup",
-        metadata=_help("diffusers.optimization.get_scheduler name: constant_with_warmup, cosine, linear, ..."),
+        metadata=_help(f"diffusers' lr schedule: {', '.join(LR_SCHEDULERS)}."),
     )
     lr_warmup_steps: int = field(default=500, metadata=_help("Linear warm-up, in optimizer steps."))
     adam_beta1: float = 0.9
@@ -102,7 +102,9 @@ class TrainingConfig:
     channels_last: bool = field(default=False, metadata=_help("channels_last memory format (faster with bf16)."))
     # ---------------------------------------------------------------- diffusion
     ddpm_num_steps: int = field(default=1000, metadata=_help("T, the number of diffusion steps."))
-    ddpm_beta_schedule: str = field(default="linear", metadata=_help("β schedule (the paper: linear 1e-4 → 0.02)."))
+    ddpm_beta_schedule: str = field(
+        default="linear", metadata=_help(f"β schedule (the paper: linear 1e-4 → 0.02): {', '.join(BETA_SCHEDULES)}.")
+    )
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = field(
         default="epsilon", metadata=_help("What the network predicts (the paper: epsilon).")
     )
@@ -123,7 +125,9 @@ class TrainingConfig:
     logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard")
     logging_dir: str = field(default="logs", metadata=_help("TensorBoard folder, inside --output_dir."))
     checkpointing_steps: int = field(default=500, metadata=_help("Save an accelerate checkpoint every N steps."))
-    checkpoints_total_limit: Optional[int] = field(default=None, metadata=_help("Keep at most N checkpoints."))
+    checkpoints_total_limit: Optional[int] = field(
+        default=None, metadata=_help("Keep at most N (>= 1) checkpoints; unset: keep all.")
+    )
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata=_help('A checkpoint folder, or "latest" in --output_dir.')
     )
@@ -317,6 +321,8 @@ def _to_bool(value: Any) -> bool:
 
 
 def _to_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # `output_dir: 2024` is a name
         raise TypeError(value)
     return str(value)
