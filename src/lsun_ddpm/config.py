@@ -30,6 +30,20 @@ from .models import PRESETS, downsampling_factor, model_config
 SECRET_FIELDS = ("hub_token",)
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)  # what diffusers' get_scheduler accepts
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # DDPMScheduler's
+# (options, test, what the test requires): checked when set (None means "not given").
+VALUE_RANGES = (
+    (("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "save_images_steps",
+      "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps", "ddpm_num_steps", "shuffle_buffer_size",
+      "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit"),  # --resolution: see
+     lambda value: value >= 1, "must be at least 1"),                                     # check_resolution
+    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon"),
+     lambda value: value >= 0, "must be 0 or more"),
+    (("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"),
+     lambda value: value > 0 and math.isfinite(value), "must be a positive number"),
+    (("adam_beta1", "adam_beta2"), lambda value: 0 <= value < 1, "must be at least 0 and below 1"),  # torch's Adam
+    (("ema_max_decay", "ema_min_decay"), lambda value: 0 <= value <= 1, "must be between 0 and 1"),
+    (("seed",), lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1 (NumPy's range)"),
+)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -146,23 +160,7 @@ class TrainingConfig:
         for option in dataclasses.fields(self):
             setattr(self, option.name, coerce_option(f"--{option.name}", getattr(self, option.name),
                                                      _option_types()[option.name]))
-        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "save_images_steps",
-                     "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps", "ddpm_num_steps",
-                     "shuffle_buffer_size", "max_train_steps", "num_epochs", "max_train_samples",
-                     "checkpoints_total_limit"):  # --resolution: see check_resolution
-            self._check(name, lambda value: value >= 1, "must be at least 1")
-        for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon"):
-            self._check(name, lambda value: value >= 0, "must be 0 or more")
-        for name in ("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"):
-            self._check(name, lambda value: value > 0 and math.isfinite(value), "must be a positive number")
-        for name in ("adam_beta1", "adam_beta2"):
-            self._check(name, lambda value: 0 <= value < 1, "must be at least 0 and below 1")
-        for name in ("ema_max_decay", "ema_min_decay"):
-            self._check(name, lambda value: 0 <= value <= 1, "must be between 0 and 1")
-        self._check("ema_min_decay", lambda value: value <= self.ema_max_decay, "must not exceed --ema_max_decay")
-        self._check("seed", lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1 (NumPy's range)")
-        self._check("ddpm_num_inference_steps", lambda value: value <= self.ddpm_num_steps,
-                    f"must not exceed --ddpm_num_steps ({self.ddpm_num_steps})")
+        self._check_ranges()
         _check_choice("--model_preset", self.model_preset, sorted(PRESETS))
         _check_choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_choice("--ddpm_beta_schedule", self.ddpm_beta_schedule, BETA_SCHEDULES)
@@ -173,6 +171,14 @@ class TrainingConfig:
         if self.train_data_dir is None and self.dataset_name is None:
             raise InputError("give --dataset_name or --train_data_dir")
         self._check_hub_model_id()
+
+    def _check_ranges(self) -> None:
+        for names, is_valid, requirement in VALUE_RANGES:
+            for name in names:
+                self._check(name, is_valid, requirement)
+        self._check("ema_min_decay", lambda value: value <= self.ema_max_decay, "must not exceed --ema_max_decay")
+        self._check("ddpm_num_inference_steps", lambda value: value <= self.ddpm_num_steps,
+                    f"must not exceed --ddpm_num_steps ({self.ddpm_num_steps})")
 
     def _check(self, name: str, is_valid, requirement: str) -> None:
         """Raise an InputError naming `--name` unless it is unset (None) or `is_valid(value)`."""
