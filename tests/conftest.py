@@ -109,6 +109,12 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     return result
 
 
+def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args],
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 
@@ -185,3 +191,31 @@ def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def no_ema_pipeline_folder(tmp_path_factory) -> Path:
+    """A folder like a `--no_use_ema` run writes: the raw weights in unet/, no unet_raw/, and a config saying so."""
+    import yaml
+
+    from lsun_ddpm.diffusion import make_noise_scheduler
+    from lsun_ddpm.export import save_pipeline_folder
+
+    folder = tmp_path_factory.mktemp("no_ema")
+    save_pipeline_folder(random_tiny_unet(seed=1), make_noise_scheduler(), folder)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(
+        {"train_data_dir": "photos", "dataset_name": None, "use_ema": False, "resolution": 16}))
+    return folder
+
+
+def dark_pixels(image: Image.Image) -> int:
+    return int((np.asarray(image.convert("L")) < 128).sum())
+
+
+def rendered_ink(text: str) -> int:
+    """Dark pixels of `text` drawn alone with PIL's default font, far from any edge."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (20 * len(text) + 40, 60), "white")
+    ImageDraw.Draw(canvas).text((20, 20), text, fill="black", font=ImageFont.load_default())
+    return dark_pixels(canvas)

@@ -15,7 +15,6 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -24,6 +23,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .errors import DEBUG_FLAG, InputError, did_you_mean
+from .export import check_output_folder
 from .models import PRESETS, downsampling_factor, model_config
 
 # Fields never written to disk (the saved config is uploaded with the model).
@@ -44,6 +44,9 @@ VALUE_RANGES = (
     (("ema_max_decay", "ema_min_decay"), lambda value: 0 <= value <= 1, "must be between 0 and 1"),
     (("seed",), lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1 (NumPy's range)"),
 )
+# Fields that act on this invocation only: a saved config reused with --config must not
+# move the run it came from aside.
+ONE_TIME_FIELDS = ("overwrite_output_dir",)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -88,6 +91,11 @@ class TrainingConfig:
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes per process."))
     # ---------------------------------------------------------------- optimisation
     output_dir: str = field(default="ddpm-lsun-bedroom-128", metadata=_help("Run folder: pipeline + checkpoints."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help("Start a new run in an --output_dir that holds another: the old run is moved aside to "
+                       "OUTPUT_DIR.replaced-<UTC time>, not deleted."),
+    )
     seed: Optional[int] = field(
         default=None, metadata=_help("Seed for a reproducible run (it also orders the data; unset: order seed 0).")
     )
@@ -204,9 +212,10 @@ class TrainingConfig:
         return values
 
     def save(self, path: str) -> None:
-        """Write the resolved configuration (no secrets) as YAML, reusable with --config."""
+        """Write the resolved configuration (no secrets, no one-time flags) as YAML, reusable with --config."""
+        values = {name: value for name, value in self.to_dict().items() if name not in ONE_TIME_FIELDS}
         with open(path, "w") as file:
-            yaml.safe_dump(self.to_dict(), file, sort_keys=False)
+            yaml.safe_dump(values, file, sort_keys=False)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -350,23 +359,9 @@ def _check_choice(label: str, value: Any, choices) -> None:
 def check_training_inputs(config: TrainingConfig) -> None:
     """What `TrainingConfig` cannot check from its values alone: the output paths can be
     written and the model can take the resolution. Nothing is created or written."""
-    check_writable_folder("--output_dir", config.output_dir)
-    check_writable_folder("--logging_dir", os.path.join(config.output_dir, config.logging_dir))
+    check_output_folder(config.output_dir, "--output_dir")
+    check_output_folder(os.path.join(config.output_dir, config.logging_dir), "--logging_dir")
     check_resolution(config)
-
-
-def check_writable_folder(flag: str, path: str) -> None:
-    """Refuse a folder path that is a file, or whose first existing ancestor is a file or read-only."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{flag} {path} is a file, not a folder: give a folder path")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{flag} {path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path} cannot be written: {existing} is not writable (give another folder)")
 
 
 def check_resolution(config: TrainingConfig) -> None:

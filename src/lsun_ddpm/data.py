@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
 
 from .pipelines.ddpm_interpolation import crop_square, open_rgb, resize_shorter_side, to_tensor
@@ -177,16 +178,18 @@ def too_many_unreadable(where: str) -> DatasetUnavailableError:
     return DatasetUnavailableError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row {where}")
 
 
-def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of the random crop and flip of item `index` in `epoch`.
+def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Generator:
+    """The generator of the random crop and flip of the item at `position` in `epoch`.
 
-    They depend on nothing else: not on the process or DataLoader worker that
-    decodes the item, and not on the global RNG, which also draws the noise.
-    accelerate's DataLoader reads one batch ahead, so a checkpoint's RNG state
-    already holds the next batch's draws; a resumed run that drew that batch's
-    flips from it again would flip other images and shift all later noise.
+    `position` is an item's index in a map-style dataset, or (DataLoader
+    worker, index in that worker's stream) for a streamed one. The draws depend
+    on nothing else: not on the process or DataLoader worker that decodes the
+    item, and not on the global RNG, which also draws the noise. accelerate's
+    DataLoader reads one batch ahead, so a checkpoint's RNG state already holds
+    the next batch's draws; a resumed run that drew that batch's flips from it
+    again would flip other images and shift all later noise.
     """
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, *position]).generate_state(1)[0]))
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -224,25 +227,92 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
-    """A streamed 🤗 dataset, decoded and preprocessed as it arrives.
+    """A streamed 🤗 dataset, decoded and preprocessed as it arrives, that resumes where training stopped.
 
     Unreadable images are skipped, counted and named in a warning, as in
     `PreprocessedImages`; 100 in a row stop the run.
+
+    Each item carries its place in the stream: `stream_worker` (the DataLoader
+    worker that read it; 0 without workers) and `stream_position` (its index in
+    that worker's share of this epoch's shuffled stream). Its crop and flip are
+    drawn from `augmentation_generator(seed, epoch, worker, position)`. The
+    training loop `record`s each batch it trains on; `state_dict()` is then the
+    epoch and, per worker, the position after the last trained item (not after
+    the batch accelerate has already read ahead). A stream given that state by
+    `load_state_dict` passes over the items before it without decoding them, so
+    a resumed run trains on exactly the items, crops and flips that the
+    uninterrupted run would have. (With several workers each resumes its own
+    share exactly, but the DataLoader starts its round of workers again at
+    worker 0, so batches may come in another interleaving; a worker shuffles
+    its share in another order than the main process, so a run is resumed with
+    the `--dataloader_num_workers` it was started with.)
+
+    🤗 datasets' own `IterableDataset.state_dict()` cannot do this: it does not
+    hold the content of the shuffle buffer, and a stream restored from it
+    refills the buffer from the data that follows (its `load_state_dict` warns
+    so), which changes which images come next and in what order. Passing over
+    the items re-reads them from the start of the epoch, undecoded: cheap for
+    local files, a second download of that part of the epoch for a Hub stream.
     """
 
-    def __init__(self, stream: datasets.IterableDataset, preprocess: ImagePreprocessor):
+    def __init__(self, stream: datasets.IterableDataset, preprocess: ImagePreprocessor, seed: int = 0):
         self.stream = stream
         self.preprocess = preprocess
+        self.seed = seed
         self.num_skipped = 0
+        self.epoch = 0
+        self.start: dict[int, int] = {}  # worker → items of this epoch to pass over (a resumed run)
+        self.trained: dict[int, int] = {}  # worker → items of this epoch the recorded batches went up to
+        self.pending: list[torch.Tensor] = []  # (worker, last position) of recorded batches, not yet read
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning (accelerate also re-sets the current one)
+            self.start, self.trained, self.pending = {}, {}, []
+        self.epoch = epoch
         self.stream.set_epoch(epoch)  # a new shuffle order
 
+    def record(self, batch: dict[str, torch.Tensor]) -> None:
+        """Note that `batch` was trained on: a checkpoint taken now resumes after it."""
+        # A batch comes from one worker, in stream order. Its tensors may be on the GPU: reading them now
+        # would wait for the GPU at every micro-batch, so they are read in bulk, now and then.
+        self.pending.append(torch.stack([batch["stream_worker"][-1], batch["stream_position"][-1]]))
+        if len(self.pending) == 64:
+            self._read_pending()
+
+    def _read_pending(self) -> None:
+        if self.pending:
+            for worker, position in torch.stack(self.pending).tolist():
+                self.trained[worker] = max(self.trained.get(worker, 0), position + 1)
+            self.pending = []
+
+    def state_dict(self) -> dict:
+        """The epoch and, per worker, the position after the items trained on by any process.
+
+        accelerate writes this object's state from the main process only, so
+        every process's record is gathered here (each process calls it).
+        """
+        self._read_pending()
+        positions: dict[int, int] = {}
+        for trained in gather_object([self.trained]):
+            for worker, position in trained.items():
+                positions[worker] = max(positions.get(worker, 0), position)
+        return {"epoch": self.epoch, "positions": positions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self.start, self.trained, self.pending = dict(state["positions"]), dict(state["positions"]), []
+
     def __iter__(self):
+        worker_info = torch.utils.data.get_worker_info()
+        worker = 0 if worker_info is None else worker_info.id
+        start = self.start.get(worker, 0)
         in_a_row = 0
-        for example in self.stream:
+        for position, example in enumerate(self.stream):
+            if position < start:
+                continue  # trained on before this run was resumed
+            generator = augmentation_generator(self.seed, self.epoch, worker, position)
             try:
-                pixel_values = self.preprocess(example["image"])
+                pixel_values = self.preprocess(example["image"], generator)
             except UNREADABLE_IMAGE_ERRORS as error:
                 self.num_skipped += 1
                 in_a_row += 1
@@ -251,7 +321,7 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
                     raise too_many_unreadable("in the stream") from error
                 continue
             in_a_row = 0
-            yield {"pixel_values": pixel_values}
+            yield {"pixel_values": pixel_values, "stream_worker": worker, "stream_position": position}
 
 
 def make_training_dataset(
@@ -260,9 +330,15 @@ def make_training_dataset(
     seed: int | None = None,
     shuffle_buffer_size: int = 10_000,
 ) -> torch.utils.data.Dataset:
-    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W)}`."""
+    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W)}` (plus, for a stream,
+    the item's place in it).
+
+    The shuffle's seed is `seed` (0 if None), never a random one: a resumed
+    stream must shuffle as the interrupted one did, and every process alike.
+    """
     if isinstance(dataset, datasets.IterableDataset):
-        return PreprocessedStream(dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size), preprocess)
+        shuffled = dataset.shuffle(seed=seed or 0, buffer_size=shuffle_buffer_size)
+        return PreprocessedStream(shuffled, preprocess, seed or 0)
     return PreprocessedImages(dataset, preprocess, seed or 0)
 
 

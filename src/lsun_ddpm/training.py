@@ -6,7 +6,6 @@ needs (resuming, logging, writing folders) lives in the helpers below it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,20 +24,18 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gath
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import diffusion
+from . import diffusion, run_folder
 from .config import TrainingConfig, check_training_inputs
-from .data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
+from .data import (ImagePreprocessor, PreprocessedStream, load_image_dataset, make_dataloader,
+                   make_training_dataset)
 from .ema import ema_weights, make_ema
-from .errors import RunNotPushedError, run_command, take_debug_flag
+from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
+from .run_folder import CONFIG_FILE, GRID_FILE
 from .sampling import SamplingPlan, generate, image_grid
 
 logger = get_logger(__name__)
-
-SUMMARY_FILE = "training_summary.json"
-CONFIG_FILE = "training_config.yaml"
-GRID_FILE = "sample_grid.png"
 
 
 def train(config: TrainingConfig) -> Path:
@@ -54,6 +51,7 @@ def train(config: TrainingConfig) -> Path:
         set_seed(config.seed)
     model = build_model(config.model_preset, config.model_config_name_or_path, **_size_override(config))
     config.resolution = model.config.sample_size
+    prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     seed_this_process(config)
@@ -83,6 +81,10 @@ def train(config: TrainingConfig) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     global_step = resume_if_requested(accelerator, config, ema)
+    if global_step >= max_train_steps:
+        logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
+                    main_process_only=True)
+        return output_dir  # its summary, config and logs stay as they were
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
@@ -178,7 +180,9 @@ def seed_this_process(config: TrainingConfig) -> None:
 def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
     """The training DataLoader of this process: its shard of each epoch, in micro-batches.
 
-    `config.resolution` must be set (training sets it from the model).
+    `config.resolution` must be set (training sets it from the model). A
+    stream is registered for checkpointing (before the lr schedule and EMA),
+    so that `--resume_from_checkpoint` continues it where the run stopped.
     """
     with accelerator.main_process_first():  # one process downloads and caches, the others read
         dataset = load_image_dataset(
@@ -187,7 +191,22 @@ def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
         )
     preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip)
     train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
-    return accelerator.prepare(make_dataloader(train_images, config.train_batch_size, config.dataloader_num_workers))
+    dataloader = accelerator.prepare(make_dataloader(train_images, config.train_batch_size,
+                                                     config.dataloader_num_workers))
+    if isinstance(train_images, PreprocessedStream):
+        accelerator.register_for_checkpointing(train_images)  # its position goes into each checkpoint
+        seed_stream_workers_apart_from_the_global_rng(dataloader)
+    return dataloader
+
+
+def seed_stream_workers_apart_from_the_global_rng(dataloader) -> None:
+    """accelerate dispatches a stream's batches from the main process through a DataLoader it builds without
+    the generator `make_dataloader` gave; that DataLoader would draw its workers' seed from the global RNG at
+    each epoch's start, and a resumed run, which starts its epoch after the checkpoint's RNG state is loaded,
+    would then draw all later noise one number off."""
+    base = getattr(dataloader, "base_dataloader", None)
+    if base is not None and base.generator is None:
+        base.generator = torch.Generator()
 
 
 def _size_override(config: TrainingConfig) -> dict:
@@ -201,6 +220,23 @@ def _optimizer_steps_per_epoch(dataloader, accumulation: int) -> int | None:
         return math.ceil(len(dataloader) / accumulation)
     except TypeError:  # a stream has no length
         return None
+
+
+def prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel) -> None:
+    """Refuse an --output_dir holding another run, a checkpoint that cannot be resumed, a disk too small;
+    with --overwrite_output_dir move the old run aside. `config.resolution` must be resolved."""
+    move_aside = run_folder.check_output_dir(config)
+    run_folder.checkpoint_to_resume(config)  # a wrong checkpoint is refused now, not after loading the data
+    run_folder.check_disk_space(config.output_dir, count_parameters(unet), config.use_ema)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
+    if move_aside and accelerator.is_main_process:
+        aside = run_folder.move_run_aside(Path(config.output_dir), keep=[config.train_data_dir, config.cache_dir])
+        if config.overwrite_output_dir:
+            logger.warning("--overwrite_output_dir: moved the previous run in %s to %s", config.output_dir, aside)
+        else:
+            logger.warning("--resume_from_checkpoint latest: the run in %s stopped before its first checkpoint; "
+                           "moved that attempt to %s and starting from step 0", config.output_dir, aside)
+    accelerator.wait_for_everyone()
 
 
 def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel,
@@ -256,20 +292,47 @@ def micro_batches(accelerator: Accelerator, dataloader, global_step: int, steps_
     """Micro-batches forever, epoch after epoch, starting where `global_step` left off.
 
     On resume the batches already trained on are skipped by the sampler
-    (`skip_first_batches`), without decoding them.
+    (`skip_first_batches`), without decoding them. A stream instead resumes
+    from the position its checkpointed state holds (`streamed_micro_batches`).
     """
+    stream = preprocessed_stream(dataloader)
+    if stream is not None:
+        yield from streamed_micro_batches(dataloader, stream)
+        return
     epoch, skip = 0, 0
-    if steps_per_epoch is not None and global_step:
+    if global_step:
         epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
         skip = steps_into_epoch * config.gradient_accumulation_steps
-    elif global_step:
-        logger.warning("resuming a streamed dataset: the stream restarts from its beginning", main_process_only=True)
     while True:
         dataloader.set_epoch(epoch)  # the sampler's shuffle
         if hasattr(dataloader.dataset, "set_epoch"):  # the random crops and flips (accelerate may not tell it)
             dataloader.dataset.set_epoch(epoch)
         yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         epoch, skip = epoch + 1, 0
+
+
+def preprocessed_stream(dataloader) -> PreprocessedStream | None:
+    """The stream a prepared DataLoader reads, also when accelerate wrapped it to shard it; None for map-style data."""
+    dataset = dataloader.dataset
+    dataset = getattr(dataset, "dataset", dataset)  # accelerate's IterableDatasetShard
+    return dataset if isinstance(dataset, PreprocessedStream) else None
+
+
+def streamed_micro_batches(dataloader, stream: PreprocessedStream) -> Iterator[dict]:
+    """A stream's micro-batches from its current epoch and position on (a resumed run: the checkpoint's).
+
+    Each batch is recorded as trained on when the loop takes it, so a
+    checkpoint holds the position after the batches actually trained on, not
+    after the one accelerate has read ahead.
+    """
+    epoch = stream.epoch
+    while True:
+        dataloader.set_epoch(epoch)
+        stream.set_epoch(epoch)  # the shuffle, the crops and flips (accelerate may not tell it)
+        for batch in dataloader:
+            stream.record(batch)
+            yield batch
+        epoch += 1
 
 
 # ---------------------------------------------------------------- statistics
@@ -317,20 +380,23 @@ class StepStats:
 
 
 def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -> int:
-    """Load `--resume_from_checkpoint` (a folder or "latest"); return its optimizer step."""
-    if not config.resume_from_checkpoint:
-        return 0
-    if config.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(config.output_dir)
-        if not checkpoints:
+    """Load `--resume_from_checkpoint` (a folder, or "latest": the newest complete checkpoint of this run);
+    return its optimizer step."""
+    path, passed_over = run_folder.checkpoint_to_resume(config)
+    for skipped in passed_over:
+        logger.warning("--resume_from_checkpoint latest: passing over %s", skipped, main_process_only=True)
+    if path is None:
+        if config.resume_from_checkpoint:
             logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
-            return 0
-        path = checkpoints[-1]
-    else:
-        path = Path(config.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-    accelerator.load_state(str(path))
+        return 0
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        # A checkpoint without a config copy (an older run) of another model: one sentence, not 130 lines.
+        raise InputError(f"--resume_from_checkpoint {path}: its weights have other shapes than this model's "
+                         f"({config.model_preset}); resume it with the model it was trained with") from None
     if ema is not None:
         ema.to(accelerator.device)
     logger.info("resumed from %s", path, main_process_only=True)
@@ -339,7 +405,8 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
     """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to
-    `checkpoint-<step>`, written under a temporary name and renamed when complete."""
+    `checkpoint-<step>`, with a copy of the run's config, written under a temporary name and renamed
+    when complete."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process and staging.exists():
@@ -348,6 +415,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(staging))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if (output_dir / CONFIG_FILE).is_file():  # the run it belongs to, for a later resume by path
+            shutil.copy2(output_dir / CONFIG_FILE, staging / CONFIG_FILE)
         replace_path(staging, final)
         logger.info("saved %s", final)
         if total_limit is not None:
@@ -415,8 +484,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "weights_sha256_per_process": fingerprints,
             "replicas_in_sync": in_sync,
         }
-        with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as file:
-            json.dump(summary, file, indent=2)
+        run_folder.write_summary(config.output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if config.push_to_hub and accelerator.is_main_process:  # last: the run is complete whatever the upload does
