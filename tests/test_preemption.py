@@ -25,7 +25,7 @@ RUN_ARGS = ["--gradient_accumulation_steps", "2", "--max_train_steps", str(STEPS
             "--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
 NAN_AT_STEP_5 = ["--nan_loss_at_steps", "5"]
 SIGNAL_STATUS = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as the README documents
-NONFINITE_STATUS = 3
+NONFINITE_STATUS = 4
 
 
 def run_probed(tmp_path: Path, output_dir: Path, probes: list[str], args: list[str]) -> subprocess.CompletedProcess:

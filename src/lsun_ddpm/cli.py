@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import DEBUG_FLAG, INPUT_ERROR_STATUS, did_you_mean, run_command, take_debug_flag
+
 COMMANDS = {
     "train": "train the DDPM (same flags as train_unconditional.py; see `lsun-ddpm train --help`)",
     "demo": "a few minutes of training on bundled photos, then the paper's figures from it and a pipeline folder",
@@ -18,13 +20,13 @@ COMMANDS = {
 
 
 def train_command(argv: list[str]) -> None:
-    from .training import main
+    from .training import train_from_command_line
 
-    main(argv, program="lsun-ddpm train")
+    train_from_command_line(argv, program="lsun-ddpm train")
 
 
 def demo_command(argv: list[str]) -> None:
-    from .config import parse_training_config
+    from .config import check_training_inputs, parse_training_config
     from .demo import demo_defaults, overview, paper_figures, write_demo_images
     from .export import save_image
     from .training import train
@@ -32,7 +34,8 @@ def demo_command(argv: list[str]) -> None:
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--output_dir", default="demo-run")
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
-    config = parse_training_config(argv, defaults=demo_defaults(output_dir))
+    config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
+    check_training_inputs(config)  # before the demo's photos are written into the output folder
     count = write_demo_images(config.train_data_dir)
     print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
     output = train(config)
@@ -294,24 +297,24 @@ HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_comma
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command. Input the user can fix is reported as `lsun-ddpm <command>: error: <sentence>`
+    with exit status 2 and no traceback (`--debug` or LSUN_DDPM_DEBUG=1 shows it)."""
+    argv, debug = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] not in HANDLERS:
-        print("usage: lsun-ddpm <command> [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<12} {text}")
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    from .data import DatasetUnavailableError
-    from .hub import HubUploadError
-    from .lpips_features import LpipsWeightsUnavailableError
-    from .sampling import ModelUnavailableError
+        print_usage(argv[0] if argv else None)
+    run_command(f"lsun-ddpm {argv[0]}", HANDLERS[argv[0]], argv[1:], debug)
 
-    try:
-        HANDLERS[argv[0]](argv[1:])
-    except (ModelUnavailableError, HubUploadError, DatasetUnavailableError, LpipsWeightsUnavailableError,
-            FileNotFoundError, FileExistsError, ValueError) as error:
-        if argv[0] in ("train", "demo"):
-            raise
-        raise SystemExit(f"lsun-ddpm {argv[0]}: error: {error}") from None
+
+def print_usage(command: str | None) -> None:
+    """The list of commands; exit 0 if it was asked for, else 2 with what was wrong."""
+    print(f"usage: lsun-ddpm <command> [options] [{DEBUG_FLAG}]\n\ncommands:")
+    for name, text in COMMANDS.items():
+        print(f"  {name:<12} {text}")
+    if command in ("-h", "--help"):
+        raise SystemExit(0)
+    problem = "no command given" if command is None else f"unknown command {command!r}{did_you_mean(command, HANDLERS)}"
+    print(f"lsun-ddpm: error: {problem}", file=sys.stderr)
+    raise SystemExit(INPUT_ERROR_STATUS)
 
 
 if __name__ == "__main__":

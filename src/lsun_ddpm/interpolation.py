@@ -119,7 +119,7 @@ def _endpoint_tensors(pipeline: DDPMInterpolationPipeline, pair: Pair, num_infer
         generated = pipeline.endpoints_from_seeds((pair.a, pair.b), num_inference_steps).float().cpu()
         return generated[0], generated[1]
     if isinstance(pair.a, int) or isinstance(pair.b, int):
-        raise ValueError(f"a pair is two seeds or two images, not one of each: {pair}")
+        raise InputError(f"a pair is two seeds or two images, not one of each: {pair}")
     return _image_tensor(pair.a, pipeline.resolution), _image_tensor(pair.b, pipeline.resolution)
 
 

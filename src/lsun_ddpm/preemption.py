@@ -8,7 +8,7 @@ status a scheduler understands:
 - 128 + the signal's number after SIGTERM (143) or SIGINT (130), as a shell
   reports a process killed by that signal: a requeue script treats it like the
   kill it asked for, and the run resumes with `--resume_from_checkpoint latest`;
-- `NONFINITE_EXIT_STATUS` (3) after `--max_nonfinite_steps` optimizer steps in a
+- `NONFINITE_EXIT_STATUS` (4) after `--max_nonfinite_steps` optimizer steps in a
   row had a non-finite loss or gradient norm: resuming as is would likely fail
   again, so it is not a status a requeue script should retry blindly.
 """
@@ -27,7 +27,7 @@ from accelerate.logging import get_logger
 logger = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-NONFINITE_EXIT_STATUS = 3
+NONFINITE_EXIT_STATUS = 4  # after 2 (input to fix) and 3 (finished, not pushed): see errors.py
 # A launcher (torchrun) forwards the Ctrl-C its workers already got from the terminal: a repeat this
 # soon is the same request, not a second Ctrl-C.
 REPEAT_WINDOW_SECONDS = 2.0
