@@ -151,3 +151,11 @@ def test_a_second_ctrl_c_aborts_but_a_launcher_forwarding_the_first_does_not(mon
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_max_nonfinite_steps_below_one_is_an_input_error():
+    from lsun_ddpm.config import TrainingConfig
+    from lsun_ddpm.errors import InputError
+
+    with pytest.raises(InputError, match="--max_nonfinite_steps must be at least 1, got 0"):
+        TrainingConfig(max_nonfinite_steps=0)
