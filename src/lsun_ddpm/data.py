@@ -266,7 +266,7 @@ class ImageReport:
         if notes is None:
             return
         notes = notes.cpu()
-        for row in notes[notes.any(dim=1)]:
+        for row in notes[(notes != 0).any(dim=1)]:
             self.add(*decode_notes(row))
 
     def add(self, counts: dict[str, int], notes: list[Note]) -> None:
@@ -314,7 +314,8 @@ def summarise_image_reports(reports: list[ImageReport]) -> tuple[dict[str, Any],
     lines = []
     for kind, advice in ((SKIPPED, ""), (UPSCALED, " (--min_image_size skips such images instead)")):
         if total.count(kind):
-            lines.append(f"{total.count(kind)} images {kind}{advice}; the first:")
+            count = total.count(kind)
+            lines.append(f"{count} image{'s' if count != 1 else ''} {kind}{advice}; the first:")
             lines.extend(f"  {example}" for example in total.examples(kind))
     return summary, lines
 
@@ -333,13 +334,20 @@ def log_note(kind: str, source: Any, reason: str) -> Note:
     return (kind, image_source_name(source), reason)
 
 
+def describe_error(error: Exception) -> str:
+    """Why an image was skipped, without PIL's "<_io.BytesIO object at 0x...>" (noise in a report)."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    return str(error) or type(error).__name__
+
+
 def prepare_or_note(preprocess: ImagePreprocessor, source: Any, generator: torch.Generator | None,
                     notes: list[Note]) -> torch.Tensor | None:
     """The image's pixels, or None when it must be skipped; a skip or an upscale is added to `notes`."""
     try:
         prepared = preprocess.prepare(source, generator)
     except UNREADABLE_IMAGE_ERRORS as error:
-        notes.append(log_note(SKIPPED, source, str(error) or type(error).__name__))
+        notes.append(log_note(SKIPPED, source, describe_error(error)))
         return None
     if prepared.upscaled:
         width, height = prepared.original_size
