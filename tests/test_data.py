@@ -11,7 +11,7 @@ from PIL import Image
 
 from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
                             PreprocessedStream, decode_notes, encode_notes, load_image_dataset, make_dataloader,
-                            make_training_dataset, resize_shorter_side)
+                            make_training_dataset, resize_shorter_side, summarise_image_reports)
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
 
@@ -363,3 +363,14 @@ def test_root_images_next_to_a_val_folder(tmp_path):
         halves_image(20, 20).save(tmp_path / name)
     paths = sorted(row["image"]["path"].rsplit("/", 1)[1] for row in load_image_dataset(train_data_dir=str(tmp_path)))
     assert paths == ["a.png", "b.jpg", "c.png"]
+
+
+def test_reports_of_several_processes_add_up_each_file_once():
+    first, second = ImageReport(), ImageReport()
+    first.add({SKIPPED: 1}, [(SKIPPED, "a.png", "truncated")])
+    second.add({SKIPPED: 2, UPSCALED: 1}, [(SKIPPED, "a.png", "truncated"), (SKIPPED, None, "mode F"),
+                                          (UPSCALED, "b.png", "8x8 upscaled to 16 px")])
+    summary, lines = summarise_image_reports([first, second])  # what gather_object hands the main process
+    assert summary["images_skipped"] == 2 and summary["images_upscaled"] == 1
+    assert summary["images_skipped_examples"] == ["a.png: truncated", "mode F"]
+    assert lines[0] == "2 images skipped; the first:" and lines[1] == "  a.png: truncated"
