@@ -215,6 +215,7 @@ Note = tuple[str, "str | None", str]
 NOTE_BYTES = 512
 MAX_NOTE_FIELD = 160  # characters kept of a path (its end) and of a reason (its start)
 NO_NOTES = torch.zeros(NOTE_BYTES, dtype=torch.uint8)
+REPORTED_EXAMPLES = 5  # files (with reasons) named per kind at the end of a run and in its summary
 
 
 def describe_image_source(source: Any) -> str:
@@ -300,9 +301,6 @@ class ImageReport:
         return (named + self.unnamed_reasons[kind])[:REPORTED_EXAMPLES]
 
 
-REPORTED_EXAMPLES = 5
-
-
 def summarise_image_reports(reports: list[ImageReport]) -> tuple[dict[str, Any], list[str]]:
     """All processes' reports (`gather_object`) as the run summary's fields and the end-of-run lines."""
     total = ImageReport()
@@ -313,8 +311,8 @@ def summarise_image_reports(reports: list[ImageReport]) -> tuple[dict[str, Any],
                "images_upscaled_examples": total.examples(UPSCALED)}
     lines = []
     for kind, advice in ((SKIPPED, ""), (UPSCALED, " (--min_image_size skips such images instead)")):
-        if total.count(kind):
-            count = total.count(kind)
+        count = total.count(kind)
+        if count:
             lines.append(f"{count} image{'s' if count != 1 else ''} {kind}{advice}; the first:")
             lines.extend(f"  {example}" for example in total.examples(kind))
     return summary, lines
