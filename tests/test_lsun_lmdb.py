@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_image, read_summary, run_training
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_training_dataset
+from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
 from lsun_ddpm.errors import InputError
 
 lmdb = pytest.importorskip("lmdb", reason="the lsun extra (pip install lmdb)")
@@ -43,8 +43,10 @@ def test_lmdb_gives_the_same_tensors_as_the_same_images_in_a_folder(image_folder
     from_lmdb = make_training_dataset(records, preprocess)
     assert torch.equal(sorted_images(from_lmdb[i]["pixel_values"] for i in range(len(from_lmdb))), expected)
 
-    streamed = make_training_dataset(load_image_dataset(train_data_dir=str(folder), streaming=True), preprocess, seed=0)
-    assert torch.equal(sorted_images(item["pixel_values"] for item in streamed), expected)
+    stream = load_image_dataset(train_data_dir=str(folder), streaming=True)
+    assert stream.n_shards > 1  # DataLoader workers share the decoding
+    batches = make_dataloader(make_training_dataset(stream, preprocess, seed=0), batch_size=4, num_workers=2)
+    assert torch.equal(sorted_images(torch.cat([batch["pixel_values"] for batch in batches])), expected)
 
 
 def encoded(image, format="WEBP") -> bytes:
