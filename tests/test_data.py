@@ -180,7 +180,7 @@ def test_a_hundred_unreadable_images_in_a_row_are_a_clear_error(tmp_path, stream
     images = load_image_dataset(train_data_dir=str(write_broken_images(tmp_path / "broken", 100)),
                                 streaming=streaming)
     dataset = make_training_dataset(images, ImagePreprocessor(16), seed=0)
-    with pytest.raises(DatasetUnavailableError, match="100 unusable images in a row"):
+    with pytest.raises(DatasetUnavailableError, match="100 unreadable images in a row"):
         list(dataset) if streaming else dataset[0]
 
 

@@ -361,8 +361,8 @@ MAX_CONSECUTIVE_UNREADABLE = 100
 def too_many_unreadable(where: str, notes: list[Note]) -> DatasetUnavailableError:
     kind, source, reason = notes[-1]
     return DatasetUnavailableError(
-        f"{MAX_CONSECUTIVE_UNREADABLE} unusable images in a row {where} (the last, {source or 'an image'}: "
-        f"{reason}): check the data, or lower --min_image_size if it skips them"
+        f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row {where} (the last, {source or 'an image'}: "
+        f"{reason}): check the data (images below --min_image_size count too)"
     )
 
 
