@@ -109,6 +109,12 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     return result
 
 
+def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args],
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 

@@ -19,7 +19,8 @@ from lsun_ddpm.config import TrainingConfig
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.models import build_model
 
-from conftest import TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_training
+from conftest import (TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
+                      run_training)
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +155,8 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_
 
 def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    linear = torch.nn.Linear(2, 2)
+    model, _ = accelerator.prepare(linear, torch.optim.AdamW(linear.parameters()))
     torch.nn.init.constant_(model.weight, 1.0)
     training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
     torch.nn.init.constant_(model.weight, 2.0)
@@ -224,12 +226,6 @@ def test_the_hub_token_is_in_no_output_log_config_summary_card_or_upload(tmp_pat
     assert token not in result.stdout + result.stderr
     assert not [str(path) for path, data in written.items() if token.encode() in data]
     assert not [name for name, data in uploaded.items() if token.encode() in data]
-
-
-def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
-    return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train_unconditional.py"), *args],
-                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, image_folder):

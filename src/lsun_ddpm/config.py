@@ -21,6 +21,9 @@ from .models import PRESETS
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
+# Fields that act on this invocation only: a saved config reused with --config must not
+# move the run it came from aside.
+ONE_TIME_FIELDS = ("overwrite_output_dir",)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -71,6 +74,11 @@ class TrainingConfig:
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes per process."))
     # ---------------------------------------------------------------- optimisation
     output_dir: str = field(default="ddpm-lsun-bedroom-128", metadata=_help("Run folder: pipeline + checkpoints."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help("Start a new run in an --output_dir that holds another: the old run is moved aside to "
+                       "OUTPUT_DIR.replaced-<UTC time>, not deleted."),
+    )
     seed: Optional[int] = field(
         default=None, metadata=_help("Seed for a reproducible run (it also orders the data; unset: order seed 0).")
     )
@@ -157,9 +165,10 @@ class TrainingConfig:
         return values
 
     def save(self, path: str) -> None:
-        """Write the resolved configuration (no secrets) as YAML, reusable with --config."""
+        """Write the resolved configuration (no secrets, no one-time flags) as YAML, reusable with --config."""
+        values = {name: value for name, value in self.to_dict().items() if name not in ONE_TIME_FIELDS}
         with open(path, "w") as file:
-            yaml.safe_dump(self.to_dict(), file, sort_keys=False)
+            yaml.safe_dump(values, file, sort_keys=False)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

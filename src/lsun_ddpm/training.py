@@ -6,7 +6,6 @@ needs (resuming, logging, writing folders) lives in the helpers below it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,20 +23,18 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gath
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import diffusion
+from . import diffusion, run_folder
 from .config import TrainingConfig
 from .data import (ImagePreprocessor, ImageReport, load_image_dataset, make_dataloader, make_training_dataset,
                    summarise_image_reports)
 from .ema import ema_weights, make_ema
+from .errors import InputError
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
+from .run_folder import CONFIG_FILE, GRID_FILE
 from .sampling import SamplingPlan, generate, image_grid
 
 logger = get_logger(__name__)
-
-SUMMARY_FILE = "training_summary.json"
-CONFIG_FILE = "training_config.yaml"
-GRID_FILE = "sample_grid.png"
 
 
 def train(config: TrainingConfig) -> Path:
@@ -52,6 +49,7 @@ def train(config: TrainingConfig) -> Path:
         set_seed(config.seed)
     model = build_model(config.model_preset, config.model_config_name_or_path, **_size_override(config))
     config.resolution = model.config.sample_size
+    prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     seed_this_process(config)
@@ -81,6 +79,10 @@ def train(config: TrainingConfig) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     global_step = resume_if_requested(accelerator, config, ema)
+    if global_step >= max_train_steps:
+        logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
+                    main_process_only=True)
+        return output_dir  # its summary, config and logs stay as they were
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
     image_report = ImageReport()  # images skipped or upscaled, wherever they were decoded
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None, program: str = "train_unconditional.py")
     config = parse_training_config(argv)
     try:
         train(config)
-    except (DatasetUnavailableError, FileNotFoundError) as error:
+    except (DatasetUnavailableError, FileNotFoundError, InputError) as error:
         raise SystemExit(f"{program}: error: {error}") from None
 
 
@@ -200,6 +202,23 @@ def _optimizer_steps_per_epoch(dataloader, accumulation: int) -> int | None:
         return math.ceil(len(dataloader) / accumulation)
     except TypeError:  # a stream has no length
         return None
+
+
+def prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel) -> None:
+    """Refuse an --output_dir holding another run, a checkpoint that cannot be resumed, a disk too small;
+    with --overwrite_output_dir move the old run aside. `config.resolution` must be resolved."""
+    move_aside = run_folder.check_output_dir(config)
+    run_folder.checkpoint_to_resume(config)  # a wrong checkpoint is refused now, not after loading the data
+    run_folder.check_disk_space(config.output_dir, count_parameters(unet), config.use_ema)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
+    if move_aside and accelerator.is_main_process:
+        aside = run_folder.move_run_aside(Path(config.output_dir), keep=[config.train_data_dir, config.cache_dir])
+        if config.overwrite_output_dir:
+            logger.warning("--overwrite_output_dir: moved the previous run in %s to %s", config.output_dir, aside)
+        else:
+            logger.warning("--resume_from_checkpoint latest: the run in %s stopped before its first checkpoint; "
+                           "moved that attempt to %s and starting from step 0", config.output_dir, aside)
+    accelerator.wait_for_everyone()
 
 
 def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel,
@@ -316,20 +335,23 @@ class StepStats:
 
 
 def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -> int:
-    """Load `--resume_from_checkpoint` (a folder or "latest"); return its optimizer step."""
-    if not config.resume_from_checkpoint:
-        return 0
-    if config.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(config.output_dir)
-        if not checkpoints:
+    """Load `--resume_from_checkpoint` (a folder, or "latest": the newest complete checkpoint of this run);
+    return its optimizer step."""
+    path, passed_over = run_folder.checkpoint_to_resume(config)
+    for skipped in passed_over:
+        logger.warning("--resume_from_checkpoint latest: passing over %s", skipped, main_process_only=True)
+    if path is None:
+        if config.resume_from_checkpoint:
             logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
-            return 0
-        path = checkpoints[-1]
-    else:
-        path = Path(config.resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-    accelerator.load_state(str(path))
+        return 0
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        # A checkpoint without a config copy (an older run) of another model: one sentence, not 130 lines.
+        raise InputError(f"--resume_from_checkpoint {path}: its weights have other shapes than this model's "
+                         f"({config.model_preset}); resume it with the model it was trained with") from None
     if ema is not None:
         ema.to(accelerator.device)
     logger.info("resumed from %s", path, main_process_only=True)
@@ -338,7 +360,8 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
     """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to
-    `checkpoint-<step>`, written under a temporary name and renamed when complete."""
+    `checkpoint-<step>`, with a copy of the run's config, written under a temporary name and renamed
+    when complete."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process and staging.exists():
@@ -347,6 +370,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(staging))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if (output_dir / CONFIG_FILE).is_file():  # the run it belongs to, for a later resume by path
+            shutil.copy2(output_dir / CONFIG_FILE, staging / CONFIG_FILE)
         replace_path(staging, final)
         logger.info("saved %s", final)
         if total_limit is not None:
@@ -418,8 +443,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "replicas_in_sync": in_sync,
             **image_counts,
         }
-        with open(os.path.join(config.output_dir, SUMMARY_FILE), "w") as file:
-            json.dump(summary, file, indent=2)
+        run_folder.write_summary(config.output_dir, summary)
         if config.push_to_hub:
             from .hub import push_run
 

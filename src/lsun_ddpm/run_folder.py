@@ -1,0 +1,258 @@
+"""The run folder (`--output_dir`): what it holds, whose run it is, which checkpoint resumes it.
+
+A run folder holds one run. A second run started in it would mix the two runs'
+checkpoints, sample grids and TensorBoard logs, and `latest` would resume the
+first run; so a folder holding a run is refused before any work unless the run
+is resumed with its own settings or `--overwrite_output_dir` moves it aside.
+Every checkpoint carries a copy of its run's `training_config.yaml`, so a
+checkpoint given by path is recognised even outside its folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import TrainingConfig, read_config_file
+from .errors import InputError
+from .export import CHECKPOINT_PATTERN, list_checkpoints, write_text
+
+CONFIG_FILE = "training_config.yaml"
+SUMMARY_FILE = "training_summary.json"
+GRID_FILE = "sample_grid.png"
+# Entries only a training run writes: finding one of them means the folder holds a run.
+RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.json")
+# The settings that make a run what it is: a checkpoint of another shape, resolution or
+# schedule cannot be resumed, and its samples and logs mean something else.
+RUN_DEFINING_FIELDS = ("model_preset", "model_config_name_or_path", "resolution", "ddpm_num_steps",
+                       "ddpm_beta_schedule", "prediction_type", "use_ema")
+# What `accelerator.save_state` writes for a model and its optimizer on process 0.
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+STATE_FILES = ("optimizer.bin", "random_states_0.pkl")
+
+
+# ---------------------------------------------------------------- which run
+
+
+def run_entries(output_dir: Path, logging_dir: str) -> list[str]:
+    """Names of the entries in `output_dir` that a training run wrote (empty: it holds no run)."""
+    if not output_dir.is_dir():
+        return []
+    markers = set(RUN_MARKERS) | {Path(logging_dir).name}
+    return sorted(entry.name for entry in output_dir.iterdir()
+                  if entry.name in markers or CHECKPOINT_PATTERN.match(entry.name)
+                  or (entry.name.startswith(".checkpoint-") and entry.name.endswith(".partial")))
+
+
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The `training_config.yaml` in `folder` (a run folder or a checkpoint), or None."""
+    path = folder / CONFIG_FILE
+    return read_config_file(str(path)) if path.is_file() else None
+
+
+def run_differences(saved: dict[str, Any], config: TrainingConfig) -> list[str]:
+    """The run-defining settings in which a saved run differs from `config`, as "name X (this run: Y)".
+
+    `config.resolution` must be resolved (training sets it from the model). A field
+    missing from `saved` (an older run) is not compared.
+    """
+    current = config.to_dict()
+    return [f"{name} {saved[name]} (this run: {current[name]})"
+            for name in RUN_DEFINING_FIELDS if name in saved and saved[name] != current[name]]
+
+
+def check_output_dir(config: TrainingConfig) -> bool:
+    """Refuse an `--output_dir` that holds another run; True when `--overwrite_output_dir` is to move it aside.
+
+    Raises InputError when the folder holds a run and neither `--resume_from_checkpoint`
+    nor `--overwrite_output_dir` is given, or when the run to resume was trained with
+    other run-defining settings.
+    """
+    output_dir = Path(config.output_dir)
+    if config.overwrite_output_dir and config.resume_from_checkpoint:
+        raise InputError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
+                         "give only one of them")
+    entries = run_entries(output_dir, config.logging_dir)
+    if not entries:
+        return False
+    if config.overwrite_output_dir:
+        return True
+    saved = read_run_config(output_dir)
+    differences = run_differences(saved, config) if saved else []
+    trained_with = f", trained with {', '.join(differences)}" if differences else ""
+    if not config.resume_from_checkpoint:
+        raise InputError(
+            f"{output_dir} already holds a training run ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}"
+            f"{trained_with}): continue it with --resume_from_checkpoint latest and its settings, or start a new "
+            f"run with --overwrite_output_dir, which moves the old one aside")
+    if differences:
+        raise InputError(f"cannot resume the run in {output_dir}: it was trained with {', '.join(differences)}; "
+                         f"resume it with its settings, or start a new run with --overwrite_output_dir, "
+                         f"which moves the old one aside")
+    return is_restart_before_first_checkpoint(config)
+
+
+def is_restart_before_first_checkpoint(config: TrainingConfig) -> bool:
+    """`latest` in a folder whose run stopped before its first complete checkpoint and exported nothing.
+
+    That is a preemptible job's restart (jobs are resubmitted with the same
+    `--resume_from_checkpoint latest`): there is no step to resume and nothing
+    but the aborted attempt's logs and grids, which are moved aside rather than
+    mixed with the new attempt's. A run that exported a pipeline or wrote its
+    summary is never restarted from zero behind the user's back.
+    """
+    output_dir = Path(config.output_dir)
+    return (config.resume_from_checkpoint == "latest" and bool(run_entries(output_dir, config.logging_dir))
+            and latest_checkpoint(config)[0] is None and not _holds_results(output_dir))
+
+
+def _holds_results(output_dir: Path) -> bool:
+    return any((output_dir / name).exists() for name in (SUMMARY_FILE, "model_index.json"))
+
+
+def move_run_aside(output_dir: Path, keep: list[str | None] = ()) -> Path:
+    """Move everything in `output_dir` into a new sibling `<name>.replaced-<UTC time>`; return the sibling.
+
+    Entries holding a path of `keep` stay (training images inside the run
+    folder, as the demo writes them). Moving, not deleting: the old run is the
+    user's work, and the flag may have been given by mistake.
+    """
+    output_dir = output_dir.resolve()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = output_dir.with_name(f"{output_dir.name}.replaced-{stamp}")
+    suffix = 1
+    while aside.exists():
+        aside = output_dir.with_name(f"{output_dir.name}.replaced-{stamp}-{suffix}")
+        suffix += 1
+    aside.mkdir()
+    kept = [Path(path).resolve() for path in keep if path]
+    for entry in sorted(output_dir.iterdir()):
+        if not any(entry == path or entry in path.parents for path in kept):
+            shutil.move(str(entry), str(aside / entry.name))
+    return aside
+
+
+# ---------------------------------------------------------------- which checkpoint
+
+
+def checkpoint_problem(path: Path, config: TrainingConfig) -> str | None:
+    """Why `path` is not a complete checkpoint of this run (a phrase), or None when it is.
+
+    A checkpoint's run is read from its own copy of the config, else from the
+    run folder it lies in.
+    """
+    if not CHECKPOINT_PATTERN.match(path.name):
+        return "its name is not checkpoint-<step>"
+    if not any((path / name).is_file() for name in WEIGHTS_FILES):
+        return f"it holds no {WEIGHTS_FILES[0]}"
+    missing = [name for name in STATE_FILES if not (path / name).is_file()]
+    if missing:
+        return f"it holds no {missing[0]}"
+    saved = read_run_config(path) or read_run_config(path.parent)
+    differences = run_differences(saved, config) if saved else []
+    if differences:
+        return f"it was trained with {', '.join(differences)}"
+    return None
+
+
+def latest_checkpoint(config: TrainingConfig) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint of this run in `--output_dir`, and the newer ones passed over (with why)."""
+    passed_over = []
+    for path in reversed(list_checkpoints(config.output_dir)):
+        problem = checkpoint_problem(path, config)
+        if problem is None:
+            return path, passed_over
+        passed_over.append(f"{path.name} ({problem})")
+    return None, passed_over
+
+
+def checkpoint_to_resume(config: TrainingConfig) -> tuple[Path | None, list[str]]:
+    """The checkpoint `--resume_from_checkpoint` names, checked, and the newer ones `latest` passed over.
+
+    None when nothing is to be resumed: no flag, or `latest` in a folder that
+    holds no run yet or one stopped before its first checkpoint (see
+    `is_restart_before_first_checkpoint`). Raises InputError for anything else
+    that cannot be resumed.
+    """
+    if not config.resume_from_checkpoint:
+        return None, []
+    flag = f"--resume_from_checkpoint {config.resume_from_checkpoint}"
+    if config.resume_from_checkpoint == "latest":
+        path, passed_over = latest_checkpoint(config)
+        if path is None and _holds_results(Path(config.output_dir)):
+            passed = f" ({'; '.join(passed_over)})" if passed_over else ""
+            raise InputError(f"{flag}: {config.output_dir} holds a run but no complete checkpoint of it{passed}; "
+                             f"start a new run with --overwrite_output_dir, which moves the old one aside")
+        return path, passed_over
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_dir():
+        raise InputError(f"{flag}: no such checkpoint folder")
+    problem = checkpoint_problem(path, config)
+    if problem is not None:
+        raise InputError(f"{flag} cannot be resumed: {problem}; give a checkpoint-<step> folder written by "
+                         f"a run with these settings, or `latest`")
+    return path, []
+
+
+# ---------------------------------------------------------------- disk space
+
+
+def bytes_needed(num_parameters: int, use_ema: bool) -> tuple[int, int]:
+    """(one checkpoint, the pipeline folder) in bytes, from the parameter count.
+
+    All fp32 (mixed precision keeps fp32 master weights): a checkpoint holds the
+    weights and Adam's two moments, plus the EMA; the pipeline folder the EMA
+    weights in `unet/` and the raw ones in `unet_raw/`. Configs, RNG states and
+    pickling add little, so this is a lower bound.
+    """
+    copies = 1 + int(use_ema)
+    return 4 * num_parameters * (3 + int(use_ema)), 4 * num_parameters * copies
+
+
+def check_disk_space(output_dir: str | os.PathLike, num_parameters: int, use_ema: bool) -> None:
+    """Raise InputError when the disk of `output_dir` cannot hold two checkpoints and the pipeline folder.
+
+    Two checkpoints, because a new one is written in full before the previous is
+    removed. Short space is an error before any work, not a warning: the
+    estimate is a lower bound, so a refused run would certainly fail, and it
+    would fail at its first or second checkpoint, after hours of training whose
+    only record the checkpoint was.
+    """
+    folder = Path(output_dir).resolve()
+    while not folder.exists():  # the nearest folder that exists lies on the same disk
+        folder = folder.parent
+    checkpoint, pipeline = bytes_needed(num_parameters, use_ema)
+    needed = 2 * checkpoint + pipeline
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise InputError(f"the disk of {output_dir} has {_size(free)} free but this run needs at least "
+                         f"{_size(needed)} (two checkpoints of {_size(checkpoint)} and the pipeline folder of "
+                         f"{_size(pipeline)}): free some space or choose another --output_dir")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:.1f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def write_summary(output_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
+    """Write `training_summary.json` as strict JSON: a number that is not finite (no step ran) becomes null."""
+    text = json.dumps(_finite(summary), indent=2, allow_nan=False)
+    write_text(text + "\n", Path(output_dir) / SUMMARY_FILE)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

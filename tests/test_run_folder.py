@@ -1,0 +1,302 @@
+"""One run per run folder: a second run is refused or moves the first aside; resume picks a complete
+checkpoint of this run; the summary is strict JSON; short disk space is said before any work."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lsun_ddpm import run_folder
+from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.errors import InputError
+
+from conftest import TINY_RUN, read_summary, run_script_directly, run_training
+
+# What accelerate's save_state writes for a model and its Adam on process 0 (plus our lr schedule).
+STATE_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
+
+
+def tiny_config(output_dir: Path, **options) -> TrainingConfig:
+    """A config as training resolves it (resolution set from the model)."""
+    return TrainingConfig(model_preset="tiny16", resolution=16, output_dir=str(output_dir), **options)
+
+
+def fake_checkpoint(folder: Path, config: TrainingConfig | None, files=STATE_FILES) -> Path:
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_bytes(f"{folder.name}/{name}".encode())
+    if config is not None:
+        config.save(str(folder / "training_config.yaml"))
+    return folder
+
+
+def fake_run(output_dir: Path, config: TrainingConfig) -> Path:
+    """A folder laid out as a finished run with two checkpoints leaves it."""
+    fake_checkpoint(output_dir / "checkpoint-2", config)
+    fake_checkpoint(output_dir / "checkpoint-4", config)
+    config.save(str(output_dir / "training_config.yaml"))
+    (output_dir / "logs" / "train_unconditional").mkdir(parents=True)
+    (output_dir / "logs" / "train_unconditional" / "events.out.tfevents.1.old").write_bytes(b"old events")
+    (output_dir / "samples").mkdir()
+    (output_dir / "samples" / "step-0000004.png").write_bytes(b"old grid")
+    (output_dir / "training_summary.json").write_text('{"optimizer_steps": 4}\n')
+    return output_dir
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_naming_both_choices(tmp_path):
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    before = snapshot(output_dir)
+    with pytest.raises(InputError) as refused:
+        run_folder.check_output_dir(tiny_config(output_dir))
+    message = str(refused.value)
+    assert message.startswith(f"{output_dir} already holds a training run (checkpoint-2, checkpoint-4, logs, samples")
+    assert "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
+    assert "\n" not in message
+    assert snapshot(output_dir) == before
+
+
+def test_checkpoints_alone_are_a_run_too(tmp_path):
+    fake_checkpoint(tmp_path / "out" / "checkpoint-3", config=None)
+    with pytest.raises(InputError, match="already holds a training run"):
+        run_folder.check_output_dir(tiny_config(tmp_path / "out"))
+
+
+def test_a_folder_without_a_run_is_used_as_it_is(tmp_path):
+    (tmp_path / "out" / "data").mkdir(parents=True)  # e.g. the demo's training images
+    assert run_folder.check_output_dir(tiny_config(tmp_path / "out")) is False
+    assert run_folder.check_output_dir(tiny_config(tmp_path / "nowhere")) is False
+
+
+def test_resuming_with_another_preset_names_what_differs(tmp_path):
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    before = snapshot(output_dir)
+    other = TrainingConfig(model_preset="small32", resolution=32, output_dir=str(output_dir),
+                           resume_from_checkpoint="latest")
+    with pytest.raises(InputError) as refused:
+        run_folder.check_output_dir(other)
+    assert str(refused.value).startswith(
+        f"cannot resume the run in {output_dir}: it was trained with model_preset tiny16 (this run: small32), "
+        f"resolution 16 (this run: 32); ")
+    assert snapshot(output_dir) == before
+
+
+def test_resuming_with_the_same_settings_is_allowed_even_with_another_learning_rate(tmp_path):
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    same = tiny_config(output_dir, resume_from_checkpoint="latest", learning_rate=1e-5)
+    assert run_folder.check_output_dir(same) is False
+
+
+def test_overwrite_and_resume_together_are_refused(tmp_path):
+    with pytest.raises(InputError, match="give only one of them"):
+        run_folder.check_output_dir(tiny_config(tmp_path, overwrite_output_dir=True, resume_from_checkpoint="latest"))
+
+
+def test_overwrite_moves_the_old_run_aside_and_keeps_training_data_inside_it(tmp_path):
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    (output_dir / "data").mkdir()
+    (output_dir / "data" / "0.png").write_bytes(b"an image")
+    old_run = {name: data for name, data in snapshot(output_dir).items() if not name.startswith("data")}
+    assert run_folder.check_output_dir(tiny_config(output_dir, overwrite_output_dir=True)) is True
+    aside = run_folder.move_run_aside(output_dir, keep=[str(output_dir / "data"), None])
+    assert aside.parent == output_dir.resolve().parent and aside.name.startswith("out.replaced-")
+    assert snapshot(aside) == old_run
+    assert snapshot(output_dir) == {"data/0.png": b"an image"}
+    assert run_folder.check_output_dir(tiny_config(output_dir)) is False  # a new run may start
+
+
+def test_a_saved_config_reused_never_moves_its_run_aside(tmp_path):
+    tiny_config(tmp_path, overwrite_output_dir=True).save(str(tmp_path / "training_config.yaml"))
+    saved = (tmp_path / "training_config.yaml").read_text()
+    assert "overwrite_output_dir" not in saved and "model_preset: tiny16" in saved
+
+
+def test_two_overwrites_in_the_same_second_keep_both_old_runs(tmp_path):
+    first = run_folder.move_run_aside(fake_run(tmp_path / "out", tiny_config(tmp_path / "out")))
+    second = run_folder.move_run_aside(fake_run(tmp_path / "out", tiny_config(tmp_path / "out")))
+    assert first != second and snapshot(first) == snapshot(second) != {}
+
+
+# ---------------------------------------------------------------- the checkpoint to resume
+
+
+def test_latest_passes_over_incomplete_and_foreign_checkpoints(tmp_path):
+    config = tiny_config(tmp_path, resume_from_checkpoint="latest")
+    fake_run(tmp_path, config)
+    fake_checkpoint(tmp_path / "checkpoint-6", config, files=("model.safetensors", "random_states_0.pkl"))
+    fake_checkpoint(tmp_path / "checkpoint-8", TrainingConfig(model_preset="small32", resolution=32))
+    fake_checkpoint(tmp_path / ".checkpoint-10.partial", config)
+    path, passed_over = run_folder.checkpoint_to_resume(config)
+    assert path == tmp_path / "checkpoint-4"
+    assert passed_over == ["checkpoint-8 (it was trained with model_preset small32 (this run: tiny16), "
+                           "resolution 32 (this run: 16))", "checkpoint-6 (it holds no optimizer.bin)"]
+
+
+def test_latest_in_a_run_with_results_but_no_complete_checkpoint_is_refused(tmp_path):
+    config = tiny_config(tmp_path, resume_from_checkpoint="latest")
+    config.save(str(tmp_path / "training_config.yaml"))
+    (tmp_path / "model_index.json").write_text("{}")  # it exported a pipeline: never restarted from zero
+    fake_checkpoint(tmp_path / ".checkpoint-2.partial", config)
+    assert not run_folder.check_output_dir(config)
+    with pytest.raises(InputError, match=r"holds a run but no complete checkpoint of it; start a new run with "
+                                         r"--overwrite_output_dir"):
+        run_folder.checkpoint_to_resume(config)
+
+
+def test_latest_after_an_attempt_stopped_before_its_first_checkpoint_restarts_it_aside(tmp_path):
+    """A preemptible job resubmitted with `latest`, killed before it saved anything: it starts
+    again from step 0 and the aborted attempt's files are moved aside, not mixed in."""
+    config = tiny_config(tmp_path / "out", resume_from_checkpoint="latest")
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    config.save(str(tmp_path / "out" / "training_config.yaml"))
+    fake_checkpoint(tmp_path / "out" / ".checkpoint-2.partial", config)
+    assert run_folder.check_output_dir(config)  # move it aside
+    assert run_folder.checkpoint_to_resume(config) == (None, [])
+
+
+def test_latest_in_an_empty_folder_starts_a_new_run(tmp_path):
+    assert run_folder.checkpoint_to_resume(tiny_config(tmp_path, resume_from_checkpoint="latest")) == (None, [])
+
+
+@pytest.mark.parametrize("name, files, why", [
+    ("my-checkpoint", STATE_FILES, "its name is not checkpoint-<step>"),
+    ("checkpoint-5", ("model.safetensors", "random_states_0.pkl"), "it holds no optimizer.bin"),
+    ("checkpoint-5", (), "it holds no model.safetensors"),
+])
+def test_a_folder_that_is_not_a_checkpoint_is_refused_in_one_sentence(tmp_path, name, files, why):
+    folder = fake_checkpoint(tmp_path / name, tiny_config(tmp_path), files=files)
+    with pytest.raises(InputError) as refused:
+        run_folder.checkpoint_to_resume(tiny_config(tmp_path / "out", resume_from_checkpoint=str(folder)))
+    assert str(refused.value).startswith(f"--resume_from_checkpoint {folder} cannot be resumed: {why}; ")
+
+
+def test_a_checkpoint_of_another_run_is_recognised_outside_its_folder(tmp_path):
+    folder = fake_checkpoint(tmp_path / "elsewhere" / "checkpoint-5", tiny_config(tmp_path, ddpm_num_steps=4000))
+    config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(folder))
+    with pytest.raises(InputError, match=r"cannot be resumed: it was trained with ddpm_num_steps 4000 \(this run: 1000\)"):
+        run_folder.checkpoint_to_resume(config)
+    fake_checkpoint(tmp_path / "ours" / "checkpoint-5", tiny_config(tmp_path))
+    config.resume_from_checkpoint = str(tmp_path / "ours" / "checkpoint-5")
+    assert run_folder.checkpoint_to_resume(config) == (tmp_path / "ours" / "checkpoint-5", [])
+
+
+# ---------------------------------------------------------------- disk space and summary
+
+
+def test_short_disk_space_is_refused_before_any_work(tmp_path, monkeypatch):
+    # A million fp32 parameters: a checkpoint holds weights, Adam's two moments and the EMA (16 MB); the
+    # pipeline folder the EMA and raw weights (8 MB); two checkpoints and the pipeline: 40 MB.
+    free = {"bytes": 40_000_000}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    run_folder.check_disk_space(tmp_path / "out" / "new", 10**6, use_ema=True)
+    free["bytes"] = 39_900_000
+    with pytest.raises(InputError) as refused:
+        run_folder.check_disk_space(tmp_path / "out" / "new", 10**6, use_ema=True)
+    assert str(refused.value) == (
+        f"the disk of {tmp_path / 'out' / 'new'} has 39.9 MB free but this run needs at least 40.0 MB (two "
+        f"checkpoints of 16.0 MB and the pipeline folder of 8.0 MB): free some space or choose another --output_dir")
+    assert not (tmp_path / "out").exists()
+    free["bytes"] = 27_999_999  # without EMA: 12 MB checkpoints, a 4 MB pipeline folder
+    with pytest.raises(InputError):
+        run_folder.check_disk_space(tmp_path, 10**6, use_ema=False)
+    free["bytes"] = 28_000_000
+    run_folder.check_disk_space(tmp_path, 10**6, use_ema=False)
+
+
+def test_the_summary_is_strict_json_with_null_for_numbers_never_measured(tmp_path):
+    run_folder.write_summary(tmp_path, {"final_loss": float("nan"), "ema_decay": float("inf"),
+                                        "per_process": [float("-inf"), 1.5], "optimizer_steps": 4})
+    assert strict_json((tmp_path / "training_summary.json").read_text()) == {
+        "final_loss": None, "ema_decay": None, "per_process": [None, 1.5], "optimizer_steps": 4}
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_folder, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("finished")
+    output_dir = tmp_path / "out"
+    run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *ARGS])
+    return output_dir
+
+
+ARGS = ["--gradient_accumulation_steps", "1", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--save_images_steps", "4", "--save_model_steps", "4", "--logger", "tensorboard"]
+
+
+def train(tmp_path: Path, output_dir: Path, image_folder: Path, *extra: str):
+    return run_script_directly(tmp_path, *TINY_RUN, "--train_data_dir", str(image_folder), "--output_dir",
+                               str(output_dir), *ARGS, *extra)
+
+
+@pytest.mark.slow
+def test_real_runs_refuse_to_mix_and_a_finished_run_resumed_changes_nothing(finished_run, tmp_path, image_folder):
+    before = snapshot(finished_run)
+    assert strict_json((finished_run / "training_summary.json").read_text())["optimizer_steps"] == 4
+    assert {"checkpoint-2/training_config.yaml", "checkpoint-4/training_config.yaml"} <= set(before)
+
+    again = train(tmp_path, finished_run, image_folder)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert f"error: {finished_run} already holds a training run" in again.stderr
+
+    other_preset = train(tmp_path, finished_run, image_folder, "--model_preset", "small32",
+                         "--resume_from_checkpoint", "latest")
+    assert other_preset.returncode != 0 and "Traceback" not in other_preset.stderr
+    assert (f"error: cannot resume the run in {finished_run}: it was trained with model_preset tiny16 "
+            f"(this run: small32), resolution 16 (this run: 32);") in other_preset.stderr
+
+    resumed = train(tmp_path, finished_run, image_folder, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert snapshot(finished_run) == before  # summary, config and logs byte-identical
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_moves_the_old_run_aside_logs_included(finished_run, tmp_path, image_folder):
+    output_dir = tmp_path / "out"
+    shutil.copytree(finished_run, output_dir)
+    old_run = snapshot(output_dir)
+    result = train(tmp_path, output_dir, image_folder, "--overwrite_output_dir")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [aside] = tmp_path.glob("out.replaced-*")
+    assert f"moved the previous run in {output_dir} to {aside}" in result.stderr
+    assert snapshot(aside) == old_run
+    new_run = snapshot(output_dir)
+    logs = [name for name in new_run if name.startswith("logs/")]
+    assert logs and not set(logs) & set(old_run)  # TensorBoard holds this run only
+    assert read_summary(output_dir)["optimizer_steps"] == 4
+
+
+def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp_path):
+    """An older run's checkpoint carries no config: the shapes themselves give it away when loading."""
+    from accelerate import Accelerator
+
+    from lsun_ddpm import training
+
+    saving = Accelerator(cpu=True, mixed_precision="no")
+    small = torch.nn.Linear(2, 2)
+    saving.prepare(small, torch.optim.AdamW(small.parameters()))
+    saving.save_state(str(tmp_path / "checkpoint-3"))
+    accelerator = Accelerator(cpu=True, mixed_precision="no")  # a new run, of another shape
+    large = torch.nn.Linear(3, 3)
+    accelerator.prepare(large, torch.optim.AdamW(large.parameters()))
+    config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    with pytest.raises(InputError) as refused:
+        training.resume_if_requested(accelerator, config, ema=None)
+    assert str(refused.value) == (f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}: its weights have other "
+                                  f"shapes than this model's (tiny16); resume it with the model it was trained with")
