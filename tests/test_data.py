@@ -374,3 +374,13 @@ def test_reports_of_several_processes_add_up_each_file_once():
     assert summary["images_skipped"] == 2 and summary["images_upscaled"] == 1
     assert summary["images_skipped_examples"] == ["a.png: truncated", "mode F"]
     assert lines[0] == "2 images skipped; the first:" and lines[1] == "  a.png: truncated"
+
+
+def test_notes_are_read_from_the_device_in_bulk_not_at_every_micro_batch():
+    """Reading a GPU tensor waits for the GPU: a report reads its batches' notes every PENDING_BATCHES."""
+    report = ImageReport()
+    notes = encode_notes([(SKIPPED, "a.png", "truncated")])
+    for _ in range(3):
+        report.add_batch({"image_notes": torch.stack([notes, torch.zeros_like(notes)])})
+    assert len(report.pending) == 3  # nothing read yet
+    assert report.count(SKIPPED) == 1 and report.pending == []

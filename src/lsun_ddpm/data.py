@@ -23,6 +23,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
 
 from .errors import InputError
@@ -216,6 +217,7 @@ NOTE_BYTES = 512
 MAX_NOTE_FIELD = 160  # characters kept of a path (its end) and of a reason (its start)
 NO_NOTES = torch.zeros(NOTE_BYTES, dtype=torch.uint8)
 REPORTED_EXAMPLES = 5  # files (with reasons) named per kind at the end of a run and in its summary
+PENDING_BATCHES = 64  # batches whose notes are read from the device at once
 
 
 def describe_image_source(source: Any) -> str:
@@ -260,15 +262,26 @@ class ImageReport:
     files: dict[str, dict[str, str]] = field(default_factory=lambda: {SKIPPED: {}, UPSCALED: {}})
     unnamed: dict[str, int] = field(default_factory=lambda: {SKIPPED: 0, UPSCALED: 0})
     unnamed_reasons: dict[str, list[str]] = field(default_factory=lambda: {SKIPPED: [], UPSCALED: []})
+    pending: list[torch.Tensor] = field(default_factory=list)  # batches' notes not read yet (maybe on the GPU)
 
     def add_batch(self, batch: dict) -> None:
         """Take the notes of a collated batch (`batch["image_notes"]`, (B, NOTE_BYTES))."""
         notes = batch.get("image_notes")
         if notes is None:
             return
-        notes = notes.cpu()
-        for row in notes[(notes != 0).any(dim=1)]:
-            self.add(*decode_notes(row))
+        # On the GPU, reading them now would wait for it at every micro-batch: they are read in bulk.
+        self.pending.append(notes)
+        if len(self.pending) == PENDING_BATCHES:
+            self.collect()
+
+    def collect(self) -> "ImageReport":
+        """Read the notes still pending; return the report (now ready for `gather_object`)."""
+        if self.pending:
+            notes = torch.cat(self.pending).cpu()
+            self.pending = []
+            for row in notes[(notes != 0).any(dim=1)]:
+                self.add(*decode_notes(row))
+        return self
 
     def add(self, counts: dict[str, int], notes: list[Note]) -> None:
         for kind, where, reason in notes:
@@ -293,10 +306,12 @@ class ImageReport:
             del self.unnamed_reasons[kind][REPORTED_EXAMPLES:]
 
     def count(self, kind: str) -> int:
+        self.collect()
         return len(self.files[kind]) + self.unnamed[kind]
 
     def examples(self, kind: str) -> list[str]:
         """The first few "file: reason" lines of a kind."""
+        self.collect()
         named = [f"{where}: {reason}" for where, reason in self.files[kind].items()]
         return (named + self.unnamed_reasons[kind])[:REPORTED_EXAMPLES]
 
@@ -305,7 +320,7 @@ def summarise_image_reports(reports: list[ImageReport]) -> tuple[dict[str, Any],
     """All processes' reports (`gather_object`) as the run summary's fields and the end-of-run lines."""
     total = ImageReport()
     for report in reports:
-        total.merge(report)
+        total.merge(report.collect())
     summary = {"images_skipped": total.count(SKIPPED), "images_upscaled": total.count(UPSCALED),
                "images_skipped_examples": total.examples(SKIPPED),
                "images_upscaled_examples": total.examples(UPSCALED)}
@@ -366,16 +381,18 @@ def too_many_unreadable(where: str, notes: list[Note]) -> DatasetUnavailableErro
     )
 
 
-def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of the random crop and flip of item `index` in `epoch`.
+def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Generator:
+    """The generator of the random crop and flip of the item at `position` in `epoch`.
 
-    They depend on nothing else: not on the process or DataLoader worker that
-    decodes the item, and not on the global RNG, which also draws the noise.
-    accelerate's DataLoader reads one batch ahead, so a checkpoint's RNG state
-    already holds the next batch's draws; a resumed run that drew that batch's
-    flips from it again would flip other images and shift all later noise.
+    `position` is an item's index in a map-style dataset, or (DataLoader
+    worker, index in that worker's stream) for a streamed one. The draws depend
+    on nothing else: not on the process or DataLoader worker that decodes the
+    item, and not on the global RNG, which also draws the noise. accelerate's
+    DataLoader reads one batch ahead, so a checkpoint's RNG state already holds
+    the next batch's draws; a resumed run that drew that batch's flips from it
+    again would flip other images and shift all later noise.
     """
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, *position]).generate_state(1)[0]))
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
@@ -412,29 +429,97 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
-    """A streamed 🤗 dataset, decoded and preprocessed as it arrives.
+    """A streamed 🤗 dataset, decoded and preprocessed as it arrives, that resumes where training stopped.
 
     Unusable images are skipped and noted in the next item's `image_notes`, as
     in `PreprocessedImages` (skips after a stream's last image have no item to
     travel with: they are only logged); 100 in a row stop the run.
+
+    Each item carries its place in the stream: `stream_worker` (the DataLoader
+    worker that read it; 0 without workers) and `stream_position` (its index in
+    that worker's share of this epoch's shuffled stream). Its crop and flip are
+    drawn from `augmentation_generator(seed, epoch, worker, position)`. The
+    training loop `record`s each batch it trains on; `state_dict()` is then the
+    epoch and, per worker, the position after the last trained item (not after
+    the batch accelerate has already read ahead). A stream given that state by
+    `load_state_dict` passes over the items before it without decoding them, so
+    a resumed run trains on exactly the items, crops and flips that the
+    uninterrupted run would have. (With several workers each resumes its own
+    share exactly, but the DataLoader starts its round of workers again at
+    worker 0, so batches may come in another interleaving; a worker shuffles
+    its share in another order than the main process, so a run is resumed with
+    the `--dataloader_num_workers` it was started with.)
+
+    🤗 datasets' own `IterableDataset.state_dict()` cannot do this: it does not
+    hold the content of the shuffle buffer, and a stream restored from it
+    refills the buffer from the data that follows (its `load_state_dict` warns
+    so), which changes which images come next and in what order. Passing over
+    the items re-reads them from the start of the epoch, undecoded: cheap for
+    local files, a second download of that part of the epoch for a Hub stream.
     """
 
-    def __init__(self, stream: datasets.IterableDataset, preprocess: ImagePreprocessor):
+    def __init__(self, stream: datasets.IterableDataset, preprocess: ImagePreprocessor, seed: int = 0):
         self.stream = stream
         self.preprocess = preprocess
+        self.seed = seed
+        self.epoch = 0
+        self.start: dict[int, int] = {}  # worker → items of this epoch to pass over (a resumed run)
+        self.trained: dict[int, int] = {}  # worker → items of this epoch the recorded batches went up to
+        self.pending: list[torch.Tensor] = []  # (worker, last position) of recorded batches, not yet read
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning (accelerate also re-sets the current one)
+            self.start, self.trained, self.pending = {}, {}, []
+        self.epoch = epoch
         self.stream.set_epoch(epoch)  # a new shuffle order
 
+    def record(self, batch: dict[str, torch.Tensor]) -> None:
+        """Note that `batch` was trained on: a checkpoint taken now resumes after it."""
+        # A batch comes from one worker, in stream order. Its tensors may be on the GPU: reading them now
+        # would wait for the GPU at every micro-batch, so they are read in bulk, now and then.
+        self.pending.append(torch.stack([batch["stream_worker"][-1], batch["stream_position"][-1]]))
+        if len(self.pending) == 64:
+            self._read_pending()
+
+    def _read_pending(self) -> None:
+        if self.pending:
+            for worker, position in torch.stack(self.pending).tolist():
+                self.trained[worker] = max(self.trained.get(worker, 0), position + 1)
+            self.pending = []
+
+    def state_dict(self) -> dict:
+        """The epoch and, per worker, the position after the items trained on by any process.
+
+        accelerate writes this object's state from the main process only, so
+        every process's record is gathered here (each process calls it).
+        """
+        self._read_pending()
+        positions: dict[int, int] = {}
+        for trained in gather_object([self.trained]):
+            for worker, position in trained.items():
+                positions[worker] = max(positions.get(worker, 0), position)
+        return {"epoch": self.epoch, "positions": positions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self.start, self.trained, self.pending = dict(state["positions"]), dict(state["positions"]), []
+
     def __iter__(self):
+        worker_info = torch.utils.data.get_worker_info()
+        worker = 0 if worker_info is None else worker_info.id
+        start = self.start.get(worker, 0)
         notes: list[Note] = []  # since the last item: skips, then this item's upscale
-        for example in self.stream:
-            pixel_values = prepare_or_note(self.preprocess, example["image"], None, notes)
+        for position, example in enumerate(self.stream):
+            if position < start:
+                continue  # trained on before this run was resumed
+            generator = augmentation_generator(self.seed, self.epoch, worker, position)
+            pixel_values = prepare_or_note(self.preprocess, example["image"], generator, notes)
             if pixel_values is None:
                 if len(notes) == MAX_CONSECUTIVE_UNREADABLE:
                     raise too_many_unreadable("in the stream", notes)
                 continue
-            yield {"pixel_values": pixel_values, "image_notes": encode_notes(notes)}
+            yield {"pixel_values": pixel_values, "image_notes": encode_notes(notes),
+                   "stream_worker": worker, "stream_position": position}
             notes = []
 
 
@@ -444,9 +529,15 @@ def make_training_dataset(
     seed: int | None = None,
     shuffle_buffer_size: int = 10_000,
 ) -> torch.utils.data.Dataset:
-    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W), "image_notes": ...}`."""
+    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W), "image_notes": ...}`
+    (plus, for a stream, the item's place in it).
+
+    The shuffle's seed is `seed` (0 if None), never a random one: a resumed
+    stream must shuffle as the interrupted one did, and every process alike.
+    """
     if isinstance(dataset, datasets.IterableDataset):
-        return PreprocessedStream(dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size), preprocess)
+        shuffled = dataset.shuffle(seed=seed or 0, buffer_size=shuffle_buffer_size)
+        return PreprocessedStream(shuffled, preprocess, seed or 0)
     return PreprocessedImages(dataset, preprocess, seed or 0)
 
 

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from . import diffusion, run_folder
 from .config import TrainingConfig
-from .data import (ImagePreprocessor, ImageReport, load_image_dataset, make_dataloader, make_training_dataset,
-                   summarise_image_reports)
+from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
+                   make_training_dataset, summarise_image_reports)
 from .ema import ema_weights, make_ema
 from .errors import InputError
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
@@ -179,7 +179,9 @@ def seed_this_process(config: TrainingConfig) -> None:
 def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
     """The training DataLoader of this process: its shard of each epoch, in micro-batches.
 
-    `config.resolution` must be set (training sets it from the model).
+    `config.resolution` must be set (training sets it from the model). A
+    stream is registered for checkpointing (before the lr schedule and EMA),
+    so that `--resume_from_checkpoint` continues it where the run stopped.
     """
     with accelerator.main_process_first():  # one process downloads and caches, the others read
         dataset = load_image_dataset(
@@ -188,7 +190,22 @@ def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
         )
     preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip, config.min_image_size)
     train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
-    return accelerator.prepare(make_dataloader(train_images, config.train_batch_size, config.dataloader_num_workers))
+    dataloader = accelerator.prepare(make_dataloader(train_images, config.train_batch_size,
+                                                     config.dataloader_num_workers))
+    if isinstance(train_images, PreprocessedStream):
+        accelerator.register_for_checkpointing(train_images)  # its position goes into each checkpoint
+        seed_stream_workers_apart_from_the_global_rng(dataloader)
+    return dataloader
+
+
+def seed_stream_workers_apart_from_the_global_rng(dataloader) -> None:
+    """accelerate dispatches a stream's batches from the main process through a DataLoader it builds without
+    the generator `make_dataloader` gave; that DataLoader would draw its workers' seed from the global RNG at
+    each epoch's start, and a resumed run, which starts its epoch after the checkpoint's RNG state is loaded,
+    would then draw all later noise one number off."""
+    base = getattr(dataloader, "base_dataloader", None)
+    if base is not None and base.generator is None:
+        base.generator = torch.Generator()
 
 
 def _size_override(config: TrainingConfig) -> dict:
@@ -274,20 +291,47 @@ def micro_batches(accelerator: Accelerator, dataloader, global_step: int, steps_
     """Micro-batches forever, epoch after epoch, starting where `global_step` left off.
 
     On resume the batches already trained on are skipped by the sampler
-    (`skip_first_batches`), without decoding them.
+    (`skip_first_batches`), without decoding them. A stream instead resumes
+    from the position its checkpointed state holds (`streamed_micro_batches`).
     """
+    stream = preprocessed_stream(dataloader)
+    if stream is not None:
+        yield from streamed_micro_batches(dataloader, stream)
+        return
     epoch, skip = 0, 0
-    if steps_per_epoch is not None and global_step:
+    if global_step:
         epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
         skip = steps_into_epoch * config.gradient_accumulation_steps
-    elif global_step:
-        logger.warning("resuming a streamed dataset: the stream restarts from its beginning", main_process_only=True)
     while True:
         dataloader.set_epoch(epoch)  # the sampler's shuffle
         if hasattr(dataloader.dataset, "set_epoch"):  # the random crops and flips (accelerate may not tell it)
             dataloader.dataset.set_epoch(epoch)
         yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         epoch, skip = epoch + 1, 0
+
+
+def preprocessed_stream(dataloader) -> PreprocessedStream | None:
+    """The stream a prepared DataLoader reads, also when accelerate wrapped it to shard it; None for map-style data."""
+    dataset = dataloader.dataset
+    dataset = getattr(dataset, "dataset", dataset)  # accelerate's IterableDatasetShard
+    return dataset if isinstance(dataset, PreprocessedStream) else None
+
+
+def streamed_micro_batches(dataloader, stream: PreprocessedStream) -> Iterator[dict]:
+    """A stream's micro-batches from its current epoch and position on (a resumed run: the checkpoint's).
+
+    Each batch is recorded as trained on when the loop takes it, so a
+    checkpoint holds the position after the batches actually trained on, not
+    after the one accelerate has read ahead.
+    """
+    epoch = stream.epoch
+    while True:
+        dataloader.set_epoch(epoch)
+        stream.set_epoch(epoch)  # the shuffle, the crops and flips (accelerate may not tell it)
+        for batch in dataloader:
+            stream.record(batch)
+            yield batch
+        epoch += 1
 
 
 # ---------------------------------------------------------------- statistics
@@ -417,7 +461,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
     """Check that all processes hold the same weights, report skipped images, write the run summary, push if asked."""
     fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
     fingerprints = gather_object([fingerprint])
-    image_counts, image_lines = summarise_image_reports(gather_object([image_report]))
+    image_counts, image_lines = summarise_image_reports(gather_object([image_report.collect()]))
     for line in image_lines:
         logger.warning(line, main_process_only=True)
     in_sync = len(set(fingerprints)) == 1
