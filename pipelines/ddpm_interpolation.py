@@ -319,6 +319,8 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if num_frames < 2:
             raise ValueError(f"num_frames must be at least 2, got {num_frames}")
+        if num_inference_steps < 1:  # respacing would otherwise quietly run one step
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         device = self._execution_device
         x_a, x_b = self._endpoints(image_a, image_b, seed_a, seed_b, num_inference_steps, device)
         num_train_timesteps = self.scheduler.config.num_train_timesteps

@@ -191,3 +191,31 @@ def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def no_ema_pipeline_folder(tmp_path_factory) -> Path:
+    """A folder like a `--no_use_ema` run writes: the raw weights in unet/, no unet_raw/, and a config saying so."""
+    import yaml
+
+    from lsun_ddpm.diffusion import make_noise_scheduler
+    from lsun_ddpm.export import save_pipeline_folder
+
+    folder = tmp_path_factory.mktemp("no_ema")
+    save_pipeline_folder(random_tiny_unet(seed=1), make_noise_scheduler(), folder)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(
+        {"train_data_dir": "photos", "dataset_name": None, "use_ema": False, "resolution": 16}))
+    return folder
+
+
+def dark_pixels(image: Image.Image) -> int:
+    return int((np.asarray(image.convert("L")) < 128).sum())
+
+
+def rendered_ink(text: str) -> int:
+    """Dark pixels of `text` drawn alone with PIL's default font, far from any edge."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (20 * len(text) + 40, 60), "white")
+    ImageDraw.Draw(canvas).text((20, 20), text, fill="black", font=ImageFont.load_default())
+    return dark_pixels(canvas)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lsun_ddpm.config import TrainingConfig, parse_training_config
+from lsun_ddpm.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_invalid_values_are_errors():
         parse_training_config(["--gradient_accumulation_steps", "0"])
     with pytest.raises(ValueError, match="max_train_steps"):
         parse_training_config(["--streaming"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="mixed_precision"):  # one sentence, not argparse's usage + exit
         parse_training_config(["--mixed_precision", "fp8"])
 
 

@@ -384,3 +384,12 @@ def test_notes_are_read_from_the_device_in_bulk_not_at_every_micro_batch():
         report.add_batch({"image_notes": torch.stack([notes, torch.zeros_like(notes)])})
     assert len(report.pending) == 3  # nothing read yet
     assert report.count(SKIPPED) == 1 and report.pending == []
+
+
+def test_a_negative_min_image_size_is_refused():
+    from lsun_ddpm.config import parse_training_config
+    from lsun_ddpm.errors import InputError
+
+    with pytest.raises(InputError, match="--min_image_size must be 0 or more"):
+        parse_training_config(["--train_data_dir", "images", "--min_image_size", "-1"])
+    assert parse_training_config(["--train_data_dir", "images", "--min_image_size", "64"]).min_image_size == 64

@@ -88,6 +88,45 @@ def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
     (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
     card = build_model_card(run_folder, "someone/m")
     assert card.data.datasets is None and "not on LSUN" in card.text and "LSUN bedrooms at" not in card.text
+    assert not {"lsun", "bedroom"} & set(card.data.tags)
+    assert "images from a local image folder at 16×16" in card.text
+
+
+def test_card_of_a_hub_dataset_other_than_lsun_names_it_and_has_no_lsun_tags(run_folder):
+    config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
+    config["dataset_name"] = "huggan/flowers-102-categories"
+    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
+    card = build_model_card(run_folder, "someone/m")
+    assert card.data.datasets == ["huggan/flowers-102-categories"] and not {"lsun", "bedroom"} & set(card.data.tags)
+    assert "model of **images from huggan/flowers-102-categories at 16×16**" in card.text
+    assert "LSUN was collected" not in card.text and "not on LSUN" in card.text
+
+
+def test_card_of_a_run_without_ema_says_its_samples_are_from_the_raw_weights(no_ema_pipeline_folder, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(no_ema_pipeline_folder, run)
+    Image.new("RGB", (32, 32), "red").save(run / "sample_grid.png")
+    text = build_model_card(run, "someone/m").text
+    assert "*Samples from the raw weights (trained without EMA)" in text
+    assert "EMA weights" not in text and "decay up to" not in text and "from the exponential" not in text
+    assert "| EMA | none (trained without EMA) |" in text
+    assert "`unet/` holds the raw training weights, and there is no `unet_raw/`" in text
+
+
+@pytest.mark.parametrize("command, flag", [("push", "--hub_model_id"), ("push-space", "--space_id"),
+                                           ("push-space", "--model_id")])
+def test_an_invalid_repo_id_is_refused_before_anything_is_written(run_folder, tmp_path, command, flag):
+    from lsun_ddpm.cli import push_command, push_space_command
+    from lsun_ddpm.errors import InputError
+
+    ids = {"--hub_model_id": "someone/m", "--space_id": "someone/space", "--model_id": "someone/m"}
+    ids[flag] = "not a/valid id!"
+    flags = [item for name in ((["--hub_model_id"] if command == "push" else ["--space_id", "--model_id"]))
+             for item in (name, ids[name])]
+    handler, positional = (push_command, [str(run_folder)]) if command == "push" else (push_space_command, [])
+    with pytest.raises(InputError, match=f"{flag} 'not a/valid id!' is not a valid Hub repo id"):
+        handler([*positional, *flags, "--dry_run", str(tmp_path / "upload")])
+    assert not (tmp_path / "upload").exists()
 
 
 # ---------------------------------------------------------------- the upload folder

@@ -172,6 +172,9 @@ def test_bad_arguments_are_clear_errors(pipeline):
         pipeline(image_a=image_a, image_b=image_b, t=1000)
     with pytest.raises(ValueError, match="two images"):
         pipeline(image_a=image_a)
+    for steps in (0, -3):  # respacing would otherwise run one step
+        with pytest.raises(ValueError, match=f"num_inference_steps must be at least 1, got {steps}"):
+            pipeline(image_a=image_a, image_b=image_b, num_inference_steps=steps)
 
 
 # ---------------------------------------------------------------- a file any diffusers user can load
@@ -233,3 +236,54 @@ def test_interpolate_cli_rejects_bad_input_clearly(tmp_path, tiny_pipeline_folde
     result = run_cli(tmp_path, "interpolate", str(tiny_pipeline_folder), "--seeds", "1", "2", "--t", "soon",
                      check=False)
     assert result.returncode == 2 and "--t" in result.stderr
+
+
+@pytest.fixture()
+def nothing_interpolated(monkeypatch, tmp_path):
+    """Run in an empty folder with the model loader and the interpolation replaced by recorders."""
+    from lsun_ddpm import interpolation
+
+    calls = []
+    monkeypatch.setattr(interpolation, "load_interpolation_pipeline", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(interpolation, "interpolate_pairs", lambda *a, **k: calls.append("interpolate"))
+    monkeypatch.chdir(tmp_path)
+    for name, image in zip(("a.png", "b.png"), two_images(20)):
+        image.save(tmp_path / name)
+    (tmp_path / "notes.png").write_text("not an image, whatever its name says")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    yield calls
+    assert calls == [], f"work started before the input was checked: {calls}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_inference_steps", "0"], "--num_inference_steps must be a positive whole number, got 0"),
+    (["--num_inference_steps", "-3"], "--num_inference_steps must be a positive whole number, got -3"),
+    (["--t", "1000"], "--t must be 'auto' or a timestep from 1 to 999, got 1000"),  # the model's T is 1000
+])
+def test_interpolate_refuses_non_positive_steps_and_t_beyond_the_schedule(nothing_interpolated, tiny_pipeline_folder,
+                                                                           capsys, flags, message):
+    from lsun_ddpm.cli import interpolate_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        interpolate_command([str(tiny_pipeline_folder), "--seeds", "1", "2", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, message", [
+    (["--images", "a.png", "notes.png"], "'notes.png' is not an image PIL can read"),
+    (["--pairs", "pairs.txt"], "is not an image PIL can read"),  # line 2: checked before pair 1 runs
+    (["--pairs", "missing_pairs.txt"], "cannot read the pairs file 'missing_pairs.txt'"),
+    (["--seeds", "1", "2", "--out", "strip.txt"], "--out 'strip.txt' does not end in an image format"),
+    (["--seeds", "1", "2", "--gif", "strip.png"], "--gif 'strip.png' must end in .gif"),
+])
+def test_interpolate_refuses_bad_files_before_the_first_pair(nothing_interpolated, tiny_pipeline_folder, tmp_path,
+                                                              source, message):
+    from lsun_ddpm.cli import interpolate_command
+    from lsun_ddpm.errors import InputError
+
+    (tmp_path / "pairs.txt").write_text("1 2\na.png notes.png\n")
+    with pytest.raises(InputError) as error:
+        interpolate_command([str(tiny_pipeline_folder), *source])
+    assert message in str(error.value)
+    (tmp_path / "pairs.txt").unlink()

@@ -354,3 +354,26 @@ def test_a_stream_or_decoding_workers_give_the_same_answer(training_folder, samp
         assert torch.equal(answers[0].result.sample_indices, answer.result.sample_indices)
         assert torch.equal(answers[0].result.sample_distances, answer.result.sample_distances)
         assert answers[0].labels == answer.labels
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "figure.txt"], "--out 'figure.txt' does not end in an image format"),
+    (["--num_inference_steps", "0"], None),
+])
+def test_the_command_refuses_bad_output_and_steps_before_any_work(tmp_path, monkeypatch, capsys, flags, message):
+    from lsun_ddpm import neighbours_report
+    from lsun_ddpm.cli import neighbours_command
+    from lsun_ddpm.errors import InputError
+
+    calls = []
+    monkeypatch.setattr(neighbours_report, "run_neighbours_command", lambda args: calls.append(args))
+    argv = ["--samples", str(tmp_path), "--train_data_dir", str(tmp_path), *flags]
+    if message:
+        with pytest.raises(InputError, match=message):
+            neighbours_command(argv)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            neighbours_command(argv)
+        assert exit_info.value.code == 2
+        assert "--num_inference_steps must be a positive whole number, got 0" in capsys.readouterr().err
+    assert calls == []

@@ -96,6 +96,13 @@ def test_resuming_with_another_preset_names_what_differs(tmp_path):
     assert snapshot(output_dir) == before
 
 
+def test_resuming_a_streamed_run_from_downloaded_data_is_refused(tmp_path):
+    """Its checkpoints hold the stream's position, which map-style data has no place for."""
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out", streaming=True, max_train_steps=4))
+    with pytest.raises(InputError, match=r"it was trained with streaming True \(this run: False\)"):
+        run_folder.check_output_dir(tiny_config(output_dir, resume_from_checkpoint="latest"))
+
+
 def test_resuming_with_the_same_settings_is_allowed_even_with_another_learning_rate(tmp_path):
     output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
     same = tiny_config(output_dir, resume_from_checkpoint="latest", learning_rate=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SingleImageOracle, random_tiny_unet, run_cli
+from conftest import SingleImageOracle, dark_pixels, random_tiny_unet, rendered_ink, run_cli
 from lsun_ddpm import sampling
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, denoise, generate, grid_shape, make_scheduler
@@ -168,3 +168,87 @@ def test_sample_cli_without_network_names_the_problem(tmp_path):
     assert result.returncode != 0
     assert "cannot load" in result.stderr and "someone/some-model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- input checked before any work
+
+
+@pytest.fixture()
+def model_never_loaded(monkeypatch, tmp_path):
+    """Run a command in an empty folder with every model loader replaced by one that records its call."""
+    calls = []
+    for name in ("load_unet", "load_scheduler_config"):
+        monkeypatch.setattr(sampling, name, lambda *args, name=name, **kwargs: calls.append(name))
+    monkeypatch.chdir(tmp_path)
+    yield calls
+    assert calls == [], f"the model was loaded before the input was checked: {calls}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_home"] or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_inference_steps", "0"], "--num_inference_steps must be a positive whole number, got 0"),
+    (["--num_images", "-2"], "--num_images must be a positive whole number, got -2"),
+    (["--batch_size", "0"], "--batch_size must be a positive whole number, got 0"),
+])
+def test_sample_refuses_non_positive_counts_before_loading(model_never_loaded, capsys, flags, message):
+    from lsun_ddpm.cli import sample_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        sample_command(["some/model", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "grid.txt"], "--out 'grid.txt' does not end in an image format"),
+    (["--out", "grid"], "--out 'grid' does not end in an image format"),
+    (["--out", "a_file/grid.png"], "'a_file' is a file, not a folder"),
+    (["--out_dir", "a_file/images"], "--out_dir: 'a_file' is a file, not a folder"),
+])
+def test_sample_refuses_an_unwritable_output_before_loading(model_never_loaded, tmp_path, flags, message):
+    from lsun_ddpm.cli import sample_command
+    from lsun_ddpm.errors import InputError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError) as error:
+        sample_command(["some/model", *flags])
+    assert message in str(error.value)
+    (tmp_path / "a_file").unlink()
+
+
+def test_sample_of_a_run_without_ema_uses_its_raw_weights_in_unet(no_ema_pipeline_folder, tmp_path, monkeypatch,
+                                                                   capsys):
+    from safetensors.torch import load_file
+
+    from lsun_ddpm.cli import sample_command
+    from lsun_ddpm.errors import InputError
+
+    stored = load_file(no_ema_pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    loaded = sampling.load_unet(str(no_ema_pipeline_folder), "raw").state_dict()
+    assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)
+
+    monkeypatch.chdir(tmp_path)
+    sample_command([str(no_ema_pipeline_folder), "--weights", "raw", "--num_images", "1",
+                    "--num_inference_steps", "2", "--out", "raw.png", "--no_bf16"])
+    assert (tmp_path / "raw.png").is_file()
+    assert "trained without EMA" in capsys.readouterr().out
+    with pytest.raises(InputError, match="trained without EMA.*use --weights raw"):
+        sample_command([str(no_ema_pipeline_folder), "--weights", "both", "--out", "both.png"])
+    assert not (tmp_path / "both.png").exists()
+
+
+# ---------------------------------------------------------------- captions
+
+
+@pytest.mark.parametrize("labels", [("raw", "EMA"), ("training images", "samples (EMA)")])
+def test_side_by_side_labels_are_whole_and_each_above_its_own_panel(labels):
+    colours = ((255, 0, 0), (0, 0, 255))
+    figure = sampling.labelled_side_by_side([(label, Image.new("RGB", (16, 16), colour))
+                                             for label, colour in zip(labels, colours)])
+    pixels = np.asarray(figure)
+    bottom = pixels[-1]
+    lefts = [int(np.flatnonzero((bottom == colour).all(axis=1))[0]) for colour in colours]
+    top = int(np.flatnonzero((pixels[:, lefts[0]] == colours[0]).all(axis=1))[0])
+    spans = [(lefts[0], lefts[1]), (lefts[1], figure.width)]
+    for label, (start, end) in zip(labels, spans):
+        # the label's whole ink lies in the caption band above its own panel's column: not cut, not overlapping
+        assert dark_pixels(figure.crop((start, 0, end, top))) == rendered_ink(label), label

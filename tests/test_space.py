@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -130,6 +131,71 @@ def test_the_space_limits_uploads_to_the_promised_size(model, tiny_pipeline_fold
     monkeypatch.setenv("MODEL_ID", str(tiny_pipeline_folder))
     main()
     assert launched["max_file_size"] == PROMISED["max_file_size"]
+
+
+def handler(demo, name: str):
+    """The function an event of the page runs (as gradio calls it, minus the browser)."""
+    return next(block_fn.fn for block_fn in demo.fns.values() if block_fn.name == name)
+
+
+def test_a_non_image_upload_is_one_clear_sentence(model, tmp_path):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    demo = build_demo(model)
+    upload = next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Photo A")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    with pytest.raises(gr.Error) as error:
+        upload.preprocess(ImageData(path=str(notes), orig_name="notes.txt"))
+    assert "Photo A: notes.txt is not an image this app can read" in error.value.message
+    truncated = tmp_path / "cut.png"
+    photo().save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(InputError, match="Photo A could not be decoded"):
+        model.interpolate(None, None, Image.open(truncated), photo(), 300, False, 2, "slerp")
+
+
+def test_two_photos_with_nothing_uploaded_is_an_error_not_seeds(model):
+    import gradio as gr
+
+    run_interpolate = handler(build_demo(model), "run_interpolate")
+    with pytest.raises(gr.Error) as error:
+        run_interpolate("two photos", 1, 2, None, None, 300, False, 2, "slerp")
+    assert "Upload photo A and photo B first" in error.value.message
+
+
+def test_requests_leave_no_file_of_their_own_and_gradio_deletes_the_rest(model, tmp_path, monkeypatch):
+    import tempfile
+
+    from gradio.route_utils import delete_files_created_by_app
+
+    own, cache = tmp_path / "tmp", tmp_path / "gradio"
+    own.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(own))
+    monkeypatch.setenv("TMPDIR", str(own))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    demo = build_demo(model)
+    _, grid = handler(demo, "run_generate")(2, "dpmsolver++", 2, 0)
+    _, gif, _ = handler(demo, "run_interpolate")("two seeds", 1, 2, None, None, 300, False, 2, "slerp")
+    assert list(own.rglob("*")) == []  # nothing left in the temp folder
+    assert Image.open(grid).size == (32, 16) and Image.open(gif).format == "GIF"  # served from gradio's cache
+    assert {Path(grid).parent.parent, Path(gif).parent.parent} == {cache}
+    assert demo.delete_cache is not None  # gradio's sweep runs while the Space is up
+    delete_files_created_by_app(demo, None)  # what the sweep (and a shutdown) does to old files
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_about_text_and_title_describe_the_actual_data_and_weights(no_ema_pipeline_folder):
+    from lsun_ddpm.app import about_markdown
+
+    space = SpaceModel(str(no_ema_pipeline_folder), bf16=False)
+    about = about_markdown(space)
+    assert "trained on a local image folder at" in about and "LSUN" not in about
+    assert "its raw training weights (it was trained without an EMA)" in about
+    config = build_demo(space).get_config_file()
+    assert config["title"] == "DDPM: images from a local image folder"
+    assert not any("LSUN" in str(component["props"].get("value")) for component in config["components"])
 
 
 # ---------------------------------------------------------------- the page in a browser

@@ -3,7 +3,9 @@
 `space/app.py` only calls `main()`. The model comes from MODEL_ID (a Hub repo
 id or a local pipeline folder) and is loaded from safetensors only. The app
 makes no request to an outside host: analytics are off and the theme uses the
-system's fonts instead of Google Fonts.
+system's fonts instead of Google Fonts. Files made for a request are written
+straight into gradio's cache, which `delete_cache` empties; the app keeps none
+of its own.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .errors import InputError  # a request outside the app's limits; its message is shown to the user
+from .hub import training_data
 from .interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, magnified,
                             save_gif, strip)
 from .pipelines.ddpm_interpolation import METHODS
-from .sampling import SamplingPlan, generate, image_grid, load_scheduler_config, pick_device
+from .sampling import (SamplingPlan, generate, has_ema_weights, image_grid, load_scheduler_config, pick_device,
+                       recorded_training_options)
 
 SAMPLERS = ("dpmsolver++", "unipc", "ddim", "ddpm")
-
-
-class InputError(ValueError):
-    """A request outside the app's limits; its message is shown to the user."""
+# gradio's delete_cache (frequency, age) in seconds: every 10 minutes, the files served more than an hour ago
+# (grids, GIFs, uploads) are deleted, so a running Space does not fill its disk; all go when it restarts.
+CACHE_CLEANUP = (600, 3600)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class SpaceModel:
         self.model_id = model_id
         self.limits = limits
         self.bf16 = bf16
-        self.pipeline = load_interpolation_pipeline(model_id, "ema", pick_device())
+        run_config = recorded_training_options(model_id)
+        self.training_data = training_data(run_config)
+        self.has_ema = has_ema_weights(run_config)  # without EMA, unet/ holds the raw weights: those are served
+        self.pipeline = load_interpolation_pipeline(model_id, "ema", pick_device(), has_ema=self.has_ema)
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = load_scheduler_config(model_id)
 
@@ -94,12 +101,18 @@ class SpaceModel:
         return result, strip([result])
 
     def _uploaded(self, image: Image.Image | None, label: str) -> Image.Image:
-        """An uploaded photo (any mode, any size up to the limit); preprocessed like the training data later."""
+        """An uploaded photo (any mode, any size up to the limit), decoded now; preprocessed like the training
+        data later."""
         if image is None:
             raise InputError(f"Upload both photos (photo {label} is missing), or clear both to use seeds")
-        if image.width * image.height > self.limits.max_upload_pixels:
+        if image.width * image.height > self.limits.max_upload_pixels:  # checked before the pixels are decoded
             raise InputError(f"Photo {label} is {image.width}×{image.height}; the limit is "
                              f"{self.limits.max_upload_pixels / 10**6:g} megapixels")
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputError(f"Photo {label} could not be decoded ({error}); upload a PNG, JPEG or WebP photo") \
+                from None
         return image
 
 
@@ -119,11 +132,38 @@ def _step_counter(on_progress: Callable[[int, int], None] | None):
     return start
 
 
-def _temporary_path(suffix: str) -> str:
-    """A file the app made itself (never a user-supplied path), for downloads and the GIF."""
-    handle, path = tempfile.mkstemp(suffix=suffix, prefix="lsun-ddpm-")
-    os.close(handle)
-    return path
+def cached_file(component, name: str, write: Callable[[Path], None]) -> str:
+    """A file made for one request, written and handed to `component`'s gradio cache, where `delete_cache`
+    removes it; the app's own copy is deleted before the request returns."""
+    with tempfile.TemporaryDirectory(prefix="lsun-ddpm-") as folder:
+        path = Path(folder) / name
+        write(path)
+        return component.move_resource_to_block_cache(path)
+
+
+def photo_upload(label: str):
+    """An image upload whose unreadable files are reported in one sentence.
+
+    gradio decodes an upload before the app sees it and turns a failure into
+    a generic "error" toast, so this component's decoding reports it as a
+    `gr.Error` instead. (Wrapped on the instance: a subclass of a gradio
+    component makes gradio write a .pyi file beside this module.)
+    """
+    import gradio as gr
+
+    upload = gr.Image(type="pil", label=label, sources=["upload"])
+    decode = upload.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(f"{label}: {name} is not an image this app can read ({type(error).__name__}); "
+                           "upload a PNG, JPEG or WebP photo") from None
+
+    upload.preprocess = preprocess
+    return upload
 
 
 def model_card_link(model_id: str) -> str:
@@ -133,11 +173,14 @@ def model_card_link(model_id: str) -> str:
 
 
 def about_markdown(model: SpaceModel) -> str:
+    data = model.training_data
+    weights = ("the exponential moving average (EMA) of its weights" if model.has_ema
+               else "its raw training weights (it was trained without an EMA)")
     return f"""
 ### About this model
 
-A DDPM (Ho et al., 2020) with the U-Net of *Diffusion Models Beat GANs*, trained on LSUN bedrooms at
-{model.resolution}×{model.resolution} px. Model: {model_card_link(model.model_id)}.
+A DDPM (Ho et al., 2020) with the U-Net of *Diffusion Models Beat GANs*, trained on {data.description} at
+{model.resolution}×{model.resolution} px; samples come from {weights}. Model: {model_card_link(model.model_id)}.
 
 - **Generate** runs DPM-Solver++ with 25 steps by default (the paper used 1000 ancestral DDPM steps; choose
   `ddpm` and 1000 steps to reproduce it). Each image depends only on the seed and its position.
@@ -161,24 +204,26 @@ def build_demo(model: SpaceModel):
                                     on_progress=lambda done, total: progress((done, total), desc="denoising"))
         except InputError as error:
             raise gr.Error(str(error)) from None
-        grid_path = _temporary_path(".png")
-        image_grid(images).save(grid_path)
-        return images, grid_path
+        return images, cached_file(download, "samples.png", image_grid(images).save)
 
     def run_interpolate(source, seed_a, seed_b, image_a, image_b, t, auto_t, frames, method,
                         progress=gr.Progress(track_tqdm=True)):
         try:
             use_photos = source == "two photos"
+            if use_photos and image_a is None and image_b is None:
+                raise InputError('Upload photo A and photo B first, or choose "two seeds" as the endpoints')
             result, strip_image = model.interpolate(seed_a, seed_b, image_a if use_photos else None,
                                                     image_b if use_photos else None, t, auto_t, frames, method)
         except InputError as error:
             raise gr.Error(str(error)) from None
-        gif_path = _temporary_path(".gif")
-        save_gif([result], gif_path, scale=model.display_scale)
-        return magnified(strip_image, model.display_scale), gif_path, f"noise level t = {result.noise_level}"
+        gif = cached_file(gif_view, "interpolation.gif",
+                          lambda path: save_gif([result], path, scale=model.display_scale))
+        return magnified(strip_image, model.display_scale), gif, f"noise level t = {result.noise_level}"
 
-    with gr.Blocks(title="LSUN bedrooms DDPM") as demo:
-        gr.Markdown("# Bedrooms from a diffusion model\nGenerate LSUN-style bedrooms, or interpolate between two.")
+    subject = model.training_data.subject
+    with gr.Blocks(title=f"DDPM: {subject}", delete_cache=CACHE_CLEANUP) as demo:
+        gr.Markdown(f"# A diffusion model of {subject}\n"
+                    "Generate images like the model's training data, or interpolate between two.")
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -200,8 +245,8 @@ def build_demo(model: SpaceModel):
                         seed_a = gr.Number(value=1, precision=0, label="Seed A")
                         seed_b = gr.Number(value=2, precision=0, label="Seed B")
                     with gr.Row():
-                        image_a = gr.Image(type="pil", label="Photo A", sources=["upload"])
-                        image_b = gr.Image(type="pil", label="Photo B", sources=["upload"])
+                        image_a = photo_upload("Photo A")
+                        image_b = photo_upload("Photo B")
                     auto_t = gr.Checkbox(value=True, label="Choose the noise level automatically")
                     t = gr.Slider(1, 999, value=500, step=1, label="Noise level t (when not automatic)")
                     frames = gr.Slider(2, limits.max_frames, value=8, step=1, label="Frames")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import DEBUG_FLAG, INPUT_ERROR_STATUS, did_you_mean, run_command, take_debug_flag
+
 COMMANDS = {
     "train": "train the DDPM (same flags as train_unconditional.py; see `lsun-ddpm train --help`)",
     "demo": "a few minutes of training on bundled photos, then the paper's figures from it and a pipeline folder",
@@ -18,13 +20,13 @@ COMMANDS = {
 
 
 def train_command(argv: list[str]) -> None:
-    from .training import main
+    from .training import train_from_command_line
 
-    main(argv, program="lsun-ddpm train")
+    train_from_command_line(argv, program="lsun-ddpm train")
 
 
 def demo_command(argv: list[str]) -> None:
-    from .config import parse_training_config
+    from .config import check_training_inputs, parse_training_config
     from .demo import demo_defaults, overview, paper_figures, write_demo_images
     from .export import save_image
     from .training import train
@@ -32,7 +34,8 @@ def demo_command(argv: list[str]) -> None:
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--output_dir", default="demo-run")
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
-    config = parse_training_config(argv, defaults=demo_defaults(output_dir))
+    config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
+    check_training_inputs(config)  # before the demo's photos are written into the output folder
     count = write_demo_images(config.train_data_dir)
     print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
     output = train(config)
@@ -60,8 +63,35 @@ def _progress_bar(description: str):
     return start
 
 
+def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """parser.error (exit 2) for the first of these counts that was given and is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive whole number, got {value}")
+
+
+def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
+    """(whether the run kept an EMA, the weights that will be sampled).
+
+    A run trained with --no_use_ema has only its raw weights, in unet/: asking
+    for either kind gives those (and the user is told); "both" has nothing to
+    compare and is refused.
+    """
+    from .errors import InputError
+    from .sampling import has_ema_weights, recorded_training_options
+
+    if has_ema_weights(recorded_training_options(model)):
+        return True, weights
+    if weights == "both":
+        raise InputError(f"{model} was trained without EMA, so there are no EMA weights to set beside the raw "
+                         "ones: use --weights raw")
+    print(f"note: {model} was trained without EMA (use_ema: false); its raw weights in unet/ are used")
+    return False, "raw"
+
+
 def sample_command(argv: list[str]) -> None:
-    from .export import save_image
+    from .export import check_image_output, check_output_folder, save_image
     from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, generate, image_grid, labelled_side_by_side,
                            load_scheduler_config, load_unet, pick_device)
 
@@ -73,19 +103,23 @@ def sample_command(argv: list[str]) -> None:
     parser.add_argument("--num_inference_steps", type=int, help="default: 25 (dpmsolver++, unipc), 50 (ddim), 1000 (ddpm)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--weights", choices=("ema", "raw", "both"), default="ema",
-                        help="both: the same seeds from the raw and the EMA weights side by side (the paper's Fig. 1)")
+                        help="both: the same seeds from the raw and the EMA weights side by side (the paper's Fig. 1); "
+                             "a run trained without EMA has only raw weights")
     parser.add_argument("--out", default="samples.png", help="the grid (8x8 for 64 images)")
     parser.add_argument("--out_dir", help="also write one PNG per image here")
     args = parser.parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1 or (args.num_inference_steps or 1) < 1:
-        parser.error("--num_images, --batch_size and --num_inference_steps must be positive")
+    _require_positive(parser, args, ("num_images", "batch_size", "num_inference_steps"))
+    check_image_output(args.out, "--out")
+    if args.out_dir:
+        check_output_folder(args.out_dir, "--out_dir")
 
+    config = load_scheduler_config(args.model)  # fails fast on a model that is not there
+    has_ema, chosen = _weights_to_use(args.model, args.weights)
     plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
-    config = load_scheduler_config(args.model)
     device = pick_device()
     panels = []
-    for weights in (("raw", "ema") if args.weights == "both" else (args.weights,)):
-        unet = load_unet(args.model, weights).to(device)
+    for weights in (("raw", "ema") if chosen == "both" else (chosen,)):
+        unet = load_unet(args.model, weights, has_ema).to(device)
         images = generate(unet, config, args.num_images, args.seed, plan, _progress_bar(f"sample ({weights})"))
         panels.append((weights, image_grid(images)))
         if args.out_dir:
@@ -94,14 +128,17 @@ def sample_command(argv: list[str]) -> None:
                 save_image(image, folder / f"{index:05d}.png")
     grid = panels[0][1] if len(panels) == 1 else labelled_side_by_side([("raw", panels[0][1]), ("EMA", panels[1][1])])
     save_image(grid, args.out)
-    print(f"wrote {args.out} ({args.num_images} images, {plan.scheduler}, {plan.steps} steps, seed {args.seed})")
+    print(f"wrote {args.out} ({args.num_images} images, {chosen} weights, {plan.scheduler}, {plan.steps} steps, "
+          f"seed {args.seed})")
 
 
 def interpolate_command(argv: list[str]) -> None:
-    from .export import save_image
-    from .interpolation import (Pair, interpolate_pairs, load_interpolation_pipeline, read_pairs, save_gif,
-                                strip)
+    from .errors import InputError
+    from .export import check_image_output, save_image
+    from .interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline,
+                                read_pairs, save_gif, strip)
     from .pipelines.ddpm_interpolation import METHODS
+    from .sampling import load_scheduler_config
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm interpolate", description=COMMANDS["interpolate"])
     _add_inference_flags(parser)
@@ -122,6 +159,10 @@ def interpolate_command(argv: list[str]) -> None:
     t = args.t if args.t == "auto" else _int_or_error(parser, args.t)
     if args.frames < 2:
         parser.error("--frames must be at least 2")
+    _require_positive(parser, args, ("num_inference_steps",))
+    check_image_output(args.out, "--out")
+    if args.gif and Path(check_image_output(args.gif, "--gif")).suffix.lower() != ".gif":
+        raise InputError(f"--gif {args.gif!r} must end in .gif (an animated GIF is written there)")
 
     if args.pairs:
         pairs = read_pairs(args.pairs)
@@ -129,7 +170,12 @@ def interpolate_command(argv: list[str]) -> None:
         pairs = [Pair(*args.seeds)]
     else:
         pairs = [Pair(*args.images)]
-    pipeline = load_interpolation_pipeline(args.model, args.weights)
+    check_pair_images(pairs)  # every image opened now, not after the first pair has been computed
+    num_train_timesteps = load_scheduler_config(args.model).get("num_train_timesteps", 1000)
+    if t != "auto" and not 1 <= t < num_train_timesteps:
+        parser.error(f"--t must be 'auto' or a timestep from 1 to {num_train_timesteps - 1}, got {t}")
+    has_ema, _ = _weights_to_use(args.model, args.weights)
+    pipeline = load_interpolation_pipeline(args.model, args.weights, has_ema=has_ema)
     results = interpolate_pairs(
         pipeline, pairs, t, args.frames, args.method, args.num_inference_steps, args.seed, args.bf16,
         on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
@@ -141,6 +187,7 @@ def interpolate_command(argv: list[str]) -> None:
 
 
 def neighbours_command(argv: list[str]) -> None:
+    from .export import check_image_output, check_output_folder
     from .neighbours_report import run_neighbours_command
     from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
@@ -180,16 +227,20 @@ def neighbours_command(argv: list[str]) -> None:
     parser.add_argument("--run_dir", metavar="DIR",
                         help="write neighbours.png and neighbours.json into this run folder (the card shows them)")
     args = parser.parse_args(argv)
-    for name in ("num_samples", "k", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive")
+    _require_positive(parser, args, ("num_samples", "k", "batch_size", "num_inference_steps"))
     if args.num_reference < 0 or args.dataloader_num_workers < 0 or (args.resolution is not None and args.resolution < 8):
         parser.error("--num_reference and --dataloader_num_workers must be >= 0, --resolution >= 8")
+    if args.out:
+        check_image_output(args.out, "--out")
+    if args.csv:
+        check_output_folder(Path(args.csv).parent, "--csv")
+    if args.run_dir:
+        check_output_folder(args.run_dir, "--run_dir")
     run_neighbours_command(args)
 
 
 def push_command(argv: list[str]) -> None:
-    from .hub import prepare_upload, push_run
+    from .hub import check_repo_id, prepare_upload, push_run
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm push", description=COMMANDS["push"])
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder written by training")
@@ -204,6 +255,7 @@ def push_command(argv: list[str]) -> None:
                         help="do not make an interpolation strip when the run has none")
     parser.add_argument("--dry_run", metavar="DIR", help="write the folder that would be uploaded to DIR; upload nothing")
     args = parser.parse_args(argv)
+    check_repo_id(args.hub_model_id, "--hub_model_id")  # before anything is written: the id goes into the card
     if args.dry_run:
         prepare_upload(args.output_dir, args.dry_run, args.hub_model_id, args.include_raw, args.figures, args.license)
         print(f"wrote the folder that would be uploaded to {args.hub_model_id} into {args.dry_run}")
@@ -214,7 +266,7 @@ def push_command(argv: list[str]) -> None:
 
 
 def push_space_command(argv: list[str]) -> None:
-    from .hub import prepare_space_upload, push_space
+    from .hub import check_repo_id, prepare_space_upload, push_space
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm push-space", description=COMMANDS["push-space"])
     parser.add_argument("--space_id", required=True, help="USER/NAME of the Space")
@@ -223,6 +275,8 @@ def push_space_command(argv: list[str]) -> None:
     parser.add_argument("--hub_token", help="default: HF_TOKEN, then the `hf auth login` cache")
     parser.add_argument("--dry_run", metavar="DIR", help="write the folder that would be uploaded to DIR; upload nothing")
     args = parser.parse_args(argv)
+    check_repo_id(args.space_id, "--space_id")
+    check_repo_id(args.model_id, "--model_id")
     if args.dry_run:
         prepare_space_upload(args.dry_run, args.model_id)
         print(f"wrote the Space that would be uploaded to {args.space_id} into {args.dry_run}")
@@ -243,24 +297,24 @@ HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_comma
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command. Input the user can fix is reported as `lsun-ddpm <command>: error: <sentence>`
+    with exit status 2 and no traceback (`--debug` or LSUN_DDPM_DEBUG=1 shows it)."""
+    argv, debug = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] not in HANDLERS:
-        print("usage: lsun-ddpm <command> [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<12} {text}")
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    from .data import DatasetUnavailableError
-    from .hub import HubUploadError
-    from .lpips_features import LpipsWeightsUnavailableError
-    from .sampling import ModelUnavailableError
+        print_usage(argv[0] if argv else None)
+    run_command(f"lsun-ddpm {argv[0]}", HANDLERS[argv[0]], argv[1:], debug)
 
-    try:
-        HANDLERS[argv[0]](argv[1:])
-    except (ModelUnavailableError, HubUploadError, DatasetUnavailableError, LpipsWeightsUnavailableError,
-            FileNotFoundError, FileExistsError, ValueError) as error:
-        if argv[0] in ("train", "demo"):
-            raise
-        raise SystemExit(f"lsun-ddpm {argv[0]}: error: {error}") from None
+
+def print_usage(command: str | None) -> None:
+    """The list of commands; exit 0 if it was asked for, else 2 with what was wrong."""
+    print(f"usage: lsun-ddpm <command> [options] [{DEBUG_FLAG}]\n\ncommands:")
+    for name, text in COMMANDS.items():
+        print(f"  {name:<12} {text}")
+    if command in ("-h", "--help"):
+        raise SystemExit(0)
+    problem = "no command given" if command is None else f"unknown command {command!r}{did_you_mean(command, HANDLERS)}"
+    print(f"lsun-ddpm: error: {problem}", file=sys.stderr)
+    raise SystemExit(INPUT_ERROR_STATUS)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
+from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .models import PRESETS
+from .errors import DEBUG_FLAG, InputError, did_you_mean
+from .export import check_output_folder
+from .models import PRESETS, downsampling_factor, model_config
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)  # what diffusers' get_scheduler accepts
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # DDPMScheduler's
+# (options, test, what the test requires): checked when set (None means "not given").
+VALUE_RANGES = (
+    (("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "save_images_steps",
+      "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps", "ddpm_num_steps", "shuffle_buffer_size",
+      "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit"),  # --resolution: see
+     lambda value: value >= 1, "must be at least 1"),                                     # check_resolution
+    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "min_image_size"),
+     lambda value: value >= 0, "must be 0 or more"),
+    (("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"),
+     lambda value: value > 0 and math.isfinite(value), "must be a positive number"),
+    (("adam_beta1", "adam_beta2"), lambda value: 0 <= value < 1, "must be at least 0 and below 1"),  # torch's Adam
+    (("ema_max_decay", "ema_min_decay"), lambda value: 0 <= value <= 1, "must be between 0 and 1"),
+    (("seed",), lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1 (NumPy's range)"),
+)
 # Fields that act on this invocation only: a saved config reused with --config must not
 # move the run it came from aside.
 ONE_TIME_FIELDS = ("overwrite_output_dir",)
@@ -93,7 +116,7 @@ class TrainingConfig:
     learning_rate: float = field(default=3e-4, metadata=_help("Adam learning rate (the paper: 3e-4)."))
     lr_scheduler: str = field(
         default="constant_with_warmup",
-        metadata=_help("diffusers.optimization.get_scheduler name: constant_with_warmup, cosine, linear, ..."),
+        metadata=_help(f"diffusers' lr schedule: {', '.join(LR_SCHEDULERS)}."),
     )
     lr_warmup_steps: int = field(default=500, metadata=_help("Linear warm-up, in optimizer steps."))
     adam_beta1: float = 0.9
@@ -107,7 +130,9 @@ class TrainingConfig:
     channels_last: bool = field(default=False, metadata=_help("channels_last memory format (faster with bf16)."))
     # ---------------------------------------------------------------- diffusion
     ddpm_num_steps: int = field(default=1000, metadata=_help("T, the number of diffusion steps."))
-    ddpm_beta_schedule: str = field(default="linear", metadata=_help("β schedule (the paper: linear 1e-4 → 0.02)."))
+    ddpm_beta_schedule: str = field(
+        default="linear", metadata=_help(f"β schedule (the paper: linear 1e-4 → 0.02): {', '.join(BETA_SCHEDULES)}.")
+    )
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = field(
         default="epsilon", metadata=_help("What the network predicts (the paper: epsilon).")
     )
@@ -128,7 +153,9 @@ class TrainingConfig:
     logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard")
     logging_dir: str = field(default="logs", metadata=_help("TensorBoard folder, inside --output_dir."))
     checkpointing_steps: int = field(default=500, metadata=_help("Save an accelerate checkpoint every N steps."))
-    checkpoints_total_limit: Optional[int] = field(default=None, metadata=_help("Keep at most N checkpoints."))
+    checkpoints_total_limit: Optional[int] = field(
+        default=None, metadata=_help("Keep at most N (>= 1) checkpoints; unset: keep all.")
+    )
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata=_help('A checkpoint folder, or "latest" in --output_dir.')
     )
@@ -143,19 +170,45 @@ class TrainingConfig:
     hub_private_repo: bool = False
 
     def __post_init__(self):
-        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "save_images_steps", "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        """Refuse any value training could not use, before anything runs (HfArgumentParser calls this)."""
+        for option in dataclasses.fields(self):
+            setattr(self, option.name, coerce_option(f"--{option.name}", getattr(self, option.name),
+                                                     _option_types()[option.name]))
+        self._check_ranges()
+        _check_choice("--model_preset", self.model_preset, sorted(PRESETS))
+        _check_choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_choice("--ddpm_beta_schedule", self.ddpm_beta_schedule, BETA_SCHEDULES)
         if self.max_train_steps is None and self.num_epochs is None:
-            raise ValueError("give --max_train_steps or --num_epochs")
+            raise InputError("give --max_train_steps or --num_epochs")
         if self.streaming and self.max_train_steps is None:
-            raise ValueError("a streamed dataset has no length: give --max_train_steps")
+            raise InputError("a streamed dataset has no length: give --max_train_steps")
         if self.train_data_dir is None and self.dataset_name is None:
-            raise ValueError("give --dataset_name or --train_data_dir")
-        if self.push_to_hub and self.hub_model_id is None:
-            self.hub_model_id = os.path.basename(os.path.normpath(self.output_dir))
+            raise InputError("give --dataset_name or --train_data_dir")
+        self._check_hub_model_id()
+
+    def _check_ranges(self) -> None:
+        for names, is_valid, requirement in VALUE_RANGES:
+            for name in names:
+                self._check(name, is_valid, requirement)
+        self._check("ema_min_decay", lambda value: value <= self.ema_max_decay, "must not exceed --ema_max_decay")
+        self._check("ddpm_num_inference_steps", lambda value: value <= self.ddpm_num_steps,
+                    f"must not exceed --ddpm_num_steps ({self.ddpm_num_steps})")
+
+    def _check(self, name: str, is_valid, requirement: str) -> None:
+        """Raise an InputError naming `--name` unless it is unset (None) or `is_valid(value)`."""
+        value = getattr(self, name)
+        if value is not None and not is_valid(value):
+            raise InputError(f"--{name} {requirement}, got {value}")
+
+    def _check_hub_model_id(self) -> None:
+        """Check the repo id now, not after hours of training; by default it is the --output_dir folder's name."""
+        from .hub import check_repo_id
+
+        if self.hub_model_id is not None:
+            check_repo_id(self.hub_model_id, "--hub_model_id")
+        elif self.push_to_hub:
+            name = os.path.basename(os.path.normpath(self.output_dir))
+            self.hub_model_id = check_repo_id(name, "--hub_model_id (by default the --output_dir folder's name)")
 
     def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -174,46 +227,164 @@ class TrainingConfig:
 def read_config_file(path: str) -> dict[str, Any]:
     """A YAML or JSON file of TrainingConfig fields; unknown keys are an error."""
     with open(path) as file:
-        values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+        try:
+            values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise InputError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                             f"{' '.join(str(error).split())}") from None
     values = values or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}")
+        raise InputError(f"{path}: expected a mapping of option names to values")
+    known = [option.name for option in dataclasses.fields(TrainingConfig)]
+    for name in values:
+        if name not in known:
+            raise InputError(f"{path}: unknown option {name!r}{did_you_mean(str(name), known)}")
     return values
 
 
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(TrainingConfig, description="Train the paper's DDPM with 🤗 accelerate.")
+class TrainingArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are InputErrors: one sentence each, without the
+    usage block (dozens of lines for this many options) that argparse prints first."""
+
+    def error(self, message: str):
+        raise InputError(f"{message} (see --help)")
+
+
+def make_parser(prog: str | None = None) -> HfArgumentParser:
+    parser = TrainingArgumentParser(TrainingConfig, prog=prog,
+                                    description="Train the paper's DDPM with 🤗 accelerate.")
     parser.add_argument("--config", help="YAML or JSON file of options; flags given on the command line win.")
+    # Taken out of the command line before parsing (errors.take_debug_flag); listed so that --help shows it.
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="Show the traceback of an error (or LSUN_DDPM_DEBUG=1).")
     return parser
 
 
-def parse_training_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None) -> TrainingConfig:
+def parse_training_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
+                          prog: str | None = None) -> TrainingConfig:
     """Parse `--config FILE` and flags; command-line flags override the file,
     which overrides `defaults` (a command's own defaults, e.g. the demo's).
 
     `HfArgumentParser.parse_yaml_file` cannot merge flags, so the file's values
     become the parser's defaults and the command line is parsed on top.
+    Every error is an InputError that names the flag or key.
     """
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config")
     config_file = pre_parser.parse_known_args(argv)[0].config
 
-    parser = make_parser()
+    parser = make_parser(prog)
     parser.set_defaults(**(defaults or {}))
     if config_file:
-        parser.set_defaults(**_typed_defaults(parser, read_config_file(config_file)))
+        parser.set_defaults(**_typed_defaults(read_config_file(config_file), config_file))
+    # Unknown flags first: HfArgumentParser would build (and check) the config before reporting them.
+    _check_known_arguments(parser, parser.parse_known_args(argv)[1])
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
 
 
-def _typed_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
-    """Convert file values the way the command line would (YAML reads `3e-4` as a string)."""
-    actions = {action.dest: action for action in parser._actions}
-    typed = {}
-    for name, value in values.items():
-        convert = actions[name].type
-        typed[name] = convert(value) if isinstance(value, str) and callable(convert) else value
-    return typed
+def _check_known_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    if not unknown:
+        return
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+    if not flags:
+        raise InputError(f"unexpected argument {unknown[0]!r}: every option is a --flag (see --help)")
+    raise InputError(f"unknown option {flags[0]}{did_you_mean(flags[0], parser._option_string_actions)}")
+
+
+def _typed_defaults(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """Convert and check a file's values as the command line would (YAML reads `3e-4` as a string)."""
+    types = _option_types()
+    return {name: coerce_option(f"{path}: {name}", value, types[name]) for name, value in values.items()}
+
+
+@functools.cache
+def _option_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainingConfig)
+
+
+def coerce_option(label: str, value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` of an option (a string converted as its flag would be), or an InputError
+    naming `label`. Whole numbers stay whole: 2.5 is no step count."""
+    optional = type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{label} needs a value, got none")
+    if typing.get_origin(hint) is Literal:
+        choices = [str(choice) for choice in typing.get_args(hint)]
+        _check_choice(label, value, choices)
+        return value
+    try:
+        return _CONVERTERS[hint](value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise InputError(f"{label} must be {_KIND_NAMES[hint]}, got {value!r}") from None
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return string_to_bool(value)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # `output_dir: 2024` is a name
+        raise TypeError(value)
+    return str(value)
+
+
+_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a text value"}
+
+
+def _check_choice(label: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise InputError(f"{label} must be one of {', '.join(choices)}, got {value!r}"
+                         f"{did_you_mean(str(value), choices)}")
+
+
+# ---------------------------------------------------------------- checks that read the disk or the model config
+
+
+def check_training_inputs(config: TrainingConfig) -> None:
+    """What `TrainingConfig` cannot check from its values alone: the output paths can be
+    written and the model can take the resolution. Nothing is created or written."""
+    check_output_folder(config.output_dir, "--output_dir")
+    check_output_folder(os.path.join(config.output_dir, config.logging_dir), "--logging_dir")
+    check_resolution(config)
+
+
+def check_resolution(config: TrainingConfig) -> None:
+    """The U-Net halves the image at every level but the last, and its up path must meet the
+    down path: a model with L levels takes a resolution that is a multiple of 2^(L-1)."""
+    source = config.model_config_name_or_path
+    try:
+        unet = model_config(config.model_preset, source)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model_config_name_or_path {source}: no UNet2DModel config could be read "
+                         f"({' '.join(str(error).split())})") from None
+    factor = downsampling_factor(unet)
+    sizes = config.resolution if config.resolution is not None else unet["sample_size"]
+    for size in sizes if isinstance(sizes, (list, tuple)) else [sizes]:
+        if size < 1 or size % factor:
+            model = f"the {config.model_preset} model" if source is None else f"the model of {source}"
+            raise InputError(
+                f"--resolution {size} does not fit {model}: its U-Net has {int(math.log2(factor)) + 1} levels, "
+                f"so the resolution must be a positive multiple of {factor} (e.g. {max(factor, round(size / factor) * factor)})"
+            )

@@ -97,7 +97,7 @@ def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
     """The paper's figure set from the demo's own run, captioned; also writes each figure into `run_dir`.
 
     Fig. 2a: training images and samples from the EMA weights (the training grid's seeds and sampler).
-    Fig. 1: the same seeds from the raw and the EMA weights.
+    Fig. 1: the same seeds from the raw and the EMA weights (only when the run kept an EMA).
     Fig. 2b: an interpolation between two training images (slerp, t chosen per pair).
     Fig. 4: each sample beside its nearest training images under LPIPS (`neighbours.png`).
     """
@@ -112,25 +112,31 @@ def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
 
     plan = SamplingPlan("ddpm", config.ddpm_num_inference_steps, config.eval_batch_size, bf16=False)
     scheduler_config = load_scheduler_config(str(run_dir))
-    samples = {weights: generate(load_unet(str(run_dir), weights), scheduler_config, config.eval_batch_size,
-                                 config.seed or 0, plan) for weights in ("raw", "ema")}
+    # A run without EMA (--no_use_ema) has only its raw weights: there is no Fig. 1 to draw.
+    kinds = ("raw", "ema") if config.use_ema else ("raw",)
+    samples = {weights: generate(load_unet(str(run_dir), weights, has_ema=config.use_ema), scheduler_config,
+                                 config.eval_batch_size, config.seed or 0, plan) for weights in kinds}
+    final = samples["ema" if config.use_ema else "raw"]
+    final_label = "EMA" if config.use_ema else "raw weights, no EMA"
     training = magnified(training_images_grid(config.train_data_dir, config.resolution, config.eval_batch_size), scale)
-    fig2a = labelled_side_by_side([("training images", training), ("samples (EMA)", grid(samples["ema"]))])
-    fig1 = labelled_side_by_side([("raw weights", grid(samples["raw"])), ("EMA weights", grid(samples["ema"]))])
+    fig2a = labelled_side_by_side([("training images", training), (f"samples ({final_label})", grid(final))])
 
     photos = sorted(Path(config.train_data_dir).glob("*.png"))
-    pipeline = load_interpolation_pipeline(str(run_dir))
+    pipeline = load_interpolation_pipeline(str(run_dir), has_ema=config.use_ema)
     pair = interpolate_pairs(pipeline, [Pair(str(photos[0]), str(photos[-1]))], t="auto", num_frames=8,
                              num_inference_steps=50, bf16=False)
-    save_image(fig1, run_dir / "raw_vs_ema.png")
     save_image(strip(pair), run_dir / "interpolation.png")
     fig2b = magnified(strip(pair), scale)
+    figures = [(f"Fig. 2a: training images | samples from the {'EMA' if config.use_ema else 'raw'} weights", fig2a)]
+    if config.use_ema:
+        fig1 = labelled_side_by_side([("raw weights", grid(samples["raw"])), ("EMA weights", grid(samples["ema"]))])
+        save_image(fig1, run_dir / "raw_vs_ema.png")
+        figures.append(("Fig. 1: the same seeds from the raw | the EMA weights", fig1))
 
-    fig4 = demo_neighbours(run_dir, config, samples["ema"])
-    return [("Fig. 2a: training images | samples from the EMA weights", fig2a),
-            ("Fig. 1: the same seeds from the raw | the EMA weights", fig1),
-            (f"Fig. 2b: two training images and their interpolation (slerp, t = {pair[0].noise_level})", fig2b),
-            ("Fig. 4: samples and their nearest training images (LPIPS); red: possible copy", fig4)]
+    fig4 = demo_neighbours(run_dir, config, final)
+    return figures + [
+        (f"Fig. 2b: two training images and their interpolation (slerp, t = {pair[0].noise_level})", fig2b),
+        ("Fig. 4: samples and their nearest training images (LPIPS); red: possible copy", fig4)]
 
 
 def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.Image:
@@ -159,16 +165,26 @@ def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.
 
 
 def overview(panels: list[tuple[str, Image.Image]], gap: int = 16) -> Image.Image:
-    """The captioned figures one under the other, on white."""
+    """The captioned figures one under the other, on white.
+
+    Each caption's height and width are measured with the font it is drawn
+    in: the canvas is wide enough for the longest caption, and each figure
+    starts below its caption, whatever the model's image size.
+    """
     from PIL import ImageDraw
 
-    width = max(image.width for _, image in panels) + 2 * gap
-    height = sum(image.height + 18 + gap for _, image in panels) + gap
-    canvas = Image.new("RGB", (width, height), "white")
+    from .sampling import caption_font, text_size
+
+    font = caption_font()
+    sizes = [text_size(caption, font) for caption, _ in panels]
+    width = max(max(image.width, text_width) for (_, image), (text_width, _) in zip(panels, sizes)) + 2 * gap
+    height = sum(image.height + text_height + gap // 2 + gap for (_, image), (_, text_height) in zip(panels, sizes))
+    canvas = Image.new("RGB", (width, height + gap), "white")
     draw = ImageDraw.Draw(canvas)
     y = gap
-    for caption, image in panels:
-        draw.text((gap, y), caption, fill="black")
-        canvas.paste(image, (gap, y + 18))
-        y += image.height + 18 + gap
+    for (caption, image), (_, text_height) in zip(panels, sizes):
+        draw.text((gap, y), caption, fill="black", font=font)
+        y += text_height + gap // 2
+        canvas.paste(image, (gap, y))
+        y += image.height + gap
     return canvas

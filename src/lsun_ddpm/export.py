@@ -18,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from .ema import ema_weights
+from .errors import InputError
 
 RAW_UNET_SUBFOLDER = "unet_raw"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -65,11 +66,48 @@ def _stock(unet: UNet2DModel) -> UNet2DModel:
     return unet.to_unet2d() if hasattr(unet, "to_unet2d") else unet
 
 
-def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+def image_format(path: str | os.PathLike) -> str | None:
+    """The PIL format that `path`'s extension stands for, if PIL can write it (".jpg" → "JPEG"), else None."""
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    return name if name in Image.SAVE else None
+
+
+def check_image_output(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a Path if an image can be written there; else an InputError naming `flag`.
+
+    Checked before any work, so a run never samples for minutes and then
+    fails on the file name.
+    """
     path = Path(path)
+    if image_format(path) is None:
+        raise InputError(f"{flag} {str(path)!r} does not end in an image format PIL can write: "
+                         "end it in .png, .jpg, .webp or another image extension")
+    if path.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a folder: give a file name such as {str(path / 'out.png')!r}")
+    check_output_folder(path.parent, flag)
+    return path
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """`folder` as a Path if files can be made in it (it may not exist yet); else an InputError naming `flag`."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InputError(f"{flag}: {str(existing)!r} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: cannot write into {str(existing)!r} (permission denied); choose another path")
+    return folder
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write `image` in the format of `path`'s extension (see `check_image_output`), atomically."""
+    path = Path(path)
+    image_type = image_format(path)
+    if image_type is None:
+        raise InputError(f"{str(path)!r} does not end in an image format PIL can write (e.g. .png)")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    image.save(staging, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    image.save(staging, format=image_type)
     os.replace(staging, path)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ RUN_FILES = ("model_index.json", "training_config.yaml", "training_summary.json"
              "sample_grid.png", "interpolation.png", "neighbours.png")
 COMPONENT_FOLDERS = ("unet", "scheduler")
 RAW_FOLDER = "unet_raw"
-TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "lsun", "bedroom", "pytorch"]
+TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "pytorch"]
 
 
 class HubUploadError(RuntimeError):
@@ -81,13 +82,58 @@ def _evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, str]]:
     return [{"name": labels[key], "value": f"{evaluation[key]:.4g}"} for key in labels if key in evaluation]
 
 
-def _eval_results(evaluation: dict[str, Any], dataset: str) -> list[EvalResult] | None:
+def _eval_results(evaluation: dict[str, Any], data: TrainingData) -> list[EvalResult] | None:
     results = [
-        EvalResult(task_type="unconditional-image-generation", dataset_type=dataset, dataset_name="LSUN bedroom",
-                   metric_type=key, metric_name=key.upper(), metric_value=float(evaluation[key]))
+        EvalResult(task_type="unconditional-image-generation", dataset_type=data.dataset or "local-image-folder",
+                   dataset_name=data.name, metric_type=key, metric_name=key.upper(),
+                   metric_value=float(evaluation[key]))
         for key in ("fid", "kid") if key in evaluation
     ]
     return results or None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run was trained on, as its card and the Space describe it (from its training_config.yaml)."""
+
+    dataset: str | None  # the Hub dataset id; None for a local folder or when the run did not record it
+    local: bool
+    subset: int | None = None  # --max_train_samples
+
+    @property
+    def is_lsun(self) -> bool:
+        return self.dataset is not None and "lsun" in self.dataset.lower()
+
+    @property
+    def name(self) -> str:
+        """The data set's name: its Hub id, "a local image folder", or "unrecorded data"."""
+        return self.dataset or ("a local image folder" if self.local else "unrecorded data")
+
+    @property
+    def description(self) -> str:
+        """Markdown: the name (linked when on the Hub) and the subset used."""
+        link = f"[{self.dataset}](https://huggingface.co/datasets/{self.dataset})" if self.dataset else self.name
+        return link + (f", first {self.subset:,} images" if self.subset else "")
+
+    @property
+    def subject(self) -> str:
+        """What the model generates, in plain words: "LSUN bedrooms", or "images from <name>"."""
+        if self.is_lsun and "bedroom" in self.dataset.lower():
+            return "LSUN bedrooms"
+        return f"images from {self.name}"
+
+    @property
+    def tags(self) -> list[str]:
+        """Hub tags of the data: LSUN's only when the data is LSUN."""
+        if not self.is_lsun:
+            return []
+        return ["lsun"] + (["bedroom"] if "bedroom" in self.dataset.lower() else [])
+
+
+def training_data(config: dict[str, Any]) -> TrainingData:
+    """The data of a run from its training options (a local folder wins over a dataset name, as in training)."""
+    local = bool(config.get("train_data_dir"))
+    return TrainingData(None if local else config.get("dataset_name"), local, config.get("max_train_samples"))
 
 
 # ---------------------------------------------------------------- the card
@@ -102,22 +148,24 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
     evaluation = _read_json(run_dir / "evaluation.json")
     unet_config = _read_json(run_dir / "unet" / "config.json")
     scheduler_config = _read_json(run_dir / "scheduler" / "scheduler_config.json")
-    local_data = bool(config.get("train_data_dir"))
-    dataset = config.get("dataset_name") or "lsun-bedroom"
+    data = training_data(config)
+    use_ema = config.get("use_ema", True) is not False
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        tags=TAGS,
-        datasets=None if local_data else [dataset],
+        tags=TAGS + data.tags,
+        datasets=[data.dataset] if data.dataset else None,
         model_name=repo_id.split("/")[-1],
-        eval_results=_eval_results(evaluation, dataset),
+        eval_results=_eval_results(evaluation, data),
     )
     steps = summary.get("optimizer_steps")
-    is_lsun = not local_data and "lsun" in dataset.lower()
     values = {
-        "subject": "LSUN bedrooms" if is_lsun else "images from " + _data_description(config),
-        "is_lsun": is_lsun,
+        "subject": data.subject,
+        "is_lsun": data.is_lsun,
+        "local_data": data.local,
+        "use_ema": use_ema,
+        "sampled_weights": "EMA weights" if use_ema else "raw weights (trained without EMA)",
         "attention": _attention_resolutions(unet_config),
         "head_channels": unet_config.get("attention_head_dim", "?"),
         "title": repo_id.split("/")[-1],
@@ -130,7 +178,7 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "grid_caption": "the last grid written during training",
         "has_interpolation": has_interpolation,
         "interpolation_caption": "slerp frames (`t=\"auto\"`)",
-        "data_description": _data_description(config),
+        "data_description": data.description,
         "random_flip": config.get("random_flip", False),
         "optimizer_steps": f"{steps:,}" if steps is not None else "unknown",
         "optimizer_steps_int": steps or 0,
@@ -139,13 +187,13 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "lr_scheduler": config.get("lr_scheduler", "?"),
         "lr_warmup_steps": config.get("lr_warmup_steps", "?"),
         "max_grad_norm": config.get("max_grad_norm", "?"),
-        "ema_max_decay": config.get("ema_max_decay", "?") if config.get("use_ema", True) else "no EMA",
+        "ema_max_decay": config.get("ema_max_decay", "?"),
         "ema_decay_now": f"{summary['ema_decay']:.5f}" if summary.get("ema_decay") else None,
         "precision": summary.get("mixed_precision", config.get("mixed_precision") or "fp32"),
         "hardware": summary.get("hardware") or summary.get("device", "unknown"),
         "wall_time": _duration(summary.get("wall_time_seconds")),
         "final_loss": f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "unknown",
-        "has_raw": include_raw and (run_dir / RAW_FOLDER).is_dir(),
+        "has_raw": use_ema and include_raw and (run_dir / RAW_FOLDER).is_dir(),
         "evaluation": _evaluation_rows(evaluation),
         "evaluation_note": evaluation.get("note", ""),
         "has_neighbours": (run_dir / "neighbours.png").is_file(),
@@ -162,15 +210,6 @@ def _attention_resolutions(unet_config: dict[str, Any]) -> str:
         return "the middle block only"
     listed = ", ".join(sizes[:-1]) + (" and " if len(sizes) > 1 else "") + sizes[-1]
     return f"{listed} px and in the middle block"
-
-
-def _data_description(config: dict[str, Any]) -> str:
-    if config.get("train_data_dir"):
-        source = "a local image folder"
-    else:
-        source = f"[{config.get('dataset_name')}](https://huggingface.co/datasets/{config.get('dataset_name')})"
-    subset = config.get("max_train_samples")
-    return source + (f", first {subset:,} images" if subset else "")
 
 
 def _effective_batch(config: dict[str, Any], summary: dict[str, Any]) -> str:

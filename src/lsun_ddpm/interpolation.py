@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
+from .errors import InputError
 from .pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
 from .sampling import inference_precision, load_scheduler_config, load_unet, pick_device, to_pil
 
@@ -36,8 +37,10 @@ class InterpolatedPair:
     noise_level: int
 
 
-def load_interpolation_pipeline(model: str, weights: str = "ema", device: torch.device | None = None):
-    unet = load_unet(model, weights).to(device or pick_device())
+def load_interpolation_pipeline(model: str, weights: str = "ema", device: torch.device | None = None,
+                                has_ema: bool | None = None):
+    """The interpolation pipeline on `model`'s EMA or raw U-Net (`has_ema`: see `sampling.load_unet`)."""
+    unet = load_unet(model, weights, has_ema).to(device or pick_device())
     scheduler = DDPMScheduler.from_config(load_scheduler_config(model))
     return DDPMInterpolationPipeline(unet=unet, scheduler=scheduler)
 
@@ -45,17 +48,44 @@ def load_interpolation_pipeline(model: str, weights: str = "ema", device: torch.
 def read_pairs(path: str | Path) -> list[Pair]:
     """A pairs file: one pair a line, two items (seeds or image paths, relative to the file); # comments."""
     path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the pairs file {str(path)!r} ({error}); give a text file of pairs") from None
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         items = line.split("#", 1)[0].split()
         if not items:
             continue
         if len(items) != 2:
-            raise ValueError(f"{path}:{number}: expected two items (seeds or image paths), got {len(items)}")
-        pairs.append(Pair(*(_seed_or_path(item, path.parent) for item in items)))
+            raise InputError(f"{path}:{number}: expected two items (seeds or image paths), got {len(items)}")
+        pair = Pair(*(_seed_or_path(item, path.parent) for item in items))
+        if isinstance(pair.a, int) != isinstance(pair.b, int):
+            raise InputError(f"{path}:{number}: a pair is two seeds or two image paths, not one of each")
+        pairs.append(pair)
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs; write one pair a line (two seeds or two image paths)")
     return pairs
+
+
+def check_pair_images(pairs: list[Pair]) -> None:
+    """Open and decode every image file the pairs name, so a bad one is reported before the first pair runs."""
+    for pair in pairs:
+        for item in (pair.a, pair.b):
+            if isinstance(item, (str, Path)):
+                check_image_file(item)
+
+
+def check_image_file(path: str | Path) -> None:
+    """An InputError naming `path` unless it is an image file PIL can decode."""
+    if not Path(path).is_file():
+        raise InputError(f"no image file at {str(path)!r}; check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{str(path)!r} is not an image PIL can read ({error}); give a PNG, JPEG or WebP file") \
+            from None
 
 
 def _seed_or_path(item: str, base: Path) -> str | int:
@@ -89,7 +119,7 @@ def _endpoint_tensors(pipeline: DDPMInterpolationPipeline, pair: Pair, num_infer
         generated = pipeline.endpoints_from_seeds((pair.a, pair.b), num_inference_steps).float().cpu()
         return generated[0], generated[1]
     if isinstance(pair.a, int) or isinstance(pair.b, int):
-        raise ValueError(f"a pair is two seeds or two images, not one of each: {pair}")
+        raise InputError(f"a pair is two seeds or two images, not one of each: {pair}")
     return _image_tensor(pair.a, pipeline.resolution), _image_tensor(pair.b, pipeline.resolution)
 
 

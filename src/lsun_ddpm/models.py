@@ -111,9 +111,7 @@ class ADMUNet2DModel(UNet2DModel):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ADMUNet2DModel":
         """Build a freshly initialised model from one of `PRESETS`."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_config({**PRESETS[name], **overrides})
+        return cls.from_config({**model_config(name), **overrides})
 
     @torch.no_grad()
     def zero_init_output_layers(self) -> None:
@@ -147,11 +145,23 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
     return dict(UNet2DModel.load_config(name_or_path, subfolder=subfolder))
 
 
+def model_config(preset: str = "paper128", config_name_or_path: str | None = None) -> dict[str, Any]:
+    """The `UNet2DModel` config of a preset, or of `config_name_or_path` when given; no weights are built."""
+    if config_name_or_path is not None:
+        return load_model_config(config_name_or_path)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+def downsampling_factor(unet_config: dict[str, Any]) -> int:
+    """How much the U-Net shrinks its input: every level but the last halves it."""
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
 def build_model(preset: str = "paper128", config_name_or_path: str | None = None, **overrides: Any) -> ADMUNet2DModel:
     """The model to train: a preset, or any `UNet2DModel` config, freshly initialised."""
-    if config_name_or_path is not None:
-        return ADMUNet2DModel.from_config({**load_model_config(config_name_or_path), **overrides})
-    return ADMUNet2DModel.from_preset(preset, **overrides)
+    return ADMUNet2DModel.from_config({**model_config(preset, config_name_or_path), **overrides})
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .data import ImagePreprocessor, UNREADABLE_IMAGE_ERRORS, describe_image_source
+from .errors import InputError
 from .lpips_features import LpipsFeatures, load_lpips
 from .models import weights_fingerprint
 
@@ -247,7 +248,7 @@ def prepare_feature_cache(cache_dir: str | None, identity: dict) -> Path | None:
         different = {key: (stored.get(key), value) for key, value in identity.items() if stored.get(key) != value}
         if different:
             described = ", ".join(f"{key}: cached {old!r}, now {new!r}" for key, (old, new) in different.items())
-            raise ValueError(f"--feature_cache {cache_dir!r} holds features of another set-up ({described}); "
+            raise InputError(f"--feature_cache {cache_dir!r} holds features of another set-up ({described}); "
                              "give a new folder or the same options")
     else:
         staging = meta.with_name(f".cache.json.partial-{os.getpid()}")

@@ -28,9 +28,10 @@ GRID_FILE = "sample_grid.png"
 # Entries only a training run writes: finding one of them means the folder holds a run.
 RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.json")
 # The settings that make a run what it is: a checkpoint of another shape, resolution or
-# schedule cannot be resumed, and its samples and logs mean something else.
+# schedule cannot be resumed, and its samples and logs mean something else. A streamed
+# run's checkpoint also holds the stream's position, which map-style data cannot take.
 RUN_DEFINING_FIELDS = ("model_preset", "model_config_name_or_path", "resolution", "ddpm_num_steps",
-                       "ddpm_beta_schedule", "prediction_type", "use_ema")
+                       "ddpm_beta_schedule", "prediction_type", "use_ema", "streaming")
 # What `accelerator.save_state` writes for a model and its optimizer on process 0.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_FILES = ("optimizer.bin", "random_states_0.pkl")

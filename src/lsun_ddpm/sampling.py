@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -14,7 +15,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
 
 # Clip every x₀ estimate to [-1, 1], as ADM does (`clip_denoised`) and as the
 # DDPM/DDIM schedulers do through `clip_sample`: dynamic thresholding with a
@@ -29,6 +31,7 @@ SCHEDULERS: dict[str, tuple[type, dict, int]] = {
 }
 DEFAULT_SCHEDULER = "dpmsolver++"
 WEIGHT_SUBFOLDERS = {"ema": "unet", "raw": "unet_raw"}
+RUN_CONFIG_FILE = "training_config.yaml"
 
 
 class ModelUnavailableError(RuntimeError):
@@ -38,11 +41,51 @@ class ModelUnavailableError(RuntimeError):
 # ---------------------------------------------------------------- loading
 
 
-def load_unet(model: str, weights: str = "ema") -> UNet2DModel:
-    """The EMA (`unet/`) or raw (`unet_raw/`) U-Net of a pipeline folder or Hub repo, from safetensors only."""
+def recorded_training_options(model: str) -> dict:
+    """The training options a run recorded (`training_config.yaml`), from a folder or a Hub repo; {} if none.
+
+    Only what a run says about itself is read here (its data, whether it kept
+    an EMA), so unlike `run_folder.read_run_config` (which resumes runs) keys
+    are not checked against this version's options, a Hub repo is read too, and
+    the Space, which does not install `transformers`, can use it. A model
+    without the file is taken as a plain pipeline.
+    """
+    import yaml
+
+    path = Path(model) / RUN_CONFIG_FILE
+    if not Path(model).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, RUN_CONFIG_FILE))
+        except Exception:  # no such file, no network, or not a repo id: nothing recorded
+            return {}
+    if not path.is_file():
+        return {}
+    values = yaml.safe_load(path.read_text())
+    return values if isinstance(values, dict) else {}
+
+
+def has_ema_weights(run_config: dict) -> bool:
+    """False for a run trained with `--no_use_ema`: its `unet/` then holds the raw (training) weights."""
+    return run_config.get("use_ema", True) is not False
+
+
+def weights_subfolder(weights: str, has_ema: bool = True) -> str:
+    """Where the `weights` ("ema" or "raw") of a run live; without an EMA both are the raw weights in `unet/`."""
     if weights not in WEIGHT_SUBFOLDERS:
         raise ValueError(f"weights must be one of {sorted(WEIGHT_SUBFOLDERS)}, got {weights!r}")
-    subfolder = WEIGHT_SUBFOLDERS[weights]
+    return WEIGHT_SUBFOLDERS[weights] if has_ema else WEIGHT_SUBFOLDERS["ema"]
+
+
+def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> UNet2DModel:
+    """The EMA (`unet/`) or raw (`unet_raw/`) U-Net of a pipeline folder or Hub repo, from safetensors only.
+
+    A run trained without EMA (`has_ema` False; by default read from the
+    run's `training_config.yaml`) has only `unet/`, its raw weights.
+    """
+    has_ema = has_ema_weights(recorded_training_options(model)) if has_ema is None else has_ema
+    subfolder = weights_subfolder(weights, has_ema)
     try:
         return UNet2DModel.from_pretrained(model, subfolder=subfolder, use_safetensors=True).eval()
     except (OSError, ValueError) as error:
@@ -194,16 +237,34 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
     return make_image_grid(images, rows=rows, cols=cols)
 
 
-def labelled_side_by_side(panels: list[tuple[str, Image.Image]], gap: int = 8) -> Image.Image:
-    """Panels next to each other on white, each with a caption above it (the paper's Fig. 1)."""
-    caption = 14
-    width = sum(image.width for _, image in panels) + gap * (len(panels) - 1)
-    height = max(image.height for _, image in panels) + caption
-    canvas = Image.new("RGB", (width, height), "white")
+def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font of every figure caption (PIL's built-in one: no font file is needed)."""
+    return ImageFont.load_default()
+
+
+def text_size(text: str, font=None) -> tuple[int, int]:
+    """(width, height) in pixels of `text` drawn at (0, 0) with `font`: the extent of its ink box."""
+    left, top, right, bottom = (font or caption_font()).getbbox(text)
+    return right, bottom
+
+
+def labelled_side_by_side(panels: list[tuple[str, Image.Image]], gap: int = 8, margin: int = 2) -> Image.Image:
+    """Panels next to each other on white, each with a caption above it (the paper's Fig. 1).
+
+    Each column is as wide as its panel or its caption, whichever is wider, so
+    a caption is never cut and never runs into its neighbour's, however small
+    the images.
+    """
+    font = caption_font()
+    sizes = [text_size(label, font) for label, _ in panels]
+    caption = max(height for _, height in sizes) + 2 * margin
+    columns = [max(image.width, width + 2 * margin) for (_, image), (width, _) in zip(panels, sizes)]
+    canvas = Image.new("RGB", (sum(columns) + gap * (len(panels) - 1),
+                               max(image.height for _, image in panels) + caption), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for label, image in panels:
-        draw.text((x + 2, 1), label, fill="black")
+    for (label, image), column in zip(panels, columns):
+        draw.text((x + margin, margin), label, fill="black", font=font)
         canvas.paste(image, (x, caption))
-        x += image.width + gap
+        x += column + gap
     return canvas

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,11 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import diffusion, run_folder
-from .config import TrainingConfig
+from .config import TrainingConfig, check_training_inputs
 from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
                    make_training_dataset, summarise_image_reports)
 from .ema import ema_weights, make_ema
-from .errors import InputError
+from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
 from .run_folder import CONFIG_FILE, GRID_FILE
@@ -39,6 +40,7 @@ logger = get_logger(__name__)
 
 def train(config: TrainingConfig) -> Path:
     """Train the paper's DDPM as `config` says; return the output folder."""
+    check_training_inputs(config)  # refuse what cannot work before any work is done or any file written
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -142,15 +144,17 @@ def train(config: TrainingConfig) -> Path:
 
 
 def main(argv: list[str] | None = None, program: str = "train_unconditional.py") -> None:
-    """Parse the options and train; input the user can fix (no data, no checkpoint) is a one-line error."""
-    from .config import parse_training_config
-    from .data import DatasetUnavailableError
+    """Parse the options and train. Input the user can fix is one line, `<program>: error: ...`, exit
+    status 2 (`--debug` shows the traceback); a finished run whose upload failed exits with status 3."""
+    argv, debug = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    run_command(program, lambda args: train_from_command_line(args, program), argv, debug)
 
-    config = parse_training_config(argv)
-    try:
-        train(config)
-    except (DatasetUnavailableError, FileNotFoundError, InputError) as error:
-        raise SystemExit(f"{program}: error: {error}") from None
+
+def train_from_command_line(argv: list[str], program: str) -> Path:
+    """`train(parse_training_config(argv))`, with `program` as the name --help and errors show."""
+    from .config import parse_training_config
+
+    return train(parse_training_config(argv, prog=program))
 
 
 # ---------------------------------------------------------------- set-up
@@ -488,9 +492,20 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             **image_counts,
         }
         run_folder.write_summary(config.output_dir, summary)
-        if config.push_to_hub:
-            from .hub import push_run
-
-            push_run(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:  # last: the run is complete whatever the upload does
+        push_finished_run(config)
+
+
+def push_finished_run(config: TrainingConfig) -> None:
+    """Upload the run folder; if that fails, say that the run itself is complete and how to push it later."""
+    from .hub import HubUploadError, push_run
+
+    try:
+        push_run(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
+    except HubUploadError as error:
+        raise RunNotPushedError(
+            f"training finished and the run is saved in {config.output_dir}, but it is not on the Hub: push it "
+            f"later with `lsun-ddpm push {config.output_dir} --hub_model_id {config.hub_model_id}` ({error})"
+        ) from None

@@ -1,0 +1,209 @@
+"""Every bad training input is refused before any work, in one sentence: `<program>: error: ...`,
+exit status 2, no traceback, and no file or folder created or changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TRAIN_SCRIPT, offline_env
+
+from lsun_ddpm import cli, training
+from lsun_ddpm.errors import InputError
+
+SMALL32_CONFIG = {  # a UNet2DModel config with 3 levels: it takes multiples of 4 px
+    "sample_size": 32, "block_out_channels": [32, 64, 128], "layers_per_block": 1, "norm_num_groups": 8,
+    "attention_head_dim": 32, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3,
+}
+
+
+def train(*extra: str) -> list[str]:
+    """A tiny run on the test images into ./out, plus `extra` (later flags win)."""
+    return ["--model_preset", "tiny16", "--train_data_dir", "IMAGES", "--output_dir", "out", "--logger", "none",
+            "--gradient_accumulation_steps", "1", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "2",
+            *extra]
+
+
+# (entry, argv, options file text or None, words the message must hold)
+#   script: train_unconditional.py's main(argv), in-process; cli: lsun-ddpm's main(argv), in-process;
+#   *-process: the same as a real process, whose whole stderr is checked for a traceback.
+CASES = {
+    "checkpoint limit -1": ("script", train("--checkpoints_total_limit", "-1"), None,
+                            ["--checkpoints_total_limit", "at least 1", "-1"]),
+    "checkpoint limit 0": ("cli", ["train", *train("--checkpoints_total_limit", "0")], None,
+                           ["--checkpoints_total_limit", "at least 1"]),
+    "resolution 0": ("script", train("--resolution", "0"), None, ["--resolution 0", "positive multiple of 2"]),
+    "resolution -16": ("cli", ["train", *train("--resolution", "-16")], None,
+                       ["--resolution -16", "positive multiple of 2"]),
+    "resolution 17": ("script-process", train("--resolution", "17"), None,
+                      ["--resolution 17", "tiny16", "2 levels", "multiple of 2", "e.g. 16"]),
+    "resolution vs a config file": ("script", train("--model_config_name_or_path", "unet.json", "--resolution", "10"),
+                                    None, ["--resolution 10", "unet.json", "3 levels", "multiple of 4"]),
+    "unreadable model config": ("script", train("--model_config_name_or_path", "a-file"), None,
+                                ["--model_config_name_or_path a-file", "no UNet2DModel config"]),
+    "batch size 0": ("script", train("--train_batch_size", "0"), None, ["--train_batch_size", "at least 1"]),
+    "unknown yaml key": ("script", train("--config", "options.yaml"), "learnig_rate: 1e-4\n",
+                         ["options.yaml", "'learnig_rate'", "did you mean learning_rate?"]),
+    "yaml lr abc": ("cli-process", ["train", *train("--config", "options.yaml")], 'learning_rate: "abc"\n',
+                    ["options.yaml", "learning_rate", "a number", "'abc'"]),
+    "yaml list for a count": ("script", train("--config", "options.yaml"), "train_batch_size: [8, 16]\n",
+                              ["options.yaml", "train_batch_size", "whole number", "[8, 16]"]),
+    "yaml steps 2.5": ("script", train("--config", "options.yaml"), "max_train_steps: 2.5\n",
+                       ["options.yaml", "max_train_steps", "whole number", "2.5"]),
+    "yaml unknown precision": ("script", train("--config", "options.yaml"), "mixed_precision: bf61\n",
+                               ["options.yaml", "mixed_precision", "'bf61'", "did you mean bf16?"]),
+    "invalid yaml syntax": ("script", train("--config", "options.yaml"), "learning_rate: [1e-4\n",
+                      ["options.yaml", "not valid YAML"]),
+    "flag steps 2.5": ("script", train("--max_train_steps", "2.5"), None, ["--max_train_steps", "'2.5'"]),
+    "misspelt flag": ("cli", ["train", *train("--learnig_rate", "1e-4")], None,
+                      ["unknown option --learnig_rate", "did you mean --learning_rate?"]),
+    "stray argument": ("script", train("bedrooms"), None, ["unexpected argument 'bedrooms'"]),
+    "lr scheduler nonsense": ("script", train("--lr_scheduler", "nonsense"), None,
+                              ["--lr_scheduler", "'nonsense'", "constant_with_warmup"]),
+    "lr scheduler typo": ("cli", ["train", *train("--lr_scheduler", "cosin")], None,
+                          ["--lr_scheduler", "did you mean cosine?"]),
+    "beta schedule": ("script", train("--ddpm_beta_schedule", "cosine"), None, ["--ddpm_beta_schedule", "linear"]),
+    "mixed precision fp8": ("script", train("--mixed_precision", "fp8"), None, ["--mixed_precision", "'fp8'"]),
+    "output dir is a file": ("cli", ["train", *train("--output_dir", "a-file")], None,
+                             ["--output_dir", "'a-file' is a file"]),
+    "output dir inside a file": ("script", train("--output_dir", "a-file/run"), None,
+                                 ["--output_dir", "'a-file' is a file"]),
+    "max steps 0": ("script", train("--max_train_steps", "0"), None, ["--max_train_steps", "at least 1"]),
+    "epochs 0": ("script", train("--num_epochs", "0"), None, ["--num_epochs", "at least 1"]),
+    "learning rate 0": ("script", train("--learning_rate", "0"), None, ["--learning_rate", "positive"]),
+    "learning rate nan": ("script", train("--learning_rate", "nan"), None, ["--learning_rate", "positive"]),
+    "warm-up -1": ("script", train("--lr_warmup_steps", "-1"), None, ["--lr_warmup_steps", "0 or more"]),
+    "workers -1": ("script", train("--dataloader_num_workers", "-1"), None, ["--dataloader_num_workers", "0 or more"]),
+    "ema decay 1.5": ("script", train("--ema_max_decay", "1.5"), None, ["--ema_max_decay", "between 0 and 1"]),
+    "adam beta 1": ("script", train("--adam_beta2", "1"), None, ["--adam_beta2", "below 1"]),
+    "seed -1": ("script", train("--seed", "-1"), None, ["--seed", "-1"]),
+    "more sampling steps than T": ("script", train("--ddpm_num_inference_steps", "2000"), None,
+                                   ["--ddpm_num_inference_steps", "--ddpm_num_steps"]),
+    "bad hub repo id": ("script", train("--push_to_hub", "--hub_model_id", "me/my model"), None,
+                        ["--hub_model_id", "'me/my model'", "not a valid Hub repo id"]),
+    "repo id from output dir .": ("cli", ["train", *train("--push_to_hub", "--output_dir", ".")], None,
+                                  ["--hub_model_id", "--output_dir", "'.'"]),
+    "existing run folder, bad option": ("script", train("--output_dir", "run", "--resume_from_checkpoint", "latest",
+                                                        "--learning_rate", "-1"), None, ["--learning_rate", "-1"]),
+    "existing run folder, resolution": ("cli", ["train", *train("--output_dir", "run", "--resume_from_checkpoint",
+                                                                "latest", "--resolution", "9")], None,
+                                        ["--resolution 9"]),
+    "demo into a file": ("cli", ["demo", "--output_dir", "a-file"], None, ["--output_dir", "'a-file' is a file"]),
+    "demo resolution": ("cli", ["demo", "--output_dir", "out", "--resolution", "30"], None,
+                        ["--resolution 30", "small32", "multiple of 4"]),
+    "push a folder that is no run": ("cli", ["push", "nowhere", "--hub_model_id", "me/m", "--dry_run", "out"], None,
+                                     ["nowhere"]),
+}
+
+
+def with_images(argv: list[str], folder: Path) -> list[str]:
+    return [str(folder) if arg == "IMAGES" else arg for arg in argv]
+
+
+def make_starting_state(root: Path) -> None:
+    """A file where a folder might be asked for, a model config, and a run folder with a checkpoint."""
+    (root / "a-file").write_bytes(b"not a folder")
+    (root / "unet.json").write_text(json.dumps(SMALL32_CONFIG))
+    checkpoint = root / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (root / "run" / "training_config.yaml").write_text("learning_rate: 0.0003\n")
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` (its Hub cache aside) with its bytes (None for a folder)."""
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*")) if "hf_home" not in path.relative_to(root).parts}
+
+
+def run_in_process(entry: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    main = training.main if entry == "script" else cli.main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def run_as_process(entry: str, argv: list[str], cwd: Path) -> tuple[int, str, str]:
+    program = [str(TRAIN_SCRIPT)] if entry == "script-process" else ["-m", "lsun_ddpm.cli"]
+    result = subprocess.run([sys.executable, *program, *argv], env=offline_env(cwd), cwd=cwd,
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("entry, argv, options_file, words", CASES.values(), ids=CASES.keys())
+def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(entry, argv, options_file, words, tmp_path,
+                                                            image_folder, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LSUN_DDPM_DEBUG", raising=False)
+    make_starting_state(tmp_path)
+    if options_file is not None:
+        (tmp_path / "options.yaml").write_text(options_file)
+    argv = with_images(argv, image_folder)
+    before = snapshot(tmp_path)
+
+    if entry.endswith("-process"):
+        status, out, err = run_as_process(entry, argv, tmp_path)
+    else:
+        status, out, err = run_in_process(entry, argv, capsys)
+
+    program = "train_unconditional.py" if entry.startswith("script") else f"lsun-ddpm {argv[0]}"
+    assert status == 2, err[-2000:]
+    assert "Traceback" not in out + err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"{program}: error: "), err[-2000:]
+    for word in words:
+        assert word in message
+    if not entry.endswith("-process"):
+        assert err.strip() == message  # one line, nothing else
+    assert snapshot(tmp_path) == before  # nothing created, nothing changed
+
+
+def test_debug_flag_and_variable_show_the_traceback(tmp_path, image_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LSUN_DDPM_DEBUG", raising=False)
+    bad = with_images(train("--train_batch_size", "0"), image_folder)
+    with pytest.raises(InputError, match="--train_batch_size"):
+        cli.main(["train", *bad, "--debug"])
+    with pytest.raises(InputError, match="--train_batch_size"):
+        training.main(["--debug", *bad])
+    monkeypatch.setenv("LSUN_DDPM_DEBUG", "1")
+    with pytest.raises(InputError, match="--train_batch_size"):
+        training.main(bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lsun-ddpm train ")
+    assert "--debug" in out
+
+
+def test_an_unknown_command_names_the_close_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["trian"])
+    assert exit_info.value.code == 2
+    assert "lsun-ddpm: error: unknown command 'trian'; did you mean train?" in capsys.readouterr().err
+
+
+def test_a_completed_run_whose_push_fails_offline_says_how_to_push_it_and_exits_3(tmp_path, image_folder):
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *with_images(train("--max_train_steps", "2", "--train_batch_size", "4",
+                                                               "--push_to_hub", "--hub_model_id", "someone/bedrooms"),
+                                                         image_folder)],
+        env=offline_env(tmp_path, HF_HUB_OFFLINE="1"), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("train_unconditional.py: error: training finished and the run is saved in out")
+    assert "`lsun-ddpm push out --hub_model_id someone/bedrooms`" in message
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["optimizer_steps"] == 2
+    assert (tmp_path / "out" / "model_index.json").is_file()
