@@ -41,45 +41,77 @@ from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 METHODS = ("lerp", "slerp", "ddim")
+EXIF_ORIENTATION = 0x0112
 
 # ---------------------------------------------------------------- preprocessing (shared with training)
 
 
-def open_rgb(source, resolution: int | None = None) -> PIL.Image.Image:
+def open_image(source) -> PIL.Image.Image:
     """A path, bytes, 🤗 datasets image dict ({"bytes", "path"}), PIL image or [-1, 1]
-    tensor (C, H, W) as an RGB PIL image; transparency is composited on white.
+    tensor (C, H, W) as a PIL image, as stored: a file's pixels are not decoded yet,
+    so its size can be checked first."""
+    if isinstance(source, torch.Tensor):
+        array = ((source.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+        return PIL.Image.fromarray(array.squeeze(0).permute(1, 2, 0).numpy())
+    if isinstance(source, PIL.Image.Image):
+        return source
+    if isinstance(source, dict):
+        data = source.get("bytes")
+        # b"" is an empty record (e.g. in an LMDB), not "read the path instead".
+        return PIL.Image.open(io.BytesIO(data)) if data is not None else PIL.Image.open(source["path"])
+    if isinstance(source, (bytes, bytearray)):
+        return PIL.Image.open(io.BytesIO(source))
+    if isinstance(source, (str, os.PathLike)):
+        return PIL.Image.open(source)
+    raise TypeError(f"cannot read an image from {type(source).__name__}")
+
+
+# Modes whose pixels can be (partly) transparent; palette and grey images can
+# also name one transparent value (`info["transparency"]`).
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: PIL.Image.Image, resolution: int | None = None) -> PIL.Image.Image:
+    """Any image as the RGB picture a photo viewer shows.
+
+    - EXIF orientation is applied (phones store portraits as rotated landscapes).
+    - Transparency is composited on white, as browsers and viewers show it on a
+      page: a transparent PNG's visible content stays as drawn, and the hidden
+      colour of transparent pixels (often black) never leaks in.
+    - 16-bit grey is scaled to 8 bits (65535 → 255), not clipped; 32-bit "I"
+      images are read as 16-bit, which is what PIL's older versions gave for 16-bit PNGs.
+    - Floating-point images have no agreed range: ValueError (the caller skips them).
+    - Everything else (L, 1, P, CMYK, YCbCr) goes through PIL's conversion.
 
     With `resolution`, JPEGs are decoded directly at a reduced size (PIL's `draft`:
     DCT scaling) whose shorter side is still at least `resolution`.
     """
-    if isinstance(source, torch.Tensor):
-        array = ((source.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-        image = PIL.Image.fromarray(array.squeeze(0).permute(1, 2, 0).numpy())
-    elif isinstance(source, PIL.Image.Image):
-        image = source
-    elif isinstance(source, dict):
-        data = source.get("bytes")
-        image = PIL.Image.open(io.BytesIO(data)) if data else PIL.Image.open(source["path"])
-    elif isinstance(source, (bytes, bytearray)):
-        image = PIL.Image.open(io.BytesIO(source))
-    elif isinstance(source, (str, os.PathLike)):
-        image = PIL.Image.open(source)
-    else:
-        raise TypeError(f"cannot read an image from {type(source).__name__}")
     if resolution is not None and image.format == "JPEG":
         image.draft("RGB", (resolution, resolution))
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_GREY_MODES:
+        sixteen_bit = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = PIL.Image.fromarray(np.round(sixteen_bit / 257).astype(np.uint8))  # 65535 / 257 = 255
+    elif image.mode == "F":
+        raise ValueError("floating-point image (mode F): convert it to 8 or 16 bits per channel")
+    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
         image = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    if image.mode == "I;16":  # 16-bit greyscale: scale to 8 bits before the RGB conversion
-        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float32) / 257).astype(np.uint8))
     return image.convert("RGB")
+
+
+def open_rgb(source, resolution: int | None = None) -> PIL.Image.Image:
+    """Any image source (see `open_image`) as an RGB PIL image (see `to_rgb`)."""
+    return to_rgb(open_image(source), resolution)
 
 
 def resize_shorter_side(image: PIL.Image.Image, size: int) -> PIL.Image.Image:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lsun_ddpm import data
-from lsun_ddpm.data import (DatasetUnavailableError, ImagePreprocessor, load_image_dataset,
-                            make_dataloader, make_training_dataset, resize_shorter_side)
+from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
+                            PreprocessedStream, decode_notes, encode_notes, load_image_dataset, make_dataloader,
+                            make_training_dataset, resize_shorter_side, summarise_image_reports)
+from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
 
 def halves_image(width, height):
@@ -79,7 +80,7 @@ def test_transparent_pixels_become_white():
 def test_jpeg_is_decoded_at_reduced_size_but_not_below_the_resolution():
     buffer = io.BytesIO()
     halves_image(512, 384).save(buffer, format="JPEG")
-    image = data.open_rgb(buffer.getvalue(), resolution=64)
+    image = open_rgb(buffer.getvalue(), resolution=64)
     assert min(image.size) >= 64 and image.size[0] < 512  # DCT-scaled, still big enough
     assert ImagePreprocessor(64)(buffer.getvalue()).shape == (3, 64, 64)
 
@@ -135,27 +136,36 @@ def test_crops_and_flips_depend_only_on_seed_epoch_and_item(image_folder):
     assert sum(not torch.equal(dataset[i]["pixel_values"], forwards[i]) for i in range(len(dataset))) > 8
 
 
+def report_of(items) -> ImageReport:
+    """The report the training loop builds from these items' notes."""
+    report = ImageReport()
+    report.add_batch({"image_notes": torch.stack([item["image_notes"] for item in items])})
+    return report
+
+
 def test_unreadable_image_is_skipped_with_a_warning(tmp_path, caplog):
     for index in range(3):
         halves_image(20, 20).save(tmp_path / f"{index}.png")
     (tmp_path / "1.png").write_bytes(b"not an image at all")
     dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)), ImagePreprocessor(16))
     with caplog.at_level(logging.WARNING):
-        items = [dataset[i]["pixel_values"] for i in range(len(dataset))]
-    assert len(items) == 3 and all(x.shape == (3, 16, 16) for x in items)
-    assert dataset.num_skipped == 1 and "1.png" in caplog.text
+        items = [dataset[i] for i in range(len(dataset))]
+    assert len(items) == 3 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    assert report_of(items).count(SKIPPED) == 1 and "1.png" in caplog.text
 
 
 def test_unreadable_streamed_image_is_skipped_counted_and_named(tmp_path, caplog):
     for index in range(3):
         halves_image(20, 20).save(tmp_path / f"{index}.png")
     (tmp_path / "1.png").write_bytes(b"not an image at all")
-    stream = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path), streaming=True),
-                                   ImagePreprocessor(16), seed=0)
+    # Not shuffled: a skip is noted on the next item, so one at the very end of a stream goes unnoted.
+    stream = PreprocessedStream(load_image_dataset(train_data_dir=str(tmp_path), streaming=True),
+                                ImagePreprocessor(16))
     with caplog.at_level(logging.WARNING):
-        items = [item["pixel_values"] for item in stream]
-    assert len(items) == 2 and all(x.shape == (3, 16, 16) for x in items)
-    assert stream.num_skipped == 1 and "1.png" in caplog.text
+        items = list(stream)
+    assert len(items) == 2 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    report = report_of(items)
+    assert report.count(SKIPPED) == 1 and "1.png" in report.examples(SKIPPED)[0] and "1.png" in caplog.text
 
 
 def write_broken_images(folder, count):
@@ -177,7 +187,7 @@ def test_a_hundred_unreadable_images_in_a_row_are_a_clear_error(tmp_path, stream
 def test_ninety_nine_unreadable_images_in_a_row_are_only_skipped(tmp_path):
     images = load_image_dataset(train_data_dir=str(write_broken_images(tmp_path / "broken", 99)), streaming=True)
     stream = make_training_dataset(images, ImagePreprocessor(16), seed=0)
-    assert list(stream) == [] and stream.num_skipped == 99
+    assert list(stream) == []  # 99 skips, then the end of the stream: no error
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path):
@@ -210,3 +220,176 @@ def test_offline_mode_without_a_cached_copy_also_points_to_train_data_dir(monkey
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DatasetUnavailableError, match="--train_data_dir"):
         load_image_dataset(dataset_name="someone/not-cached")
+
+
+# ---------------------------------------------------------------- every image mode
+
+
+def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def pixels(source) -> np.ndarray:
+    return np.asarray(open_rgb(source), dtype=np.int16)
+
+
+def test_grey_becomes_the_same_grey_in_rgb():
+    assert (pixels(encoded(Image.new("L", (4, 4), 77))) == 77).all()
+
+
+def test_palette_with_a_transparent_entry_is_drawn_on_white():
+    image = Image.new("P", (4, 2), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0])  # entry 0 red, entry 1 green (transparent below)
+    image.paste(1, (2, 0, 4, 2))
+    rgb = pixels(encoded(image, transparency=1))
+    assert (rgb[:, :2] == (255, 0, 0)).all() and (rgb[:, 2:] == 255).all()
+
+
+def test_rgba_is_composited_on_white():
+    image = Image.new("RGBA", (3, 1))
+    image.putdata([(0, 0, 0, 0), (0, 0, 255, 255), (255, 0, 0, 128)])  # invisible black, blue, half red
+    rgb = pixels(encoded(image))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [0, 0, 255]
+    assert rgb[0, 2, 0] == 255 and abs(rgb[0, 2, 1] - 127) <= 1 and abs(rgb[0, 2, 2] - 127) <= 1
+
+
+def test_cmyk_becomes_rgb():
+    image = Image.new("CMYK", (3, 1))
+    image.putdata([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)])  # paper white, cyan ink, black ink
+    assert pixels(encoded(image, "TIFF"))[0].tolist() == [[255, 255, 255], [0, 255, 255], [0, 0, 0]]
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 128, 65535, 1000]], np.uint16)  # 1000 / 257 = 3.9 → 4
+    data = encoded(Image.fromarray(values))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"  # what PIL reads a 16-bit PNG as
+    assert pixels(data)[0, :, 0].tolist() == [0, 128, 255, 4]
+
+
+def test_exif_orientation_is_applied():
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 16))  # red top-left corner as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write portraits
+    rgb = pixels(encoded(stored, "JPEG", exif=exif, quality=95))
+    assert rgb.shape == (64, 32, 3)  # displayed as a portrait
+    assert np.abs(rgb[4, -5] - (255, 0, 0)).max() < 20  # the stored top-left is now the top-right
+    assert np.abs(rgb[4, 4] - (0, 0, 255)).max() < 20
+
+
+def test_floating_point_image_is_skipped_with_its_reason(tmp_path):
+    images = [Image.new("F", (20, 20), 0.5), halves_image(20, 20)]
+    dataset = make_training_dataset(datasets_of(images), ImagePreprocessor(16))
+    report = report_of([dataset[0]])
+    assert report.count(SKIPPED) == 1 and "mode F" in report.examples(SKIPPED)[0]
+
+
+def datasets_of(images):
+    """An in-memory 🤗 dataset of these PIL images, undecoded like the real ones."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image(decode=False))
+
+
+# ---------------------------------------------------------------- small images, skip reports
+
+
+def test_small_images_are_upscaled_with_a_counted_warning(tmp_path, caplog):
+    halves_image(40, 30).save(tmp_path / "big.png")
+    halves_image(12, 10).save(tmp_path / "small.png")
+    dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)), ImagePreprocessor(16))
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert len(items) == 2 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    report = report_of(items)
+    assert report.count(UPSCALED) == 1 and report.count(SKIPPED) == 0
+    assert "small.png" in report.examples(UPSCALED)[0] and "12x10" in report.examples(UPSCALED)[0]
+    assert "small.png" in caplog.text
+
+
+def test_min_image_size_skips_smaller_images(tmp_path):
+    halves_image(40, 30).save(tmp_path / "big.png")
+    halves_image(40, 12).save(tmp_path / "short.png")  # shorter side 12
+    halves_image(14, 20).save(tmp_path / "upscaled.png")  # 14 ≥ 13: kept, upscaled to 16
+    dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)),
+                                    ImagePreprocessor(16, min_image_size=13))
+    report = report_of([dataset[i] for i in range(len(dataset))])
+    assert report.count(SKIPPED) == 1 and "short.png" in report.examples(SKIPPED)[0]
+    assert report.count(UPSCALED) == 1 and "upscaled.png" in report.examples(UPSCALED)[0]
+
+
+def test_skip_reports_count_images_decoded_in_dataloader_workers(tmp_path):
+    for index in range(9):
+        halves_image(20, 20).save(tmp_path / f"{index}.png")
+    for index in (2, 6):
+        (tmp_path / f"{index}.png").write_bytes(b"not an image at all")
+    halves_image(10, 10).save(tmp_path / "4.png")
+    dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)), ImagePreprocessor(16))
+    report = ImageReport()
+    for epoch in range(2):  # each file counted once, however often it comes back
+        dataset.set_epoch(epoch)
+        for batch in make_dataloader(dataset, batch_size=3, num_workers=2):  # 9 items: no batch dropped
+            report.add_batch(batch)
+    assert report.count(SKIPPED) == 2 and report.count(UPSCALED) == 1
+    assert sorted(example.split(":")[0].rsplit("/", 1)[1] for example in report.examples(SKIPPED)) == ["2.png", "6.png"]
+
+
+def test_notes_that_do_not_fit_are_still_counted():
+    notes = [(SKIPPED, f"/data/{index:03d}-{'x' * 100}.png", "cannot identify image file") for index in range(40)]
+    report = ImageReport()
+    report.add(*decode_notes(encode_notes(notes)))
+    assert report.count(SKIPPED) == 40  # a few named, the rest counted without their names
+    assert report.examples(SKIPPED)[0].startswith("/data/000-") and len(report.files[SKIPPED]) < 40
+
+
+# ---------------------------------------------------------------- folders: every image, whatever the sub-folders
+
+
+def test_train_test_and_val_sub_folders_are_all_read(tmp_path):
+    for index, sub_folder in enumerate(["train", "test", "val", "val/deeper", "validation", "other"]):
+        (tmp_path / sub_folder).mkdir(parents=True, exist_ok=True)
+        for copy in range(2):
+            halves_image(20, 20).save(tmp_path / sub_folder / f"{index}-{copy}.png")
+    for streaming in (False, True):
+        dataset = load_image_dataset(train_data_dir=str(tmp_path), streaming=streaming)
+        assert len(list(dataset)) == 12 and dataset.column_names == ["image"]
+
+
+def test_root_images_next_to_a_val_folder(tmp_path):
+    (tmp_path / "val").mkdir()
+    for name in ("a.png", "b.jpg", "val/c.png"):
+        halves_image(20, 20).save(tmp_path / name)
+    paths = sorted(row["image"]["path"].rsplit("/", 1)[1] for row in load_image_dataset(train_data_dir=str(tmp_path)))
+    assert paths == ["a.png", "b.jpg", "c.png"]
+
+
+def test_reports_of_several_processes_add_up_each_file_once():
+    first, second = ImageReport(), ImageReport()
+    first.add({SKIPPED: 1}, [(SKIPPED, "a.png", "truncated")])
+    second.add({SKIPPED: 2, UPSCALED: 1}, [(SKIPPED, "a.png", "truncated"), (SKIPPED, None, "mode F"),
+                                          (UPSCALED, "b.png", "8x8 upscaled to 16 px")])
+    summary, lines = summarise_image_reports([first, second])  # what gather_object hands the main process
+    assert summary["images_skipped"] == 2 and summary["images_upscaled"] == 1
+    assert summary["images_skipped_examples"] == ["a.png: truncated", "mode F"]
+    assert lines[0] == "2 images skipped; the first:" and lines[1] == "  a.png: truncated"
+
+
+def test_notes_are_read_from_the_device_in_bulk_not_at_every_micro_batch():
+    """Reading a GPU tensor waits for the GPU: a report reads its batches' notes every PENDING_BATCHES."""
+    report = ImageReport()
+    notes = encode_notes([(SKIPPED, "a.png", "truncated")])
+    for _ in range(3):
+        report.add_batch({"image_notes": torch.stack([notes, torch.zeros_like(notes)])})
+    assert len(report.pending) == 3  # nothing read yet
+    assert report.count(SKIPPED) == 1 and report.pending == []
+
+
+def test_a_negative_min_image_size_is_refused():
+    from lsun_ddpm.config import parse_training_config
+    from lsun_ddpm.errors import InputError
+
+    with pytest.raises(InputError, match="--min_image_size must be 0 or more"):
+        parse_training_config(["--train_data_dir", "images", "--min_image_size", "-1"])
+    assert parse_training_config(["--train_data_dir", "images", "--min_image_size", "64"]).min_image_size == 64

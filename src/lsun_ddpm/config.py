@@ -37,7 +37,7 @@ VALUE_RANGES = (
       "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit",
       "max_nonfinite_steps"),  # --resolution: see check_resolution
      lambda value: value >= 1, "must be at least 1"),
-    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon"),
+    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "min_image_size"),
      lambda value: value >= 0, "must be 0 or more"),
     (("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"),
      lambda value: value > 0 and math.isfinite(value), "must be a positive number"),
@@ -73,7 +73,8 @@ class TrainingConfig:
     dataset_config_name: Optional[str] = field(default=None, metadata=_help("Config name of the Hub dataset."))
     train_data_dir: Optional[str] = field(
         default=None,
-        metadata=_help("A local folder of images (any depth; jpg/png/webp). Overrides --dataset_name."),
+        metadata=_help("A local folder of images (every image at any depth; jpg/png/webp/bmp/gif/tiff) or an "
+                       "LSUN LMDB export (a folder holding data.mdb). Overrides --dataset_name."),
     )
     image_column: str = field(default="image", metadata=_help("Dataset column holding the images."))
     max_train_samples: Optional[int] = field(
@@ -86,6 +87,11 @@ class TrainingConfig:
     cache_dir: Optional[str] = field(default=None, metadata=_help("Where 🤗 datasets caches downloads."))
     resolution: Optional[int] = field(
         default=None, metadata=_help("Training resolution; default: the model's sample_size (128 for paper128).")
+    )
+    min_image_size: int = field(
+        default=0,
+        metadata=_help("Skip (and count) images whose shorter side is below N px; smaller than --resolution, "
+                       "they are upscaled with a counted warning."),
     )
     center_crop: bool = field(default=True, metadata=_help("Centre crop (ADM) rather than a random crop."))
     random_flip: bool = field(default=True, metadata=_help("Random horizontal flips (ADM)."))

@@ -1,16 +1,23 @@
-"""Training images: a Hub dataset or a local folder → one preprocessing → a DataLoader.
+"""Training images: a Hub dataset, a local folder or an LSUN LMDB → one preprocessing → a DataLoader.
 
 Every image the project feeds to a model (training, interpolation inputs,
 neighbour search) goes through the same functions (`ImagePreprocessor` here,
 `preprocess` in the interpolation pipeline file, which both build on), so a
 model never sees two different resizings of the same photo.
+
+An image that cannot be used as it is (unreadable, too small) is skipped or
+upscaled, and the item that takes its place carries a note saying so
+(`image_notes`), so that the training process learns of it even when the image
+was decoded in a DataLoader worker or on another accelerate process; the run's
+`ImageReport` adds the notes up.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -19,19 +26,25 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
-from .pipelines.ddpm_interpolation import crop_square, open_rgb, resize_shorter_side, to_tensor
+from .errors import InputError
+from .pipelines.ddpm_interpolation import crop_square, open_image, resize_shorter_side, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-# What PIL raises for a truncated, corrupt or absurdly large file: such an image is skipped and counted.
+# What PIL raises for a truncated, corrupt or absurdly large file, or a mode it cannot convert
+# (ValueError, which ImageTooSmall also is): such an image is skipped and counted.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class DatasetUnavailableError(RuntimeError):
-    """The requested dataset cannot be loaded (no network, unknown repo, wrong column)."""
+class DatasetUnavailableError(InputError):
+    """The requested dataset cannot be loaded (no network, unknown repo, wrong column, missing package)."""
+
+
+class ImageTooSmall(ValueError):
+    """An image whose shorter side is below `--min_image_size` (skipped and counted like an unreadable one)."""
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -41,19 +54,36 @@ class DatasetUnavailableError(RuntimeError):
 
 
 @dataclass
+class PreparedImage:
+    pixel_values: torch.Tensor
+    original_size: tuple[int, int]  # (width, height) as stored, before any resizing
+    upscaled: bool  # its shorter side was below the resolution
+
+
+@dataclass
 class ImagePreprocessor:
     """RGB → shorter side resized to `resolution` → crop → optional flip → CHW float in [-1, 1].
 
     Random choices (crop offset, flip) are drawn from `generator`, or from
-    torch's global RNG without one.
+    torch's global RNG without one. An image whose shorter side is below
+    `min_image_size` raises `ImageTooSmall`; one below `resolution` is upscaled
+    (`prepare` says so).
     """
 
     resolution: int
     center_crop: bool = True
     random_flip: bool = False
+    min_image_size: int = 0
 
     def __call__(self, source: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = resize_shorter_side(open_rgb(source, self.resolution), self.resolution)
+        return self.prepare(source, generator).pixel_values
+
+    def prepare(self, source: Any, generator: torch.Generator | None = None) -> PreparedImage:
+        stored = open_image(source)  # its size is known before its pixels are decoded
+        width, height = stored.size
+        if min(width, height) < self.min_image_size:
+            raise ImageTooSmall(f"{width}x{height} is smaller than --min_image_size {self.min_image_size}")
+        image = resize_shorter_side(to_rgb(stored, self.resolution), self.resolution)
         if self.center_crop:
             image = crop_square(image, self.resolution)
         else:
@@ -62,7 +92,7 @@ class ImagePreprocessor:
             image = crop_square(image, self.resolution, left, top)
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+        return PreparedImage(to_tensor(image), (width, height), min(width, height) < self.resolution)
 
 
 # ---------------------------------------------------------------- sources
@@ -108,21 +138,12 @@ def load_image_dataset(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """The training split with one column, `image`, left undecoded ({"bytes", "path"} dicts).
 
-    `train_data_dir` wins over `dataset_name`: it is read with 🤗 datasets'
-    `imagefolder` builder, which walks sub-folders to any depth; sub-folder
-    names are not turned into labels.
+    `train_data_dir` wins over `dataset_name`. An LSUN LMDB export (a folder
+    holding `data.mdb`) is read record by record (`lsun_lmdb`); any other folder
+    is every image below it, at any depth.
     """
     if train_data_dir is not None:
-        if not os.path.isdir(train_data_dir):
-            raise DatasetUnavailableError(f"--train_data_dir {train_data_dir!r} is not a directory")
-        if not any(walk_images(train_data_dir)):
-            raise DatasetUnavailableError(
-                f"--train_data_dir {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_data_dir, split="train", drop_labels=True,
-            drop_metadata=True, cache_dir=cache_dir, streaming=streaming,
-        )
+        dataset = load_local_images(train_data_dir, streaming, cache_dir)
         image_column = "image"
     elif dataset_name is not None:
         check_hub_dataset_reachable(dataset_name)
@@ -154,6 +175,27 @@ def load_image_dataset(
     return dataset
 
 
+def load_local_images(folder: str, streaming: bool = False,
+                      cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """An LSUN LMDB export, or every image below `folder` whatever its sub-folders are called.
+
+    The files are listed explicitly (`data_files`): given only the folder,
+    🤗 datasets' `imagefolder` would read sub-folders named train/, test/ or val/
+    as splits and use train/ alone. Sorted, so the order is the same on every machine.
+    """
+    if not os.path.isdir(folder):
+        raise DatasetUnavailableError(f"--train_data_dir {folder!r} is not a directory")
+    from .lsun_lmdb import is_lmdb_export, load_lmdb_dataset  # it imports this module
+
+    if is_lmdb_export(folder):
+        return load_lmdb_dataset(folder, streaming, cache_dir)
+    files = sorted(walk_images(folder))
+    if not files:
+        raise DatasetUnavailableError(f"--train_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return datasets.load_dataset("imagefolder", data_files={"train": files}, split="train", drop_labels=True,
+                                 drop_metadata=True, cache_dir=cache_dir, streaming=streaming)
+
+
 def walk_images(root: str):
     """Paths of the image files under `root`, at any depth."""
     for directory, _, files in os.walk(root):
@@ -162,20 +204,181 @@ def walk_images(root: str):
                 yield os.path.join(directory, name)
 
 
-# ---------------------------------------------------------------- torch datasets
+# ---------------------------------------------------------------- notes on images skipped or upscaled
+
+SKIPPED, UPSCALED = "skipped", "upscaled"
+# A note: (SKIPPED or UPSCALED, the file or record — None when the source names none —, why).
+Note = tuple[str, "str | None", str]
+
+# Notes travel with each item as a fixed-size byte tensor holding JSON: accelerate can then
+# move, split and concatenate them like the pixels (it dispatches streamed batches from the
+# main process and accepts tensors only), and DataLoader workers hand them back like any item.
+NOTE_BYTES = 512
+MAX_NOTE_FIELD = 160  # characters kept of a path (its end) and of a reason (its start)
+NO_NOTES = torch.zeros(NOTE_BYTES, dtype=torch.uint8)
+REPORTED_EXAMPLES = 5  # files (with reasons) named per kind at the end of a run and in its summary
+PENDING_BATCHES = 64  # batches whose notes are read from the device at once
 
 
 def describe_image_source(source: Any) -> str:
+    return image_source_name(source) or "<in-memory image>"
+
+
+def image_source_name(source: Any) -> str | None:
+    """The file (or LMDB record) an image came from, when its source says."""
     if isinstance(source, dict) and source.get("path"):
         return str(source["path"])
-    return "<in-memory image>"
+    return None
 
+
+def encode_notes(notes: list[Note]) -> torch.Tensor:
+    """uint8 (NOTE_BYTES,): the counts per kind exactly, and as many notes as fit."""
+    if not notes:
+        return NO_NOTES
+    counts = {kind: sum(note[0] == kind for note in notes) for kind in (SKIPPED, UPSCALED)}
+    shortened = [(kind, where if where is None else where[-MAX_NOTE_FIELD:], reason[:MAX_NOTE_FIELD])
+                 for kind, where, reason in notes]
+    for kept in range(len(shortened), -1, -1):
+        encoded = json.dumps({"counts": counts, "notes": shortened[:kept]}, ensure_ascii=False).encode()
+        if len(encoded) <= NOTE_BYTES:
+            break
+    return torch.frombuffer(bytearray(encoded.ljust(NOTE_BYTES, b"\0")), dtype=torch.uint8)
+
+
+def decode_notes(encoded: torch.Tensor) -> tuple[dict[str, int], list[Note]]:
+    """The counts per kind and the notes that `encode_notes` kept."""
+    text = bytes(encoded.cpu().numpy()).rstrip(b"\0")
+    if not text:
+        return {}, []
+    payload = json.loads(text)
+    return payload["counts"], [tuple(note) for note in payload["notes"]]
+
+
+@dataclass
+class ImageReport:
+    """The images of a run that were skipped or upscaled: each named file counted once
+    (it comes back every epoch), notes without a name counted each time."""
+
+    files: dict[str, dict[str, str]] = field(default_factory=lambda: {SKIPPED: {}, UPSCALED: {}})
+    unnamed: dict[str, int] = field(default_factory=lambda: {SKIPPED: 0, UPSCALED: 0})
+    unnamed_reasons: dict[str, list[str]] = field(default_factory=lambda: {SKIPPED: [], UPSCALED: []})
+    pending: list[torch.Tensor] = field(default_factory=list)  # batches' notes not read yet (maybe on the GPU)
+
+    def add_batch(self, batch: dict) -> None:
+        """Take the notes of a collated batch (`batch["image_notes"]`, (B, NOTE_BYTES))."""
+        notes = batch.get("image_notes")
+        if notes is None:
+            return
+        # On the GPU, reading them now would wait for it at every micro-batch: they are read in bulk.
+        self.pending.append(notes)
+        if len(self.pending) == PENDING_BATCHES:
+            self.collect()
+
+    def collect(self) -> "ImageReport":
+        """Read the notes still pending; return the report (now ready for `gather_object`)."""
+        if self.pending:
+            notes = torch.cat(self.pending).cpu()
+            self.pending = []
+            for row in notes[(notes != 0).any(dim=1)]:
+                self.add(*decode_notes(row))
+        return self
+
+    def add(self, counts: dict[str, int], notes: list[Note]) -> None:
+        for kind, where, reason in notes:
+            if where is None:
+                self._add_unnamed(kind, 1, reason)
+            else:
+                self.files[kind].setdefault(where, reason)
+        for kind, count in counts.items():  # notes that did not fit in the tensor
+            self._add_unnamed(kind, count - sum(note[0] == kind for note in notes), None)
+
+    def _add_unnamed(self, kind: str, count: int, reason: str | None) -> None:
+        self.unnamed[kind] += count
+        if count and reason is not None and len(self.unnamed_reasons[kind]) < REPORTED_EXAMPLES:
+            self.unnamed_reasons[kind].append(reason)
+
+    def merge(self, other: "ImageReport") -> None:
+        for kind in (SKIPPED, UPSCALED):
+            for where, reason in other.files[kind].items():
+                self.files[kind].setdefault(where, reason)
+            self._add_unnamed(kind, other.unnamed[kind], None)
+            self.unnamed_reasons[kind].extend(other.unnamed_reasons[kind])
+            del self.unnamed_reasons[kind][REPORTED_EXAMPLES:]
+
+    def count(self, kind: str) -> int:
+        self.collect()
+        return len(self.files[kind]) + self.unnamed[kind]
+
+    def examples(self, kind: str) -> list[str]:
+        """The first few "file: reason" lines of a kind."""
+        self.collect()
+        named = [f"{where}: {reason}" for where, reason in self.files[kind].items()]
+        return (named + self.unnamed_reasons[kind])[:REPORTED_EXAMPLES]
+
+
+def summarise_image_reports(reports: list[ImageReport]) -> tuple[dict[str, Any], list[str]]:
+    """All processes' reports (`gather_object`) as the run summary's fields and the end-of-run lines."""
+    total = ImageReport()
+    for report in reports:
+        total.merge(report.collect())
+    summary = {"images_skipped": total.count(SKIPPED), "images_upscaled": total.count(UPSCALED),
+               "images_skipped_examples": total.examples(SKIPPED),
+               "images_upscaled_examples": total.examples(UPSCALED)}
+    lines = []
+    for kind, advice in ((SKIPPED, ""), (UPSCALED, " (--min_image_size skips such images instead)")):
+        count = total.count(kind)
+        if count:
+            lines.append(f"{count} image{'s' if count != 1 else ''} {kind}{advice}; the first:")
+            lines.extend(f"  {example}" for example in total.examples(kind))
+    return summary, lines
+
+
+# How many notes of each kind a process logs as they happen; the rest are only counted.
+LOGGED_NOTES = 10
+_logged = {SKIPPED: 0, UPSCALED: 0}
+
+
+def log_note(kind: str, source: Any, reason: str) -> Note:
+    """Warn about an image skipped or upscaled (the first few of each kind); return its note."""
+    _logged[kind] += 1
+    if _logged[kind] <= LOGGED_NOTES:
+        logger.warning("%s image %s (%s)%s", kind, describe_image_source(source), reason,
+                       "; further ones are only counted" if _logged[kind] == LOGGED_NOTES else "")
+    return (kind, image_source_name(source), reason)
+
+
+def describe_error(error: Exception) -> str:
+    """Why an image was skipped, without PIL's "<_io.BytesIO object at 0x...>" (noise in a report)."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    return str(error) or type(error).__name__
+
+
+def prepare_or_note(preprocess: ImagePreprocessor, source: Any, generator: torch.Generator | None,
+                    notes: list[Note]) -> torch.Tensor | None:
+    """The image's pixels, or None when it must be skipped; a skip or an upscale is added to `notes`."""
+    try:
+        prepared = preprocess.prepare(source, generator)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        notes.append(log_note(SKIPPED, source, describe_error(error)))
+        return None
+    if prepared.upscaled:
+        width, height = prepared.original_size
+        notes.append(log_note(UPSCALED, source, f"{width}x{height} upscaled to {preprocess.resolution} px"))
+    return prepared.pixel_values
+
+
+# ---------------------------------------------------------------- torch datasets
 
 MAX_CONSECUTIVE_UNREADABLE = 100
 
 
-def too_many_unreadable(where: str) -> DatasetUnavailableError:
-    return DatasetUnavailableError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row {where}")
+def too_many_unreadable(where: str, notes: list[Note]) -> DatasetUnavailableError:
+    kind, source, reason = notes[-1]
+    return DatasetUnavailableError(
+        f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row {where} (the last, {source or 'an image'}: "
+        f"{reason}): check the data (images below --min_image_size count too)"
+    )
 
 
 def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Generator:
@@ -195,9 +398,10 @@ def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Gener
 class PreprocessedImages(torch.utils.data.Dataset):
     """A map-style 🤗 dataset, decoded and preprocessed on access.
 
-    An image that cannot be decoded is skipped: a warning names it, and the
-    next image takes its place, so every process still gets full, equally
-    sized batches (a short batch on one DDP rank would stall the others).
+    An image that cannot be used (unreadable, below --min_image_size) is
+    skipped: the next image takes its place, so every process still gets full,
+    equally sized batches (a short batch on one DDP rank would stall the
+    others), and the item's `image_notes` say what was skipped or upscaled.
     `set_epoch` gives each epoch new random crops and flips.
     """
 
@@ -206,7 +410,6 @@ class PreprocessedImages(torch.utils.data.Dataset):
         self.preprocess = preprocess
         self.seed = seed
         self.epoch = 0
-        self.num_skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -216,21 +419,21 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = augmentation_generator(self.seed, self.epoch, index)
+        notes: list[Note] = []
         for offset in range(MAX_CONSECUTIVE_UNREADABLE):
             source = self.dataset[(index + offset) % len(self.dataset)]["image"]
-            try:
-                return {"pixel_values": self.preprocess(source, generator)}
-            except UNREADABLE_IMAGE_ERRORS as error:
-                self.num_skipped += 1
-                logger.warning("skipping unreadable image %s (%s)", describe_image_source(source), error)
-        raise too_many_unreadable(f"near index {index}")
+            pixel_values = prepare_or_note(self.preprocess, source, generator, notes)
+            if pixel_values is not None:
+                return {"pixel_values": pixel_values, "image_notes": encode_notes(notes)}
+        raise too_many_unreadable(f"near index {index}", notes)
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
     """A streamed 🤗 dataset, decoded and preprocessed as it arrives, that resumes where training stopped.
 
-    Unreadable images are skipped, counted and named in a warning, as in
-    `PreprocessedImages`; 100 in a row stop the run.
+    Unusable images are skipped and noted in the next item's `image_notes`, as
+    in `PreprocessedImages` (skips after a stream's last image have no item to
+    travel with: they are only logged); 100 in a row stop the run.
 
     Each item carries its place in the stream: `stream_worker` (the DataLoader
     worker that read it; 0 without workers) and `stream_position` (its index in
@@ -259,7 +462,6 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         self.stream = stream
         self.preprocess = preprocess
         self.seed = seed
-        self.num_skipped = 0
         self.epoch = 0
         self.start: dict[int, int] = {}  # worker → items of this epoch to pass over (a resumed run)
         self.trained: dict[int, int] = {}  # worker → items of this epoch the recorded batches went up to
@@ -306,22 +508,19 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         worker_info = torch.utils.data.get_worker_info()
         worker = 0 if worker_info is None else worker_info.id
         start = self.start.get(worker, 0)
-        in_a_row = 0
+        notes: list[Note] = []  # since the last item: skips, then this item's upscale
         for position, example in enumerate(self.stream):
             if position < start:
                 continue  # trained on before this run was resumed
             generator = augmentation_generator(self.seed, self.epoch, worker, position)
-            try:
-                pixel_values = self.preprocess(example["image"], generator)
-            except UNREADABLE_IMAGE_ERRORS as error:
-                self.num_skipped += 1
-                in_a_row += 1
-                logger.warning("skipping unreadable image %s (%s)", describe_image_source(example["image"]), error)
-                if in_a_row == MAX_CONSECUTIVE_UNREADABLE:
-                    raise too_many_unreadable("in the stream") from error
+            pixel_values = prepare_or_note(self.preprocess, example["image"], generator, notes)
+            if pixel_values is None:
+                if len(notes) == MAX_CONSECUTIVE_UNREADABLE:
+                    raise too_many_unreadable("in the stream", notes)
                 continue
-            in_a_row = 0
-            yield {"pixel_values": pixel_values, "stream_worker": worker, "stream_position": position}
+            yield {"pixel_values": pixel_values, "image_notes": encode_notes(notes),
+                   "stream_worker": worker, "stream_position": position}
+            notes = []
 
 
 def make_training_dataset(
@@ -330,8 +529,8 @@ def make_training_dataset(
     seed: int | None = None,
     shuffle_buffer_size: int = 10_000,
 ) -> torch.utils.data.Dataset:
-    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W)}` (plus, for a stream,
-    the item's place in it).
+    """Wrap a 🤗 dataset so that items are `{"pixel_values": float tensor (3, H, W), "image_notes": ...}`
+    (plus, for a stream, the item's place in it).
 
     The shuffle's seed is `seed` (0 if None), never a random one: a resumed
     stream must shuffle as the interrupted one did, and every process alike.

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from . import diffusion, run_folder
 from .config import TrainingConfig, check_training_inputs
-from .data import (ImagePreprocessor, PreprocessedStream, load_image_dataset, make_dataloader,
-                   make_training_dataset)
+from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
+                   make_training_dataset, summarise_image_reports)
 from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
@@ -89,6 +89,7 @@ def train(config: TrainingConfig) -> Path:
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
     nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
+    image_report = ImageReport()  # images skipped or upscaled, wherever they were decoded
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     step_started = time.perf_counter()
@@ -97,6 +98,7 @@ def train(config: TrainingConfig) -> Path:
     batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
         for batch in batches if global_step < max_train_steps else []:  # a finished run resumed: nothing to do
+            image_report.add_batch(batch)
             clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
             if config.channels_last:
                 clean_images = clean_images.contiguous(memory_format=torch.channels_last)
@@ -143,7 +145,7 @@ def train(config: TrainingConfig) -> Path:
 
     progress.close()
     finish_run(accelerator, config, unet, ema, optimizer, global_step, time.perf_counter() - run_started, stats,
-               nonfinite)
+               image_report, nonfinite)
     return output_dir
 
 
@@ -196,7 +198,7 @@ def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
             config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
             config.streaming, config.cache_dir, config.max_train_samples,
         )
-    preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip)
+    preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip, config.min_image_size)
     train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
     dataloader = accelerator.prepare(make_dataloader(train_images, config.train_batch_size,
                                                      config.dataloader_num_workers))
@@ -509,10 +511,13 @@ def end_run_early(accelerator: Accelerator, stop: RunStopped) -> None:
 
 
 def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
-               wall_time: float, stats: StepStats, nonfinite: NonFiniteSteps) -> None:
-    """Check that all processes hold the same weights, write the run summary, push if asked."""
+               wall_time: float, stats: StepStats, image_report: ImageReport, nonfinite: NonFiniteSteps) -> None:
+    """Check that all processes hold the same weights, report skipped images, write the run summary, push if asked."""
     fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
     fingerprints = gather_object([fingerprint])
+    image_counts, image_lines = summarise_image_reports(gather_object([image_report.collect()]))
+    for line in image_lines:
+        logger.warning(line, main_process_only=True)
     in_sync = len(set(fingerprints)) == 1
     if not in_sync:
         logger.error("the processes ended with different weights: %s", fingerprints, main_process_only=True)
@@ -535,6 +540,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "wall_time_seconds": round(wall_time, 1),
             "weights_sha256_per_process": fingerprints,
             "replicas_in_sync": in_sync,
+            **image_counts,
         }
         run_folder.write_summary(config.output_dir, summary)
     accelerator.wait_for_everyone()
