@@ -84,7 +84,7 @@ TINY_RUN = [
 
 def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
                  check: bool = True, extra_env: dict[str, str] | None = None,
-                 probes: list[str] | None = None) -> subprocess.CompletedProcess:
+                 probes: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch train_unconditional.py` on the CPU, as a user would run it.
 
     Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
@@ -103,10 +103,29 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
         env.pop("HF_HUB_OFFLINE", None)
         env.update(extra_env)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_process_tree(command, env, tmp_path, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`subprocess.run`, but a timeout (or an interrupted test) also kills the launcher's workers, which
+    torchrun starts in sessions of their own: a hung worker would otherwise outlive the test, holding
+    its CPU and the output pipes."""
+    import psutil  # accelerate's own dependency
+
+    with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The training script with probes that a test cannot place from outside; run it under `accelerate launch`.
 
-    probed_training.py [--kill_while_saving STEP] [--save_replicas] TRAINING OPTIONS...
+    probed_training.py [--kill_while_saving STEP] [--save_replicas] [--nan_loss_at_steps S,S...]
+                       [--signal_at_step STEP SIGNAL [--signal_rank R]] TRAINING OPTIONS...
 
 --kill_while_saving STEP  SIGKILL this process while it saves checkpoint STEP: the model, optimizer and
                           RNG states are written, the EMA and lr schedule (saved after them) and the
@@ -8,9 +9,16 @@
 --save_replicas           each process also writes its final weights (raw, then EMA) to
                           replica-<process index>.safetensors in the output folder, so that a test
                           compares the replicas itself.
+--nan_loss_at_steps S,S   the micro-batches of these optimizer steps (counted from 1, resumed steps
+                          included) get NaN noise on every process: a non-finite loss and gradient.
+--signal_at_step STEP SIGNAL
+                          send SIGNAL (e.g. SIGTERM) to this process at the first micro-batch of
+                          optimizer step STEP, in the middle of its accumulation group.
+--signal_rank R           only the process with index R sends itself the signal (default: every one).
 """
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -45,11 +53,56 @@ def save_replicas() -> None:
     training.finish_run = save_then_finish
 
 
+def on_each_micro_batch(probe) -> None:
+    """Call `probe(accelerator, step, first_of_step, noise) -> noise` before each micro-batch of the loop."""
+    resume_if_requested, train_micro_batch = training.resume_if_requested, training.train_micro_batch
+    position = {"start": 0, "micro_batches": 0}
+
+    def resume_and_remember(accelerator, config, ema):
+        position["start"] = resume_if_requested(accelerator, config, ema)
+        return position["start"]
+
+    def probed_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, *args, **kwargs):
+        position["micro_batches"] += 1
+        accumulation = accelerator.gradient_accumulation_steps
+        step = position["start"] + math.ceil(position["micro_batches"] / accumulation)
+        first_of_step = position["micro_batches"] % accumulation == 1 % accumulation
+        noise = probe(accelerator, step, first_of_step, noise)
+        return train_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, *args, **kwargs)
+
+    training.resume_if_requested = resume_and_remember
+    training.train_micro_batch = probed_micro_batch
+
+
+def nan_loss_at_steps(steps: set[int]):
+    def poison(accelerator, step, first_of_step, noise):
+        return noise * float("nan") if step in steps else noise
+
+    return poison
+
+
+def signal_at_step(step: int, signal_name: str, rank: int | None):
+    def send(accelerator, current_step, first_of_step, noise):
+        if current_step == step and first_of_step and rank in (None, accelerator.process_index):
+            os.kill(os.getpid(), signal.Signals[signal_name])
+        return noise
+
+    return send
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill_while_saving", type=int)
     parser.add_argument("--save_replicas", action="store_true")
+    parser.add_argument("--nan_loss_at_steps", type=lambda text: {int(step) for step in text.split(",")})
+    parser.add_argument("--signal_at_step", nargs=2, metavar=("STEP", "SIGNAL"))
+    parser.add_argument("--signal_rank", type=int)
     probes, training_argv = parser.parse_known_args(argv)
+    if probes.nan_loss_at_steps:
+        on_each_micro_batch(nan_loss_at_steps(probes.nan_loss_at_steps))
+    if probes.signal_at_step:
+        step, signal_name = probes.signal_at_step
+        on_each_micro_batch(signal_at_step(int(step), signal_name, probes.signal_rank))
     if probes.kill_while_saving is not None:
         kill_while_saving(probes.kill_while_saving)
     if probes.save_replicas:

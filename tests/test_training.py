@@ -194,10 +194,11 @@ def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
         model = random_tiny_unet().train()
         before = [p.detach().clone() for p in model.parameters()]
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        norms = [training.train_micro_batch(accelerator, model, optimizer, scheduler, clean[i:i + micro_batch],
+        norms = [training.train_micro_batch(accelerator, model, scheduler, clean[i:i + micro_batch],
                                             noise[i:i + micro_batch], timesteps[i:i + micro_batch], max_grad_norm)[1]
                  for i in range(0, 128, micro_batch)]
         assert all(norm is None for norm in norms[:-1])  # one optimizer step, after the last micro-batch
+        optimizer.step()
         update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
         return update, float(norms[-1])
 

@@ -34,8 +34,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "si
 VALUE_RANGES = (
     (("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "save_images_steps",
       "save_model_steps", "eval_batch_size", "ddpm_num_inference_steps", "ddpm_num_steps", "shuffle_buffer_size",
-      "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit"),  # --resolution: see
-     lambda value: value >= 1, "must be at least 1"),                                     # check_resolution
+      "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit",
+      "max_nonfinite_steps"),  # --resolution: see check_resolution
+     lambda value: value >= 1, "must be at least 1"),
     (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "min_image_size"),
      lambda value: value >= 0, "must be 0 or more"),
     (("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"),
@@ -124,6 +125,11 @@ class TrainingConfig:
     adam_weight_decay: float = field(default=0.0, metadata=_help("0 makes AdamW the paper's Adam."))
     adam_epsilon: float = 1e-8
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping (global norm)."))
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata=_help("Optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop "
+                       "the run with a checkpoint of the last good weights."),
+    )
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
         default=None, metadata=_help("Autocast precision; default: accelerate's config. Data, noise, loss stay fp32.")
     )

@@ -32,6 +32,7 @@ from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
+from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
 from .run_folder import CONFIG_FILE, GRID_FILE
 from .sampling import SamplingPlan, generate, image_grid
 
@@ -87,6 +88,7 @@ def train(config: TrainingConfig) -> Path:
         return output_dir  # its summary, config and logs stay as they were
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
+    nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
     image_report = ImageReport()  # images skipped or upscaled, wherever they were decoded
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
@@ -94,52 +96,56 @@ def train(config: TrainingConfig) -> Path:
     run_started = time.perf_counter()
 
     batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
-    for batch in batches if global_step < max_train_steps else []:  # a finished run resumed: nothing to do
-        image_report.add_batch(batch)
-        clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
-        if config.channels_last:
-            clean_images = clean_images.contiguous(memory_format=torch.channels_last)
-        noise = torch.randn_like(clean_images)
-        timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
-        losses, grad_norm = train_micro_batch(accelerator, model, optimizer, noise_scheduler,
-                                              clean_images, noise, timesteps, config.max_grad_norm)
-        stats.add(losses, diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
-        if grad_norm is not None:
-            stats.grad_norm = grad_norm
+    with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
+        for batch in batches if global_step < max_train_steps else []:  # a finished run resumed: nothing to do
+            image_report.add_batch(batch)
+            clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
+            if config.channels_last:
+                clean_images = clean_images.contiguous(memory_format=torch.channels_last)
+            noise = torch.randn_like(clean_images)
+            timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
+            losses, grad_norm = train_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, timesteps,
+                                                  config.max_grad_norm)
+            stats.add(losses, diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
+            if not accelerator.sync_gradients:
+                continue  # still accumulating: no optimizer step yet
 
-        if not accelerator.sync_gradients:
-            continue  # still accumulating: no optimizer step has happened
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow steps change nothing
-            lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        global_step += 1
+            # One all-reduce per optimizer step: every process learns the same losses and stop votes.
+            step = stats.finish_step(accelerator, config.ddpm_num_steps, grad_norm, stop_request.votes())
+            apply_or_skip_step(accelerator, optimizer, lr_scheduler, ema, unet, step.finite)
+            global_step += 1  # a skipped step still consumes its micro-batches (see apply_or_skip_step)
+            nonfinite.record(step.finite, global_step)
 
-        now = time.perf_counter()
-        images = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        metrics = stats.finish_step(accelerator, config.ddpm_num_steps)
-        metrics |= {"train/lr": lr_scheduler.get_last_lr()[0], "train/images_per_second": images / (now - step_started)}
-        if ema is not None:
-            metrics["train/ema_decay"] = ema.cur_decay_value
-        accelerator.log(metrics, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                             img_s=f"{metrics['train/images_per_second']:.1f}", refresh=False)
+            now = time.perf_counter()
+            images = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+            metrics = step.metrics | {"train/lr": lr_scheduler.get_last_lr()[0],
+                                      "train/images_per_second": images / (now - step_started),
+                                      "train/nonfinite_steps": nonfinite.total}
+            if ema is not None:
+                metrics["train/ema_decay"] = ema.cur_decay_value
+            accelerator.log(metrics, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                                 img_s=f"{metrics['train/images_per_second']:.1f}", refresh=False)
 
-        is_last = global_step >= max_train_steps
-        if global_step % config.checkpointing_steps == 0 or is_last:
-            save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
-        if global_step % config.save_images_steps == 0 or is_last:
-            save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
-        if global_step % config.save_model_steps == 0 or is_last:
-            export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
-        step_started = time.perf_counter()
-        if is_last:
-            break
+            is_last = global_step >= max_train_steps
+            stop = None if is_last else stop_reason(global_step, step.stop_votes, nonfinite)
+            if global_step % config.checkpointing_steps == 0 or is_last or stop is not None:
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+            if stop is not None:
+                progress.close()
+                end_run_early(accelerator, stop)
+            if global_step % config.save_images_steps == 0 or is_last:
+                save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
+            if global_step % config.save_model_steps == 0 or is_last:
+                export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
+            step_started = time.perf_counter()
+            if is_last:
+                break
 
     progress.close()
     finish_run(accelerator, config, unet, ema, optimizer, global_step, time.perf_counter() - run_started, stats,
-               image_report)
+               image_report, nonfinite)
     return output_dir
 
 
@@ -264,14 +270,15 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
 # ---------------------------------------------------------------- one micro-batch
 
 
-def train_micro_batch(accelerator: Accelerator, model, optimizer, noise_scheduler, clean_images: torch.Tensor,
+def train_micro_batch(accelerator: Accelerator, model, noise_scheduler, clean_images: torch.Tensor,
                       noise: torch.Tensor, timesteps: torch.Tensor, max_grad_norm: float):
-    """The paper's objective on one micro-batch; at the end of an accumulation group, clip and step.
+    """The paper's objective on one micro-batch: forward and backward; at the end of an accumulation group, clip.
 
-    `model` and `optimizer` are prepared by `accelerator`: it scales the loss by
-    the accumulation, and its optimizer steps only when gradients are synced.
-    Returns the per-image losses and the gradient norm before clipping (None
-    while still accumulating).
+    `model` is prepared by `accelerator`: it scales the loss by the accumulation
+    and syncs gradients across processes only at the end of a group. Returns the
+    per-image losses and the gradient norm before clipping (None while still
+    accumulating), both on the device: no host sync per micro-batch. The caller
+    then steps, or skips a non-finite step (`apply_or_skip_step`).
     """
     noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
     target = diffusion.training_target(noise_scheduler, clean_images, noise, timesteps)
@@ -282,9 +289,27 @@ def train_micro_batch(accelerator: Accelerator, model, optimizer, noise_schedule
         accelerator.backward(losses.mean())
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     return losses.detach(), grad_norm
+
+
+def apply_or_skip_step(accelerator: Accelerator, optimizer, lr_scheduler, ema, unet, finite: bool) -> None:
+    """At the end of an accumulation group: step Adam, the lr schedule and the EMA, or, when the loss or the
+    gradient norm was not finite, none of them (Adam's moments and step count included); then drop the gradients.
+
+    A skipped step still consumes its micro-batches and counts as an optimizer
+    step of the run (checkpoint names, `--max_train_steps`): the data position
+    stays a function of the step, so resuming stays exact, and a batch that
+    produced a NaN is not fed again.
+    """
+    if finite:
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow steps change nothing
+            lr_scheduler.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()  # fp16: lower the loss scale, as the GradScaler does for an overflow
+    optimizer.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------- the data stream
@@ -342,11 +367,19 @@ def streamed_micro_batches(dataloader, stream: PreprocessedStream) -> Iterator[d
 
 
 @dataclass
+class StepOutcome:
+    """What every process knows after the all-reduce that ends an optimizer step."""
+
+    metrics: dict[str, float]
+    finite: bool  # the loss (all processes) and the gradient norm are finite
+    stop_votes: list[float]  # per stop signal, how many processes received it
+
+
+@dataclass
 class StepStats:
     """Losses of the micro-batches of one optimizer step, overall and per quarter of t."""
 
     device: torch.device
-    grad_norm: torch.Tensor | float = 0.0
     last_loss: float = float("nan")
     micro_batches: int = 0  # this process, this run
     sums: torch.Tensor = field(init=False)
@@ -364,19 +397,29 @@ class StepStats:
         self.sums.index_add_(0, quarters, losses.double())
         self.counts.index_add_(0, quarters, torch.ones_like(losses, dtype=torch.float64))
 
-    def finish_step(self, accelerator: Accelerator, num_train_timesteps: int) -> dict[str, float]:
-        """Means over all processes' samples of this step; then start the next step."""
-        totals = accelerator.reduce(torch.stack([self.sums, self.counts]), reduction="sum")
-        sums, counts = totals[0], totals[1]
-        self.last_loss = float(sums.sum() / counts.sum())
-        metrics = {"train/loss": self.last_loss, "train/grad_norm": float(self.grad_norm)}
+    def finish_step(self, accelerator: Accelerator, num_train_timesteps: int, grad_norm: torch.Tensor,
+                    stop_votes: list[float]) -> StepOutcome:
+        """Means over all processes' samples of this step, whether the step is finite, and the summed stop
+        votes: one all-reduce and one copy to the host per optimizer step. Then start the next step.
+
+        A NaN on any process makes the summed losses NaN on all of them, and the
+        gradient norm is the same everywhere (DDP averaged the gradients), so
+        every process takes the same decision.
+        """
+        votes = torch.tensor(stop_votes, device=self.device, dtype=torch.float64)
+        totals = accelerator.reduce(torch.cat([self.sums, self.counts, votes]), reduction="sum")
+        norm = torch.as_tensor(grad_norm, device=self.device).double().reshape(1)
+        values = torch.cat([totals, norm]).tolist()
+        sums, counts, vote_totals, grad_norm_value = values[:4], values[4:8], values[8:-1], values[-1]
+        self.last_loss = sum(sums) / sum(counts)
+        metrics = {"train/loss": self.last_loss, "train/grad_norm": grad_norm_value}
         width = num_train_timesteps // 4
         for quarter in range(4):
             if counts[quarter] > 0:
                 low, high = quarter * width, (quarter + 1) * width - 1 if quarter < 3 else num_train_timesteps - 1
-                metrics[f"train/loss_t{low}-{high}"] = float(sums[quarter] / counts[quarter])
+                metrics[f"train/loss_t{low}-{high}"] = sums[quarter] / counts[quarter]
         self._reset()
-        return metrics
+        return StepOutcome(metrics, is_finite(self.last_loss, grad_norm_value), vote_totals)
 
 
 # ---------------------------------------------------------------- checkpoints and outputs
@@ -460,8 +503,15 @@ def describe_hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} x {name}"
 
 
+def end_run_early(accelerator: Accelerator, stop: RunStopped) -> None:
+    """Every process saved the stop step's checkpoint: say why and how to resume, flush the logs, exit."""
+    logger.warning(stop.message, main_process_only=False)  # every process says where it stopped
+    accelerator.end_training()
+    raise stop
+
+
 def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
-               wall_time: float, stats: StepStats, image_report: ImageReport) -> None:
+               wall_time: float, stats: StepStats, image_report: ImageReport, nonfinite: NonFiniteSteps) -> None:
     """Check that all processes hold the same weights, report skipped images, write the run summary, push if asked."""
     fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
     fingerprints = gather_object([fingerprint])
@@ -486,6 +536,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "device": str(accelerator.device),
             "hardware": describe_hardware(accelerator),
             "final_loss": stats.last_loss,
+            "nonfinite_steps": nonfinite.total,
             "wall_time_seconds": round(wall_time, 1),
             "weights_sha256_per_process": fingerprints,
             "replicas_in_sync": in_sync,
