@@ -40,8 +40,9 @@ def demo_command(argv: list[str]) -> None:
     print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
     output = train(config)
     save_image(overview(paper_figures(output, config)), output / "demo_overview.png")
+    raw_vs_ema = " raw vs EMA weights (Fig. 1)," if config.use_ema else ""  # a run without EMA has no Fig. 1
     print(f"\ndemo finished. Open {output / 'demo_overview.png'}: the paper's figures from this run: samples beside "
-          f"the training images (Fig. 2a), raw vs EMA weights (Fig. 1), an interpolation (Fig. 2b) and each "
+          f"the training images (Fig. 2a),{raw_vs_ema} an interpolation (Fig. 2b) and each "
           f"sample's nearest training images (Fig. 4; full figure in {output / 'neighbours.png'}).\n"
           f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
 

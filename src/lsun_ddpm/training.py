@@ -97,7 +97,7 @@ def train(config: TrainingConfig) -> Path:
 
     batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
-        for batch in batches if global_step < max_train_steps else []:  # a finished run resumed: nothing to do
+        for batch in batches:
             image_report.add_batch(batch)
             clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
             if config.channels_last:
