@@ -82,21 +82,22 @@ def test_card_has_a_model_index_when_an_evaluation_exists(run_folder, tmp_path):
     assert "| FID | 12.5 |" in card.text
 
 
-def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
+def card_of_a_run_trained_with(run_folder, **options) -> ModelCard:
+    """The card of `run_folder` after its training_config.yaml is changed to `options`."""
     config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
-    config["train_data_dir"] = "/data/my_photos"
-    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
-    card = build_model_card(run_folder, "someone/m")
+    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config | options))
+    return build_model_card(run_folder, "someone/m")
+
+
+def test_card_of_a_local_folder_run_does_not_claim_lsun(run_folder):
+    card = card_of_a_run_trained_with(run_folder, train_data_dir="/data/my_photos")
     assert card.data.datasets is None and "not on LSUN" in card.text and "LSUN bedrooms at" not in card.text
     assert not {"lsun", "bedroom"} & set(card.data.tags)
     assert "images from a local image folder at 16×16" in card.text
 
 
 def test_card_of_a_hub_dataset_other_than_lsun_names_it_and_has_no_lsun_tags(run_folder):
-    config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
-    config["dataset_name"] = "huggan/flowers-102-categories"
-    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config))
-    card = build_model_card(run_folder, "someone/m")
+    card = card_of_a_run_trained_with(run_folder, dataset_name="huggan/flowers-102-categories")
     assert card.data.datasets == ["huggan/flowers-102-categories"] and not {"lsun", "bedroom"} & set(card.data.tags)
     assert "model of **images from huggan/flowers-102-categories at 16×16**" in card.text
     assert "LSUN was collected" not in card.text and "not on LSUN" in card.text
