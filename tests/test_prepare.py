@@ -11,7 +11,7 @@ from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dat
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
 
-from conftest import make_image, read_summary, run_cli, run_training
+from conftest import TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
 
 RESOLUTION = 16
 
@@ -149,7 +149,7 @@ def test_training_from_a_prepared_dataset(image_folder, tmp_path):
              "--logger", "none"]
     run_training(tmp_path, tmp_path / "run", [*quick, "--resolution", "16", "--max_train_steps", "3"])
     assert read_summary(tmp_path / "run")["optimizer_steps"] == 3
-    refused = run_training(tmp_path, tmp_path / "run32", [*quick, "--resolution", "32", "--max_train_steps", "1"],
-                           check=False)
+    refused = run_script_directly(tmp_path, *TINY_RUN, *quick, "--output_dir", str(tmp_path / "run32"),
+                                  "--resolution", "32", "--max_train_steps", "1")
     assert refused.returncode == 2
     assert "was prepared with resolution 16, but this run uses resolution 32" in refused.stderr
