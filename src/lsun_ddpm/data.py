@@ -93,8 +93,8 @@ class ImagePreprocessor:
 
     def prepare(self, source: Any, generator: torch.Generator | None = None) -> PreparedImage:
         resized = self.resize(source)
-        return PreparedImage(to_tensor(self.augment(resized.image, generator)), resized.original_size,
-                             resized.upscaled)
+        pixels = self.augment(np.asarray(resized.image), generator)
+        return PreparedImage(to_tensor(pixels), resized.original_size, resized.upscaled)
 
     def resize(self, source: Any) -> ResizedImage:
         """The deterministic stage: RGB, shorter side to `resolution`, and the centre crop when it is on."""
@@ -107,15 +107,16 @@ class ImagePreprocessor:
             image = crop_square(image, self.resolution)
         return ResizedImage(image, (width, height), min(width, height) < self.resolution)
 
-    def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
-        """The random stage, on `resize`'s output: the random crop (when not centred), then the flip."""
+    def augment(self, pixels: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+        """The random stage, on `resize`'s pixels (uint8 (H, W, 3)): the random crop (when not centred), then
+        the flip. Array views, not PIL calls: a prepared dataset runs only this stage per step, and must be fast."""
         if not self.center_crop:
-            left = int(torch.randint(0, image.width - self.resolution + 1, (), generator=generator))
-            top = int(torch.randint(0, image.height - self.resolution + 1, (), generator=generator))
-            image = crop_square(image, self.resolution, left, top)
+            left = int(torch.randint(0, pixels.shape[1] - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, pixels.shape[0] - self.resolution + 1, (), generator=generator))
+            pixels = pixels[top:top + self.resolution, left:left + self.resolution]
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return image
+            pixels = pixels[:, ::-1]
+        return pixels
 
 
 # ---------------------------------------------------------------- sources

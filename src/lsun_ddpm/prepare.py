@@ -52,7 +52,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 
 from .data import (REPORTED_EXAMPLES, SKIPPED, UNREADABLE_IMAGE_ERRORS, UPSCALED, ImagePreprocessor, ImageReport,
                    Note, augmentation_generator, describe_error, image_source_name, load_image_dataset, log_note,
@@ -309,7 +308,13 @@ class PreparedImages(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        record = self.table[index]
-        pixels = np.frombuffer(record["pixels"], dtype=np.uint8).reshape(record["height"], record["width"], 3)
-        image = self.preprocess.augment(Image.fromarray(pixels), augmentation_generator(self.seed, self.epoch, index))
-        return {"pixel_values": to_tensor(image)}
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
+        records = self.table[indices]
+        return [{"pixel_values": to_tensor(self.preprocess.augment(
+                    np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
+                    augmentation_generator(self.seed, self.epoch, index)))}
+                for index, pixels, height, width in zip(indices, records["pixels"], records["height"],
+                                                        records["width"])]
