@@ -31,7 +31,7 @@ Resumable and interruptible: the source is cut into fixed runs of
 `shard_size` images; shard i always holds run i. A shard is written under a
 temporary name (`.shard-00000.arrow.partial`), its counts beside it
 (`shard-00000.json`), and renamed when complete: a shard's final name means it
-is whole, and a rerun skips it. A rerun must have the same plan (source
+is whole, and a rerun skips it (and writes a missing shard's partial file anew). A rerun must have the same plan (source
 fingerprint, image count, preprocessing, shard size), recorded in
 `prepared_dataset.json` before the first shard; otherwise it is refused. The
 dataset is usable only once the file says `"complete": true`, which is written
@@ -169,8 +169,6 @@ def write_missing_shards(jobs: list[ShardJob], num_proc: int) -> None:
     """Write the shards not complete yet, `num_proc` at a time, with a progress bar over images."""
     from tqdm.auto import tqdm
 
-    for partial in Path(jobs[0].folder, SHARDS_FOLDER).glob(".*.partial") if jobs else []:
-        partial.unlink()  # left by an interrupted run; its shard is written again
     missing = [job for job in jobs if not shard_path(job.folder, job.index).is_file()]
     total = sum(job.stop - job.start for job in jobs)
     with tqdm(total=total, initial=total - sum(job.stop - job.start for job in missing),
