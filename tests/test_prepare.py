@@ -100,10 +100,25 @@ def test_interrupted_prepare_resumes_without_redoing_complete_shards(image_folde
         assert torch.equal(a, b)
 
 
-def test_rerun_with_other_settings_is_refused(image_folder, tmp_path):
-    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+def test_rerun_with_other_settings_or_changed_images_is_refused(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        make_image(rng, 24, 20).save(source / f"{index}.png")
+    prepare_folder(source, tmp_path / "prepared", shard_size=2)
     with pytest.raises(InputError, match="another shard_size"):
-        prepare_folder(image_folder, tmp_path / "prepared", shard_size=8)
+        prepare_folder(source, tmp_path / "prepared", shard_size=3)
+    make_image(rng, 24, 20).save(source / "1.png")
+    with pytest.raises(InputError, match=r"another source_fingerprint \(the source images changed\)"):
+        prepare_folder(source, tmp_path / "prepared", shard_size=2)
+
+
+def test_a_folder_holding_other_files_is_refused(image_folder, tmp_path):
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="is not empty and holds no prepared dataset"):
+        prepare_folder(image_folder, tmp_path / "prepared")
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path):

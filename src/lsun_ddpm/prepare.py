@@ -149,9 +149,11 @@ def start_or_resume(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
         different = [key for key in plan if metadata.get(key) != plan[key]]
         if different:
             key = different[0]
+            changed = " (the source images changed)" if key == "source_fingerprint" else ""
             raise InputError(
-                f"--output_dir {str(folder)!r} holds a dataset prepared with another {key} ({metadata.get(key)} "
-                f"there, {plan[key]} now): rerun with the same flags to finish it, or use another --output_dir")
+                f"--output_dir {str(folder)!r} holds a dataset prepared with another {key}{changed} "
+                f"({metadata.get(key)} there, {plan[key]} now): finish it with the flags and images it was "
+                "started with, or prepare into another --output_dir")
         return metadata
     if folder.exists() and any(folder.iterdir()):
         raise InputError(f"--output_dir {str(folder)!r} is not empty and holds no prepared dataset: "
