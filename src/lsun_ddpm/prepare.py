@@ -45,6 +45,8 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ from .data import (REPORTED_EXAMPLES, SKIPPED, UNREADABLE_IMAGE_ERRORS, UPSCALED
                    summarise_image_reports)
 from .errors import InputError
 from .export import write_text
+from .preemption import signal_exit_status
 from .pipelines.ddpm_interpolation import to_tensor
 
 logger = logging.getLogger(__name__)
@@ -119,7 +122,13 @@ def prepare_dataset(source: SourceOptions, preprocess: ImagePreprocessor, output
         return metadata
     jobs = [ShardJob(dataset, preprocess, index, start, min(start + shard_size, len(dataset)), str(folder))
             for index, start in enumerate(range(0, len(dataset), shard_size))]
-    write_missing_shards(jobs, num_proc)
+    try:
+        write_missing_shards(jobs, num_proc)
+    except KeyboardInterrupt:  # Ctrl-C: the complete shards stay; say so instead of a traceback
+        done = sum(shard_path(folder, job.index).is_file() for job in jobs)
+        print(f"\ninterrupted: {done} of {len(jobs)} shards in {folder} are complete; the same command "
+              "continues from there", file=sys.stderr)
+        raise SystemExit(signal_exit_status(signal.SIGINT)) from None
     return finish(folder, plan, len(jobs))
 
 
