@@ -169,3 +169,9 @@ def test_training_from_a_prepared_dataset(image_folder, tmp_path):
                                   "--resolution", "32", "--max_train_steps", "1")
     assert refused.returncode == 2
     assert "was prepared with resolution 16, but this run uses resolution 32" in refused.stderr
+
+
+def test_commands_other_than_training_refuse_a_prepared_folder_clearly(image_folder, tmp_path):
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    with pytest.raises(InputError, match="is a prepared dataset, which only training reads"):
+        load_image_dataset(train_data_dir=str(tmp_path / "prepared"))

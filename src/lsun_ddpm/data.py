@@ -213,6 +213,11 @@ def load_local_images(folder: str, streaming: bool = False,
 
     if is_lmdb_export(folder):
         return load_lmdb_dataset(folder, streaming, cache_dir)
+    from .prepare import is_prepared_dataset
+
+    if is_prepared_dataset(folder):  # training reads one (training.prepare_training_data); nothing else does
+        raise DatasetUnavailableError(f"--train_data_dir {folder!r} is a prepared dataset, which only training "
+                                      "reads: give the folder of images it was prepared from")
     files = sorted(walk_images(folder))
     if not files:
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
