@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
     "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
     "neighbours": "each sample's nearest training images under LPIPS, exact over the whole dataset (Fig. 4)",
+    "prepare": "decode and resize the training images once into a dataset that training reads without decoding",
     "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
     "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
 }
@@ -240,6 +241,41 @@ def neighbours_command(argv: list[str]) -> None:
     run_neighbours_command(args)
 
 
+def prepare_command(argv: list[str]) -> None:
+    from .data import ImagePreprocessor
+    from .prepare import DEFAULT_SHARD_SIZE, SourceOptions, prepare_dataset
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm prepare", description=COMMANDS["prepare"])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset_name", help="a Hub dataset (e.g. pcuenq/lsun-bedrooms)")
+    source.add_argument("--train_data_dir", help="a folder of images (any depth) or an LSUN LMDB export")
+    parser.add_argument("--dataset_config_name")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--cache_dir", help="where 🤗 datasets caches downloads")
+    parser.add_argument("--max_train_samples", type=int, help="the first N images only")
+    parser.add_argument("--resolution", type=int, default=128, help="training must use the same")
+    parser.add_argument("--center_crop", dest="center_crop", action="store_true", default=True,
+                        help="centre crop (default; training must use the same)")
+    parser.add_argument("--no_center_crop", dest="center_crop", action="store_false",
+                        help="keep the whole resized image; training draws a random crop each epoch")
+    parser.add_argument("--min_image_size", type=int, default=0, help="skip (and count) smaller images")
+    parser.add_argument("--output_dir", required=True,
+                        help="the prepared dataset (train with --train_data_dir DIR); a rerun finishes an interrupted one")
+    parser.add_argument("--num_proc", type=int, default=1, help="processes decoding images")
+    parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="images of the source per Arrow file (the unit of resuming)")
+    args = parser.parse_args(argv)
+    _require_positive(parser, args, ("resolution", "num_proc", "shard_size", "max_train_samples"))
+    if args.min_image_size < 0:
+        parser.error(f"--min_image_size must be 0 or more, got {args.min_image_size}")
+    prepare_dataset(
+        SourceOptions(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                      args.cache_dir, args.max_train_samples),
+        ImagePreprocessor(args.resolution, args.center_crop, random_flip=False, min_image_size=args.min_image_size),
+        args.output_dir, args.num_proc, args.shard_size,
+    )
+
+
 def push_command(argv: list[str]) -> None:
     from .hub import check_repo_id, prepare_upload, push_run
 
@@ -294,7 +330,8 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 
 
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
-            "interpolate": interpolate_command, "neighbours": neighbours_command, "push": push_command, "push-space": push_space_command}
+            "interpolate": interpolate_command, "neighbours": neighbours_command, "prepare": prepare_command,
+            "push": push_command, "push-space": push_space_command}
 
 
 def main(argv: list[str] | None = None) -> None:

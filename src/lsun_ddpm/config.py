@@ -74,7 +74,8 @@ class TrainingConfig:
     train_data_dir: Optional[str] = field(
         default=None,
         metadata=_help("A local folder of images (every image at any depth; jpg/png/webp/bmp/gif/tiff) or an "
-                       "LSUN LMDB export (a folder holding data.mdb). Overrides --dataset_name."),
+                       "LSUN LMDB export (a folder holding data.mdb), or a dataset written by `lsun-ddpm prepare` "
+                       "(read without decoding). Overrides --dataset_name."),
     )
     image_column: str = field(default="image", metadata=_help("Dataset column holding the images."))
     max_train_samples: Optional[int] = field(

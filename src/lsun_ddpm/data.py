@@ -61,6 +61,15 @@ class PreparedImage:
 
 
 @dataclass
+class ResizedImage:
+    """An image after the deterministic part of the preprocessing (RGB, resize, centre crop if asked)."""
+
+    image: Image.Image
+    original_size: tuple[int, int]  # (width, height) as stored, before any resizing
+    upscaled: bool  # its shorter side was below the resolution
+
+
+@dataclass
 class ImagePreprocessor:
     """RGB → shorter side resized to `resolution` → crop → optional flip → CHW float in [-1, 1].
 
@@ -68,6 +77,10 @@ class ImagePreprocessor:
     torch's global RNG without one. An image whose shorter side is below
     `min_image_size` raises `ImageTooSmall`; one below `resolution` is upscaled
     (`prepare` says so).
+
+    It runs in two stages, `resize` (the same every epoch) and `augment` (the
+    random crop and flip, drawn anew each epoch), so that a prepared dataset
+    (`lsun_ddpm.prepare`) can store the first and run only the second per step.
     """
 
     resolution: int
@@ -79,6 +92,12 @@ class ImagePreprocessor:
         return self.prepare(source, generator).pixel_values
 
     def prepare(self, source: Any, generator: torch.Generator | None = None) -> PreparedImage:
+        resized = self.resize(source)
+        pixels = self.augment(np.asarray(resized.image), generator)
+        return PreparedImage(to_tensor(pixels), resized.original_size, resized.upscaled)
+
+    def resize(self, source: Any) -> ResizedImage:
+        """The deterministic stage: RGB, shorter side to `resolution`, and the centre crop when it is on."""
         stored = open_image(source)  # its size is known before its pixels are decoded
         width, height = stored.size
         if min(width, height) < self.min_image_size:
@@ -86,13 +105,18 @@ class ImagePreprocessor:
         image = resize_shorter_side(to_rgb(stored, self.resolution), self.resolution)
         if self.center_crop:
             image = crop_square(image, self.resolution)
-        else:
-            left = int(torch.randint(0, image.width - self.resolution + 1, (), generator=generator))
-            top = int(torch.randint(0, image.height - self.resolution + 1, (), generator=generator))
-            image = crop_square(image, self.resolution, left, top)
+        return ResizedImage(image, (width, height), min(width, height) < self.resolution)
+
+    def augment(self, pixels: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+        """The random stage, on `resize`'s pixels (uint8 (H, W, 3)): the random crop (when not centred), then
+        the flip. Array views, not PIL calls: a prepared dataset runs only this stage per step, and must be fast."""
+        if not self.center_crop:
+            left = int(torch.randint(0, pixels.shape[1] - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, pixels.shape[0] - self.resolution + 1, (), generator=generator))
+            pixels = pixels[top:top + self.resolution, left:left + self.resolution]
         if self.random_flip and torch.rand((), generator=generator) < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return PreparedImage(to_tensor(image), (width, height), min(width, height) < self.resolution)
+            pixels = pixels[:, ::-1]
+        return pixels
 
 
 # ---------------------------------------------------------------- sources
@@ -189,6 +213,11 @@ def load_local_images(folder: str, streaming: bool = False,
 
     if is_lmdb_export(folder):
         return load_lmdb_dataset(folder, streaming, cache_dir)
+    from .prepare import is_prepared_dataset
+
+    if is_prepared_dataset(folder):  # training reads one (training.prepare_training_data); nothing else does
+        raise DatasetUnavailableError(f"--train_data_dir {folder!r} is a prepared dataset, which only training "
+                                      "reads: give the folder of images it was prepared from")
     files = sorted(walk_images(folder))
     if not files:
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

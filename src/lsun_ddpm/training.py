@@ -33,6 +33,7 @@ from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
 from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
+from .prepare import is_prepared_dataset, load_prepared_images
 from .run_folder import CONFIG_FILE, GRID_FILE
 from .sampling import SamplingPlan, generate, image_grid
 
@@ -190,16 +191,20 @@ def prepare_training_data(accelerator: Accelerator, config: TrainingConfig):
     """The training DataLoader of this process: its shard of each epoch, in micro-batches.
 
     `config.resolution` must be set (training sets it from the model). A
-    stream is registered for checkpointing (before the lr schedule and EMA),
+    `--train_data_dir` written by `lsun-ddpm prepare` is read without decoding
+    (`--streaming` does not apply to it). A stream is registered for checkpointing (before the lr schedule and EMA),
     so that `--resume_from_checkpoint` continues it where the run stopped.
     """
-    with accelerator.main_process_first():  # one process downloads and caches, the others read
-        dataset = load_image_dataset(
-            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
-            config.streaming, config.cache_dir, config.max_train_samples,
-        )
     preprocess = ImagePreprocessor(config.resolution, config.center_crop, config.random_flip, config.min_image_size)
-    train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
+    if is_prepared_dataset(config.train_data_dir):  # decoded and resized once by `lsun-ddpm prepare`
+        train_images = load_prepared_images(config.train_data_dir, preprocess, config.seed, config.max_train_samples)
+    else:
+        with accelerator.main_process_first():  # one process downloads and caches, the others read
+            dataset = load_image_dataset(
+                config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
+                config.streaming, config.cache_dir, config.max_train_samples,
+            )
+        train_images = make_training_dataset(dataset, preprocess, config.seed, config.shuffle_buffer_size)
     dataloader = accelerator.prepare(make_dataloader(train_images, config.train_batch_size,
                                                      config.dataloader_num_workers))
     if isinstance(train_images, PreprocessedStream):

@@ -1,0 +1,135 @@
+"""Images per second the training DataLoader delivers: decoding 256-px files per step against a prepared dataset.
+
+    python bench/dataloader_speed.py --num_images 512 --json bench-dataloader.json
+
+Writes `--num_images` 256-px images (windows cut at random from the colour
+photos scikit-image ships, so no download; 256 × 256–341 like LSUN's shorter
+side of 256) as JPEG and as WebP, prepares the JPEGs with `lsun-ddpm prepare`'s
+function, then reads each through training's own dataset and DataLoader
+(`make_training_dataset`/`load_prepared_images`, `make_dataloader`, centre
+crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers. A
+last row reads a dataset of ready-made zero tensors: what the DataLoader itself
+costs to hand over float32 batches from its workers, the ceiling of any dataset
+read through workers. A configuration is read for
+whole epochs until `--seconds` have passed; each epoch's first batch is left
+out of the rate (worker start-up, which a 3M-image LSUN epoch amortises).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
+from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+
+
+def write_test_images(folder: Path, count: int, seed: int = 0) -> dict[str, Path]:
+    """`count` 256-px windows of scikit-image's photos, each as JPEG (quality 90) and WebP (quality 80)."""
+    from skimage import data as skimage_data
+
+    photos = [Image.fromarray(getattr(skimage_data, name)()).convert("RGB") for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    folders = {"JPEG": folder / "jpeg", "WebP": folder / "webp"}
+    for path in folders.values():
+        path.mkdir(parents=True)
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        width, height = 256, int(rng.integers(256, 342))
+        if rng.random() < 0.5:
+            width, height = height, width
+        smallest = max(width / photo.width, height / photo.height)  # the window must fit in the photo
+        scale = rng.uniform(smallest, max(smallest, 1.0))
+        window = (min(round(width / scale), photo.width), min(round(height / scale), photo.height))
+        left = int(rng.integers(0, photo.width - window[0] + 1))
+        top = int(rng.integers(0, photo.height - window[1] + 1))
+        image = photo.crop((left, top, left + window[0], top + window[1])).resize((width, height), Image.BICUBIC)
+        image.save(folders["JPEG"] / f"{index:05d}.jpg", quality=90)
+        image.save(folders["WebP"] / f"{index:05d}.webp", quality=80)
+    return folders
+
+
+class ZeroImages(torch.utils.data.Dataset):
+    """Items that cost nothing to make: what is left is the DataLoader's own cost."""
+
+    def __init__(self, count: int, resolution: int):
+        self.count, self.resolution = count, resolution
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.zeros(3, self.resolution, self.resolution)}
+
+
+def images_per_second(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, seconds: float) -> float:
+    """Steady-state images/s from training's DataLoader over whole epochs (first batch of each left out)."""
+    images, elapsed, epoch = 0, 0.0, 0
+    while elapsed < seconds:
+        dataset.set_epoch(epoch)
+        batches = iter(make_dataloader(dataset, batch_size, workers))
+        next(batches)
+        started = time.perf_counter()
+        for batch in batches:
+            images += batch["pixel_values"].shape[0]
+        elapsed += time.perf_counter() - started
+        epoch += 1
+    return images / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_images", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seconds", type=float, default=5.0, help="reading time per configuration")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+    preprocess = ImagePreprocessor(args.resolution, center_crop=True, random_flip=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = write_test_images(Path(scratch), args.num_images)
+        started = time.perf_counter()
+        prepare_dataset(SourceOptions(train_data_dir=str(folders["JPEG"])),
+                        ImagePreprocessor(args.resolution, center_crop=True), str(Path(scratch) / "prepared"))
+        prepare_rate = args.num_images / (time.perf_counter() - started)
+        sources = {f"256-px {kind} decoded per step": make_training_dataset(
+                       load_image_dataset(train_data_dir=str(folder)), preprocess, seed=0)
+                   for kind, folder in folders.items()}
+        sources["prepared dataset (memory-mapped uint8)"] = load_prepared_images(
+            str(Path(scratch) / "prepared"), preprocess, seed=0)
+        sources["ready-made float32 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution)
+
+        print(f"{args.num_images} images, {args.resolution} px, batch {args.batch_size}, torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs; prepare (1 process, including loading the folder): {prepare_rate:.0f} images/s")
+        print("| source | workers | images/s | images/s per worker |\n|---|---|---|---|")
+        results = {"num_images": args.num_images, "resolution": args.resolution, "batch_size": args.batch_size,
+                   "prepare_images_per_second": prepare_rate, "rows": []}
+        for name, dataset in sources.items():
+            for workers in args.workers:
+                rate = images_per_second(dataset, args.batch_size, workers, args.seconds)
+                results["rows"].append({"source": name, "workers": workers, "images_per_second": rate})
+                per_worker = f"{rate / workers:.0f}" if workers else "-"
+                print(f"| {name} | {workers} | {rate:.0f} | {per_worker} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

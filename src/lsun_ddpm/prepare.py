@@ -1,0 +1,329 @@
+"""`lsun-ddpm prepare`: decode and resize every training image once, so training reads pixels without decoding.
+
+A prepared dataset is a folder:
+
+    prepared_dataset.json   what it was made from and with (source, resolution, crop mode, counts)
+    shards/shard-00000.arrow ...   Arrow files, memory-mapped by 🤗 datasets (`Dataset.from_file`)
+
+Each record is one image after the deterministic part of training's
+preprocessing (`ImagePreprocessor.resize`: RGB, shorter side to the
+resolution, and the centre crop when it is on):
+
+    pixels   uint8 bytes, (height, width, 3): the layout PIL and `to_tensor` use,
+             so training converts them exactly as it converts a freshly decoded
+             image, and a random crop or flip is a view of it
+    height, width   its size: resolution × resolution with the centre crop; with
+             `--no_center_crop` the shorter side is the resolution and the other
+             is kept, so the random crop is still drawn anew every epoch
+    source   the file or LSUN LMDB record it came from (for tracing an image back)
+
+The random flip (and the random crop) stay on the fly, drawn from
+`augmentation_generator` like the decoded path's: a prepared dataset gives
+training exactly the tensors decoding the originals gives (as long as no image
+was skipped: a skipped image is left out here, where decoding per step puts the
+next image in its place).
+
+Shards are written with the Arrow files' own writer rather than `save_to_disk`
+because `save_to_disk` needs the whole dataset first, and a 3M-image LSUN
+category would be written twice.
+
+Resumable and interruptible: the source is cut into fixed runs of
+`shard_size` images; shard i always holds run i. A shard is written under a
+temporary name (`.shard-00000.arrow.partial`), its counts beside it
+(`shard-00000.json`), and renamed when complete: a shard's final name means it
+is whole, and a rerun skips it (and writes a missing shard's partial file anew). A rerun must have the same plan (source
+fingerprint, image count, preprocessing, shard size), recorded in
+`prepared_dataset.json` before the first shard; otherwise it is refused. The
+dataset is usable only once the file says `"complete": true`, which is written
+after the last shard; `--num_proc` workers each write whole shards, so the
+result does not depend on how many there were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from .data import (REPORTED_EXAMPLES, SKIPPED, UNREADABLE_IMAGE_ERRORS, UPSCALED, ImagePreprocessor, ImageReport,
+                   Note, augmentation_generator, describe_error, image_source_name, load_image_dataset, log_note,
+                   summarise_image_reports)
+from .errors import InputError
+from .export import write_text
+from .preemption import signal_exit_status
+from .pipelines.ddpm_interpolation import to_tensor
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "prepared_dataset.json"
+SHARDS_FOLDER = "shards"
+FORMAT = "lsun-ddpm prepared dataset"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 1000  # ≈ 49 MB at 128 px: a lost shard costs seconds, 3M images make ~3000 files
+FEATURES = datasets.Features({
+    "pixels": datasets.Value("binary"),
+    "height": datasets.Value("int32"),
+    "width": datasets.Value("int32"),
+    "source": datasets.Value("string"),
+})
+
+
+@dataclass
+class SourceOptions:
+    """The training images to prepare, named as training's flags name them."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    image_column: str = "image"
+    cache_dir: str | None = None
+    max_train_samples: int | None = None
+
+
+@dataclass
+class ShardJob:
+    """Write images [start, stop) of `dataset` as one shard (picklable: it travels to a worker process)."""
+
+    dataset: datasets.Dataset
+    preprocess: ImagePreprocessor
+    index: int
+    start: int
+    stop: int
+    folder: str
+
+
+# ---------------------------------------------------------------- writing
+
+
+def prepare_dataset(source: SourceOptions, preprocess: ImagePreprocessor, output_dir: str,
+                    num_proc: int = 1, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+    """Write (or finish) the prepared dataset of `source` in `output_dir`; return its metadata."""
+    if preprocess.random_flip:
+        raise ValueError("the flip is drawn per epoch in training; prepare with random_flip=False")
+    if num_proc < 1 or shard_size < 1:
+        raise InputError(f"--num_proc and --shard_size must be at least 1, got {num_proc} and {shard_size}")
+    dataset = load_image_dataset(source.dataset_name, source.dataset_config_name, source.train_data_dir,
+                                 source.image_column, False, source.cache_dir, source.max_train_samples)
+    folder = Path(output_dir)
+    plan = preparation_plan(source, preprocess, dataset, shard_size)
+    metadata = start_or_resume(folder, plan)
+    if metadata.get("complete"):
+        print(f"{folder} is already a complete prepared dataset ({metadata['images']} images)")
+        return metadata
+    jobs = [ShardJob(dataset, preprocess, index, start, min(start + shard_size, len(dataset)), str(folder))
+            for index, start in enumerate(range(0, len(dataset), shard_size))]
+    try:
+        write_missing_shards(jobs, num_proc)
+    except KeyboardInterrupt:  # Ctrl-C: the complete shards stay; say so instead of a traceback
+        done = sum(shard_path(folder, job.index).is_file() for job in jobs)
+        print(f"\ninterrupted: {done} of {len(jobs)} shards in {folder} are complete; the same command "
+              "continues from there", file=sys.stderr)
+        raise SystemExit(signal_exit_status(signal.SIGINT)) from None
+    return finish(folder, plan, len(jobs))
+
+
+def preparation_plan(source: SourceOptions, preprocess: ImagePreprocessor, dataset: datasets.Dataset,
+                     shard_size: int) -> dict[str, Any]:
+    """What the shards are made from and with: a rerun that would write other shards is refused."""
+    where = dict(asdict(source), cache_dir=None)  # where the download is cached changes no pixel
+    if where["train_data_dir"] is not None:
+        where["train_data_dir"] = os.path.abspath(where["train_data_dir"])
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "preprocessing": {"resolution": preprocess.resolution, "center_crop": preprocess.center_crop,
+                          "min_image_size": preprocess.min_image_size},
+        "source": where,
+        "source_images": len(dataset),
+        "source_fingerprint": dataset._fingerprint,  # 🤗 datasets' hash of the files (or Hub revision) and selection
+        "shard_size": shard_size,
+        "pixels": "uint8 bytes, (height, width, 3)",
+    }
+
+
+def start_or_resume(folder: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """The metadata recorded in `folder`: the plan written now for a new folder, the old one for a rerun."""
+    metadata_path = folder / METADATA_FILE
+    if metadata_path.is_file():
+        metadata = json.loads(metadata_path.read_text())
+        different = [key for key in plan if metadata.get(key) != plan[key]]
+        if different:
+            key = different[0]
+            changed = " (the source images changed)" if key == "source_fingerprint" else ""
+            raise InputError(
+                f"--output_dir {str(folder)!r} holds a dataset prepared with another {key}{changed} "
+                f"({metadata.get(key)} there, {plan[key]} now): finish it with the flags and images it was "
+                "started with, or prepare into another --output_dir")
+        return metadata
+    if folder.exists() and any(folder.iterdir()):
+        raise InputError(f"--output_dir {str(folder)!r} is not empty and holds no prepared dataset: "
+                         "give a new or empty folder")
+    (folder / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(dict(plan, complete=False), indent=2), metadata_path)
+    return plan
+
+
+def shard_path(folder: str | Path, index: int) -> Path:
+    return Path(folder) / SHARDS_FOLDER / f"shard-{index:05d}.arrow"
+
+
+def write_missing_shards(jobs: list[ShardJob], num_proc: int) -> None:
+    """Write the shards not complete yet, `num_proc` at a time, with a progress bar over images."""
+    from tqdm.auto import tqdm
+
+    missing = [job for job in jobs if not shard_path(job.folder, job.index).is_file()]
+    total = sum(job.stop - job.start for job in jobs)
+    with tqdm(total=total, initial=total - sum(job.stop - job.start for job in missing),
+              desc="prepare", unit="image", dynamic_ncols=True) as bar:
+        if num_proc == 1:
+            for job in missing:
+                bar.update(write_shard(job))
+            return
+        # spawn: a forked copy of a process holding torch's and tqdm's threads can deadlock
+        with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+            for done in pool.imap_unordered(write_shard, missing):
+                bar.update(done)
+
+
+def write_shard(job: ShardJob) -> int:
+    """Resize images [start, stop) into the job's shard; return how many source images it covered."""
+    final = shard_path(job.folder, job.index)
+    partial = final.with_name(f".{final.name}.partial")
+    notes: list[Note] = []
+    images = 0
+    writer = datasets.arrow_writer.ArrowWriter(features=FEATURES, path=str(partial))
+    try:
+        for index in range(job.start, job.stop):
+            record = resized_record(job.preprocess, job.dataset[index]["image"], notes)
+            if record is not None:
+                writer.write(record)
+                images += 1
+        writer.finalize()
+    finally:
+        writer.close()
+    write_text(json.dumps(shard_counts(images, notes)), final.with_suffix(".json"))
+    os.replace(partial, final)  # the shard is complete only now
+    return job.stop - job.start
+
+
+def resized_record(preprocess: ImagePreprocessor, source: Any, notes: list[Note]) -> dict[str, Any] | None:
+    """The stored record of one image, or None when it is skipped (as training skips it: noted in `notes`)."""
+    try:
+        resized = preprocess.resize(source)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        notes.append(log_note(SKIPPED, source, describe_error(error)))
+        return None
+    if resized.upscaled:
+        width, height = resized.original_size
+        notes.append(log_note(UPSCALED, source, f"{width}x{height} upscaled to {preprocess.resolution} px"))
+    pixels = np.asarray(resized.image, dtype=np.uint8)
+    return {"pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
+            "source": image_source_name(source)}
+
+
+def shard_counts(images: int, notes: list[Note]) -> dict[str, Any]:
+    """A shard's images, and its skips and upscales (counts, and the first few notes of each kind)."""
+    counts = {kind: sum(note[0] == kind for note in notes) for kind in (SKIPPED, UPSCALED)}
+    examples = [note for kind in (SKIPPED, UPSCALED) for note in notes if note[0] == kind][:2 * REPORTED_EXAMPLES]
+    return {"images": images, "counts": counts, "notes": examples}
+
+
+def finish(folder: Path, plan: dict[str, Any], num_shards: int) -> dict[str, Any]:
+    """Add up the shards' counts and mark the dataset complete (the last write: only now is it usable)."""
+    report, shards = ImageReport(), []
+    for index in range(num_shards):
+        counts = json.loads(shard_path(folder, index).with_suffix(".json").read_text())
+        report.add(counts["counts"], [tuple(note) for note in counts["notes"]])
+        shards.append({"file": shard_path(folder, index).name, "images": counts["images"]})
+    summary, lines = summarise_image_reports([report])
+    metadata = dict(plan, complete=True, images=sum(shard["images"] for shard in shards), **summary, shards=shards)
+    write_text(json.dumps(metadata, indent=2), folder / METADATA_FILE)
+    print(f"prepared {metadata['images']} images at {plan['preprocessing']['resolution']} px in {folder}")
+    for line in lines:
+        print(line)
+    return metadata
+
+
+# ---------------------------------------------------------------- reading (training)
+
+
+def is_prepared_dataset(folder: str | None) -> bool:
+    return folder is not None and os.path.isfile(os.path.join(folder, METADATA_FILE))
+
+
+def read_prepared_metadata(folder: str) -> dict[str, Any]:
+    """The metadata of a complete prepared dataset (an unfinished one is refused)."""
+    metadata = json.loads(Path(folder, METADATA_FILE).read_text())
+    if not metadata.get("complete"):
+        raise InputError(f"--train_data_dir {folder!r} is an unfinished prepared dataset: rerun `lsun-ddpm "
+                         "prepare` with the flags it was started with to finish it")
+    return metadata
+
+
+def check_preprocessing(folder: str, recorded: dict[str, Any], preprocess: ImagePreprocessor) -> None:
+    """Refuse a prepared dataset made with another resolution, crop mode or minimum image size than the run's."""
+    wanted = {"resolution": preprocess.resolution, "center_crop": preprocess.center_crop,
+              "min_image_size": preprocess.min_image_size}
+    for key, value in wanted.items():
+        if recorded[key] != value:
+            raise InputError(
+                f"--train_data_dir {folder!r} was prepared with {key} {recorded[key]}, but this run uses {key} "
+                f"{value}: train with --{key} {recorded[key]}, or prepare the images again with --{key} {value}")
+
+
+def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int = 0,
+                         max_train_samples: int | None = None) -> "PreparedImages":
+    """The training dataset of a prepared folder, checked against the run's preprocessing."""
+    metadata = read_prepared_metadata(folder)
+    check_preprocessing(folder, metadata["preprocessing"], preprocess)
+    table = datasets.concatenate_datasets([
+        datasets.Dataset.from_file(str(Path(folder, SHARDS_FOLDER, shard["file"]))) for shard in metadata["shards"]
+    ])
+    if max_train_samples is not None:
+        table = table.select(range(min(max_train_samples, len(table))))
+    logger.info("prepared dataset %s: %d images (%d skipped and %d upscaled when it was prepared)", folder,
+                len(table), metadata["images_skipped"], metadata["images_upscaled"])
+    return PreparedImages(table, preprocess, seed)
+
+
+class PreparedImages(torch.utils.data.Dataset):
+    """A prepared dataset as training items: `{"pixel_values": float (3, H, W) in [-1, 1]}`.
+
+    The Arrow files are memory-mapped, so DataLoader workers share the page
+    cache instead of each holding a copy. Per item only the random crop (with
+    `--no_center_crop`) and flip run, drawn from `augmentation_generator(seed,
+    epoch, index)` as in `data.PreprocessedImages`; `set_epoch` gives each epoch new ones.
+    """
+
+    def __init__(self, table: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
+        self.table = table
+        self.preprocess = preprocess
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
+        records = self.table[indices]
+        return [{"pixel_values": to_tensor(self.preprocess.augment(
+                    np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
+                    augmentation_generator(self.seed, self.epoch, index)))}
+                for index, pixels, height, width in zip(indices, records["pixels"], records["height"],
+                                                        records["width"])]

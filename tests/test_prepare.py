@@ -1,0 +1,177 @@
+"""`lsun-ddpm prepare` and training from a prepared dataset."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lsun_ddpm import prepare
+from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset
+from lsun_ddpm.errors import InputError
+from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
+
+from conftest import TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
+
+RESOLUTION = 16
+
+
+def decoded_tensors(folder, preprocess, epoch):
+    """Every item of the decoded-per-step training dataset of `folder`."""
+    decoded = PreprocessedImages(load_image_dataset(train_data_dir=str(folder)), preprocess, seed=3)
+    decoded.set_epoch(epoch)
+    return [decoded[index]["pixel_values"] for index in range(len(decoded))]
+
+
+def prepared_tensors(folder, preprocess, epoch):
+    prepared = load_prepared_images(str(folder), preprocess, seed=3)
+    prepared.set_epoch(epoch)
+    return [prepared[index]["pixel_values"] for index in range(len(prepared))]
+
+
+def prepare_folder(source, output, center_crop=True, **options):
+    preprocess = ImagePreprocessor(RESOLUTION, center_crop, random_flip=False)
+    return prepare_dataset(SourceOptions(train_data_dir=str(source)), preprocess, str(output), **options)
+
+
+def shard_files(output):
+    return sorted(path.name for path in (output / "shards").glob("*.arrow"))
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_prepared_dataset_gives_exactly_the_decoded_tensors(image_folder, tmp_path, center_crop):
+    prepare_folder(image_folder, tmp_path / "prepared", center_crop, shard_size=5)
+    for random_flip in (False, True):
+        preprocess = ImagePreprocessor(RESOLUTION, center_crop, random_flip)
+        for epoch in (0, 1):
+            expected = decoded_tensors(image_folder, preprocess, epoch)
+            got = prepared_tensors(tmp_path / "prepared", preprocess, epoch)
+            assert len(got) == len(expected) == 32
+            for a, b in zip(got, expected):
+                assert a.dtype == torch.float32 and torch.equal(a, b)
+    # and the flips did happen: epoch 0 and 1 differ for some item
+    flipping = ImagePreprocessor(RESOLUTION, center_crop, random_flip=True)
+    assert any(not torch.equal(a, b) for a, b in zip(prepared_tensors(tmp_path / "prepared", flipping, 0),
+                                                      prepared_tensors(tmp_path / "prepared", flipping, 1)))
+
+
+def test_records_are_uint8_pixels_with_their_source(image_folder, tmp_path):
+    metadata = prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    assert metadata["complete"] and metadata["images"] == 32 and len(metadata["shards"]) == 4
+    assert metadata["preprocessing"] == {"resolution": RESOLUTION, "center_crop": True, "min_image_size": 0}
+    table = load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION)).table
+    record = table[0]
+    assert (record["height"], record["width"]) == (RESOLUTION, RESOLUTION)
+    assert len(record["pixels"]) == RESOLUTION * RESOLUTION * 3
+    assert record["source"].startswith(str(image_folder)) and record["source"].endswith(".jpg")
+
+
+def test_interrupted_prepare_resumes_without_redoing_complete_shards(image_folder, tmp_path, monkeypatch):
+    output = tmp_path / "prepared"
+    original = prepare.resized_record
+    calls = {"count": 0}
+
+    def fail_in_the_second_shard(*args):
+        calls["count"] += 1
+        if calls["count"] == 13:  # the third image of the second shard (10 a shard)
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(prepare, "resized_record", fail_in_the_second_shard)
+    with pytest.raises(SystemExit) as interrupted:
+        prepare_folder(image_folder, output, shard_size=10)
+    assert interrupted.value.code == 130  # as a shell reports Ctrl-C
+    assert shard_files(output) == ["shard-00000.arrow"]
+    with pytest.raises(InputError, match="unfinished prepared dataset"):
+        load_prepared_images(str(output), ImagePreprocessor(RESOLUTION))
+
+    # a half-written shard left behind (as by a killed process) must not be read
+    (output / "shards" / ".shard-00001.arrow.partial").write_bytes(b"half a shard")
+    written = []
+    original_write_shard = prepare.write_shard
+    monkeypatch.setattr(prepare, "resized_record", original)
+    monkeypatch.setattr(prepare, "write_shard", lambda job: written.append(job.index) or original_write_shard(job))
+    metadata = prepare_folder(image_folder, output, shard_size=10)
+    assert written == [1, 2, 3]
+    assert metadata["images"] == 32
+    assert not list((output / "shards").glob(".*"))
+    preprocess = ImagePreprocessor(RESOLUTION)
+    for a, b in zip(prepared_tensors(output, preprocess, 0), decoded_tensors(image_folder, preprocess, 0),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rerun_with_other_settings_or_changed_images_is_refused(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        make_image(rng, 24, 20).save(source / f"{index}.png")
+    prepare_folder(source, tmp_path / "prepared", shard_size=2)
+    with pytest.raises(InputError, match="another shard_size"):
+        prepare_folder(source, tmp_path / "prepared", shard_size=3)
+    make_image(rng, 24, 20).save(source / "1.png")
+    with pytest.raises(InputError, match=r"another source_fingerprint \(the source images changed\)"):
+        prepare_folder(source, tmp_path / "prepared", shard_size=2)
+
+
+def test_a_folder_holding_other_files_is_refused(image_folder, tmp_path):
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="is not empty and holds no prepared dataset"):
+        prepare_folder(image_folder, tmp_path / "prepared")
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        make_image(rng, 24, 20).save(source / f"{index}.png")
+    (source / "2.png").write_bytes(b"not an image")
+    make_image(rng, 12, 10).save(source / "small.png")  # below the resolution: upscaled and counted
+    metadata = prepare_folder(source, tmp_path / "prepared", shard_size=4)
+    assert metadata["images"] == 6
+    assert metadata["images_skipped"] == 1 and metadata["images_skipped_examples"][0].startswith(str(source / "2.png"))
+    assert metadata["images_upscaled"] == 1 and "small.png" in metadata["images_upscaled_examples"][0]
+    assert len(load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION))) == 6
+
+
+def test_training_at_another_resolution_is_refused(image_folder, tmp_path):
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    with pytest.raises(InputError) as error:
+        load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(32))
+    assert str(error.value) == (
+        f"--train_data_dir {str(tmp_path / 'prepared')!r} was prepared with resolution 16, but this run uses "
+        "resolution 32: train with --resolution 16, or prepare the images again with --resolution 32")
+    with pytest.raises(InputError, match="center_crop True, but this run uses center_crop False"):
+        load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION, center_crop=False))
+
+
+def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
+    prepare_folder(image_folder, tmp_path / "one", shard_size=10, num_proc=1)
+    prepare_folder(image_folder, tmp_path / "two", shard_size=10, num_proc=2)
+    assert shard_files(tmp_path / "one") == shard_files(tmp_path / "two")
+    for name in shard_files(tmp_path / "one"):
+        assert (tmp_path / "one/shards" / name).read_bytes() == (tmp_path / "two/shards" / name).read_bytes()
+    one, two = (json.loads((tmp_path / name / "prepared_dataset.json").read_text()) for name in ("one", "two"))
+    assert one == two
+
+
+def test_training_from_a_prepared_dataset(image_folder, tmp_path):
+    run_cli(tmp_path, "prepare", "--train_data_dir", str(image_folder), "--resolution", "16",
+            "--output_dir", str(tmp_path / "prepared"), "--shard_size", "16")
+    quick = ["--train_data_dir", str(tmp_path / "prepared"), "--save_images_steps", "100", "--save_model_steps", "100",
+             "--logger", "none"]
+    run_training(tmp_path, tmp_path / "run", [*quick, "--resolution", "16", "--max_train_steps", "3"])
+    assert read_summary(tmp_path / "run")["optimizer_steps"] == 3
+    refused = run_script_directly(tmp_path, *TINY_RUN, *quick, "--output_dir", str(tmp_path / "run32"),
+                                  "--resolution", "32", "--max_train_steps", "1")
+    assert refused.returncode == 2
+    assert "was prepared with resolution 16, but this run uses resolution 32" in refused.stderr
+
+
+def test_commands_other_than_training_refuse_a_prepared_folder_clearly(image_folder, tmp_path):
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    with pytest.raises(InputError, match="is a prepared dataset, which only training reads"):
+        load_image_dataset(train_data_dir=str(tmp_path / "prepared"))
