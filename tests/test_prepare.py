@@ -1,6 +1,7 @@
 """`lsun-ddpm prepare` and training from a prepared dataset."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_records_are_uint8_pixels_with_their_source(image_folder, tmp_path):
     metadata = prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
     assert metadata["complete"] and metadata["images"] == 32 and len(metadata["shards"]) == 4
     assert metadata["preprocessing"] == {"resolution": RESOLUTION, "center_crop": True, "min_image_size": 0}
-    table = load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION)).table
+    table = load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION)).dataset
     record = table[0]
     assert (record["height"], record["width"]) == (RESOLUTION, RESOLUTION)
     assert len(record["pixels"]) == RESOLUTION * RESOLUTION * 3
@@ -101,12 +102,17 @@ def test_interrupted_prepare_resumes_without_redoing_complete_shards(image_folde
         assert torch.equal(a, b)
 
 
+def write_images(folder: Path, count: int, rng: np.random.Generator) -> Path:
+    """`count` 24x20 PNGs named 0.png, 1.png, ... in `folder`."""
+    folder.mkdir()
+    for index in range(count):
+        make_image(rng, 24, 20).save(folder / f"{index}.png")
+    return folder
+
+
 def test_rerun_with_other_settings_or_changed_images_is_refused(tmp_path):
-    source = tmp_path / "images"
-    source.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(4):
-        make_image(rng, 24, 20).save(source / f"{index}.png")
+    source = write_images(tmp_path / "images", 4, rng)
     prepare_folder(source, tmp_path / "prepared", shard_size=2)
     with pytest.raises(InputError, match="another shard_size"):
         prepare_folder(source, tmp_path / "prepared", shard_size=3)
@@ -123,11 +129,8 @@ def test_a_folder_holding_other_files_is_refused(image_folder, tmp_path):
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path):
-    source = tmp_path / "images"
-    source.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(6):
-        make_image(rng, 24, 20).save(source / f"{index}.png")
+    source = write_images(tmp_path / "images", 6, rng)
     (source / "2.png").write_bytes(b"not an image")
     make_image(rng, 12, 10).save(source / "small.png")  # below the resolution: upscaled and counted
     metadata = prepare_folder(source, tmp_path / "prepared", shard_size=4)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -383,18 +383,25 @@ def describe_error(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def prepare_or_note(preprocess: ImagePreprocessor, source: Any, generator: torch.Generator | None,
-                    notes: list[Note]) -> torch.Tensor | None:
-    """The image's pixels, or None when it must be skipped; a skip or an upscale is added to `notes`."""
+def noting_skips(notes: list[Note], source: Any, resolution: int, make: Callable[[], Any]) -> Any | None:
+    """`make()` (a preprocessing stage of `source`), or None when the image must be skipped;
+    a skip or an upscale is added to `notes`."""
     try:
-        prepared = preprocess.prepare(source, generator)
+        result = make()
     except UNREADABLE_IMAGE_ERRORS as error:
         notes.append(log_note(SKIPPED, source, describe_error(error)))
         return None
-    if prepared.upscaled:
-        width, height = prepared.original_size
-        notes.append(log_note(UPSCALED, source, f"{width}x{height} upscaled to {preprocess.resolution} px"))
-    return prepared.pixel_values
+    if result.upscaled:
+        width, height = result.original_size
+        notes.append(log_note(UPSCALED, source, f"{width}x{height} upscaled to {resolution} px"))
+    return result
+
+
+def prepare_or_note(preprocess: ImagePreprocessor, source: Any, generator: torch.Generator | None,
+                    notes: list[Note]) -> torch.Tensor | None:
+    """The image's pixels, or None when it must be skipped; a skip or an upscale is added to `notes`."""
+    prepared = noting_skips(notes, source, preprocess.resolution, lambda: preprocess.prepare(source, generator))
+    return None if prepared is None else prepared.pixel_values
 
 
 # ---------------------------------------------------------------- torch datasets
@@ -424,15 +431,9 @@ def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Gener
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, *position]).generate_state(1)[0]))
 
 
-class PreprocessedImages(torch.utils.data.Dataset):
-    """A map-style 🤗 dataset, decoded and preprocessed on access.
-
-    An image that cannot be used (unreadable, below --min_image_size) is
-    skipped: the next image takes its place, so every process still gets full,
-    equally sized batches (a short batch on one DDP rank would stall the
-    others), and the item's `image_notes` say what was skipped or upscaled.
-    `set_epoch` gives each epoch new random crops and flips.
-    """
+class AugmentedImages(torch.utils.data.Dataset):
+    """Map-style training images whose random crop and flip come from
+    `augmentation_generator(seed, epoch, index)`; `set_epoch` gives each epoch new ones."""
 
     def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
         self.dataset = dataset
@@ -445,6 +446,16 @@ class PreprocessedImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+class PreprocessedImages(AugmentedImages):
+    """A map-style 🤗 dataset, decoded and preprocessed on access.
+
+    An image that cannot be used (unreadable, below --min_image_size) is
+    skipped: the next image takes its place, so every process still gets full,
+    equally sized batches (a short batch on one DDP rank would stall the
+    others), and the item's `image_notes` say what was skipped or upscaled.
+    """
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = augmentation_generator(self.seed, self.epoch, index)

@@ -55,8 +55,8 @@ import datasets
 import numpy as np
 import torch
 
-from .data import (REPORTED_EXAMPLES, SKIPPED, UNREADABLE_IMAGE_ERRORS, UPSCALED, ImagePreprocessor, ImageReport,
-                   Note, augmentation_generator, describe_error, image_source_name, load_image_dataset, log_note,
+from .data import (REPORTED_EXAMPLES, SKIPPED, UPSCALED, AugmentedImages, ImagePreprocessor, ImageReport, Note,
+                   augmentation_generator, image_source_name, load_image_dataset, noting_skips,
                    summarise_image_reports)
 from .errors import InputError
 from .export import write_text
@@ -217,14 +217,9 @@ def write_shard(job: ShardJob) -> int:
 
 def resized_record(preprocess: ImagePreprocessor, source: Any, notes: list[Note]) -> dict[str, Any] | None:
     """The stored record of one image, or None when it is skipped (as training skips it: noted in `notes`)."""
-    try:
-        resized = preprocess.resize(source)
-    except UNREADABLE_IMAGE_ERRORS as error:
-        notes.append(log_note(SKIPPED, source, describe_error(error)))
+    resized = noting_skips(notes, source, preprocess.resolution, lambda: preprocess.resize(source))
+    if resized is None:
         return None
-    if resized.upscaled:
-        width, height = resized.original_size
-        notes.append(log_note(UPSCALED, source, f"{width}x{height} upscaled to {preprocess.resolution} px"))
     pixels = np.asarray(resized.image, dtype=np.uint8)
     return {"pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
             "source": image_source_name(source)}
@@ -295,33 +290,20 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int =
     return PreparedImages(table, preprocess, seed)
 
 
-class PreparedImages(torch.utils.data.Dataset):
+class PreparedImages(AugmentedImages):
     """A prepared dataset as training items: `{"pixel_values": float (3, H, W) in [-1, 1]}`.
 
     The Arrow files are memory-mapped, so DataLoader workers share the page
     cache instead of each holding a copy. Per item only the random crop (with
-    `--no_center_crop`) and flip run, drawn from `augmentation_generator(seed,
-    epoch, index)` as in `data.PreprocessedImages`; `set_epoch` gives each epoch new ones.
+    `--no_center_crop`) and flip run, drawn as in `data.PreprocessedImages`.
     """
-
-    def __init__(self, table: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
-        self.table = table
-        self.preprocess = preprocess
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
-        records = self.table[indices]
+        records = self.dataset[indices]
         return [{"pixel_values": to_tensor(self.preprocess.augment(
                     np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
                     augmentation_generator(self.seed, self.epoch, index)))}
