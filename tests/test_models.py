@@ -168,3 +168,24 @@ def test_saved_pipeline_loads_with_stock_diffusers_without_lsun_ddpm(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stock-load-ok" in result.stdout
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_in_backward(monkeypatch):
+    """What --gradient_checkpointing saves memory by: with it, residual blocks run again during
+    backward (their activations were not kept); without it, backward runs none of them."""
+    calls = []
+    forward = ResnetBlock2D.forward
+    monkeypatch.setattr(ResnetBlock2D, "forward", lambda self, *args, **kwargs: calls.append(1) or
+                        forward(self, *args, **kwargs))  # torch's recomputation bypasses forward hooks
+
+    def forwards_during_backward(checkpointing: bool) -> int:
+        model = build_model("tiny16").train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        loss = model(torch.randn(2, 3, 16, 16), torch.tensor([10, 900])).sample.pow(2).mean()
+        before = len(calls)
+        loss.backward()
+        return len(calls) - before
+
+    assert forwards_during_backward(checkpointing=False) == 0
+    assert forwards_during_backward(checkpointing=True) > 0

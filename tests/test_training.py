@@ -137,6 +137,17 @@ def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
 
 
+def test_gradient_checkpointing_is_on_and_changes_no_result(run, tmp_path, image_folder):
+    """checkpoint-21 resumed with --gradient_checkpointing: the blocks recompute their activations in
+    backward, which saves memory and must not change a single weight of the uninterrupted run's."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run[0] / "checkpoint-21", resumed / "checkpoint-21")
+    result = run_training(tmp_path, resumed, ["--train_data_dir", str(image_folder), *RUN_ARGS,
+                                              "--gradient_checkpointing", "--resume_from_checkpoint", "latest"])
+    assert "gradient checkpointing on" in result.stderr + result.stdout
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
+
+
 def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_exact(run, tmp_path, image_folder):
     """SIGKILL mid-save of checkpoint-14 (model and Adam written, EMA not), then `--resume_from_checkpoint latest`."""
     output_dir = tmp_path / "killed"

@@ -135,6 +135,11 @@ class TrainingConfig:
         default=None, metadata=_help("Autocast precision; default: accelerate's config. Data, noise, loss stay fp32.")
     )
     channels_last: bool = field(default=False, metadata=_help("channels_last memory format (faster with bf16)."))
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Recompute the U-Net's activations in the backward pass: less memory for a large "
+                       "micro-batch on a small GPU, for more time per step (docs/performance.md)."),
+    )
     # ---------------------------------------------------------------- diffusion
     ddpm_num_steps: int = field(default=1000, metadata=_help("T, the number of diffusion steps."))
     ddpm_beta_schedule: str = field(

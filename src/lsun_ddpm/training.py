@@ -56,6 +56,8 @@ def train(config: TrainingConfig) -> Path:
     prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # diffusers' blocks then recompute their activations in backward
     seed_this_process(config)
     noise_scheduler = diffusion.make_noise_scheduler(
         config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type
@@ -265,10 +267,11 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
             })
     logger.info(
         "training %s (%.1fM parameters) at %d px for %d optimizer steps (from step %d)\n"
-        "  effective batch %d = micro-batch %d x accumulation %d x %d process(es); precision %s",
+        "  effective batch %d = micro-batch %d x accumulation %d x %d process(es); precision %s; "
+        "gradient checkpointing %s",
         type(unet).__name__, count_parameters(unet) / 1e6, config.resolution, max_train_steps, global_step,
         effective, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
-        accelerator.mixed_precision, main_process_only=True,
+        accelerator.mixed_precision, "on" if unet.is_gradient_checkpointing else "off", main_process_only=True,
     )
 
 
