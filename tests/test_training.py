@@ -40,6 +40,19 @@ def run(image_folder, tmp_path_factory):
     return output_dir, result
 
 
+def test_the_optimizer_is_the_papers_adam_fused_on_the_cpu():
+    """One step on a lone weight equals Adam's first update, w − lr·ĝ/(|ĝ| + ε) (no weight decay);
+    and the CPU gets torch's fused kernel."""
+    weight = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(weight.weight, 1.0)
+    optimizer = training.make_optimizer(weight, TrainingConfig(learning_rate=0.1), torch.device("cpu"))
+    weight.weight.grad = torch.tensor([[0.5]])
+    optimizer.step()
+    assert weight.weight.item() == pytest.approx(1.0 - 0.1 * 0.5 / (0.5 + 1e-8))
+    assert optimizer.defaults["fused"] is True
+    assert not training.make_optimizer(weight, TrainingConfig(), torch.device("mps")).defaults["fused"]
+
+
 def test_the_loss_falls(run):
     losses = read_scalars(run[0], "train/loss")
     assert sorted(losses) == list(range(1, STEPS + 1))  # one value per optimizer step
