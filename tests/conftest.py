@@ -130,8 +130,8 @@ def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout
 
 def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
-    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args],
-                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], env=offline_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
 
 
 def read_summary(output_dir: Path) -> dict:

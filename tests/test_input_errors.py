@@ -4,12 +4,10 @@ exit status 2, no traceback, and no file or folder created or changed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_SCRIPT, offline_env
+from conftest import run_cli, run_script_directly
 
 from lsun_ddpm import cli, training
 from lsun_ddpm.errors import InputError
@@ -128,9 +126,7 @@ def run_in_process(entry: str, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def run_as_process(entry: str, argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    program = [str(TRAIN_SCRIPT)] if entry == "script-process" else ["-m", "lsun_ddpm.cli"]
-    result = subprocess.run([sys.executable, *program, *argv], env=offline_env(cwd), cwd=cwd,
-                            capture_output=True, text=True, timeout=300)
+    result = run_script_directly(cwd, *argv) if entry == "script-process" else run_cli(cwd, *argv, check=False)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -193,12 +189,9 @@ def test_an_unknown_command_names_the_close_one(capsys):
 
 
 def test_a_completed_run_whose_push_fails_offline_says_how_to_push_it_and_exits_3(tmp_path, image_folder):
-    result = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), *with_images(train("--max_train_steps", "2", "--train_batch_size", "4",
-                                                               "--push_to_hub", "--hub_model_id", "someone/bedrooms"),
-                                                         image_folder)],
-        env=offline_env(tmp_path, HF_HUB_OFFLINE="1"), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+    result = run_script_directly(tmp_path, *with_images(train("--max_train_steps", "2", "--train_batch_size", "4",
+                                                              "--push_to_hub", "--hub_model_id", "someone/bedrooms"),
+                                                        image_folder))  # offline: the upload must fail
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
