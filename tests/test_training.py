@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
@@ -159,6 +160,39 @@ def test_gradient_checkpointing_is_on_and_changes_no_result(run, tmp_path, image
                                               "--gradient_checkpointing", "--resume_from_checkpoint", "latest"])
     assert "gradient checkpointing on" in result.stderr + result.stdout
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(resumed))
+
+
+def assert_close_weights(expected: dict, actual: dict, atol: float) -> None:
+    for folder, tensors in expected.items():
+        assert actual[folder].keys() == tensors.keys(), folder
+        worst = max((tensors[k] - actual[folder][k]).abs().max().item() for k in tensors)
+        assert worst <= atol, f"{folder}: weights differ by up to {worst}"
+
+
+def test_a_compiled_run_checkpoints_resumes_and_exports_the_weights_of_an_uncompiled_one(run, tmp_path, image_folder):
+    """checkpoint-21 of the uncompiled run resumed with --torch_compile to the end (24); the compiled run's
+    checkpoint-24 then resumed without it for two more steps. Compiled kernels round differently (fp32
+    here), so weights agree to a tolerance, not bit for bit; checkpoints and the exported pipeline have the
+    very keys of an uncompiled run, and the export loads in stock diffusers."""
+    compiled = tmp_path / "compiled"
+    shutil.copytree(run[0] / "checkpoint-21", compiled / "checkpoint-21")
+    args = ["--train_data_dir", str(image_folder), *RUN_ARGS, "--resume_from_checkpoint", "latest"]
+    result = run_training(tmp_path, compiled, [*args, "--torch_compile"])
+    assert "torch.compile on (mode default)" in result.stderr + result.stdout
+    assert yaml.safe_load((compiled / "training_config.yaml").read_text())["torch_compile"] is True
+    compiled_state = load_file(compiled / f"checkpoint-{STEPS}" / "model.safetensors")
+    uncompiled_state = load_file(run[0] / f"checkpoint-{STEPS}" / "model.safetensors")
+    assert compiled_state.keys() == uncompiled_state.keys()
+    # Adam moves a weight by about lr per step: 3 compiled steps stay well within one step of the eager run
+    assert max((compiled_state[k] - uncompiled_state[k]).abs().max().item() for k in compiled_state) < LR / 4
+    assert_close_weights(exported_weights(run[0]), exported_weights(compiled), atol=LR / 4)
+    exported = UNet2DModel.from_pretrained(compiled / "unet_raw")  # stock diffusers, no lsun_ddpm class needed
+    assert list(exported.state_dict()) == list(build_model("tiny16").state_dict())
+
+    run_training(tmp_path, compiled, [*args, "--torch_compile", "false", "--max_train_steps", str(STEPS + 2)])
+    summary = read_summary(compiled)
+    assert summary["optimizer_steps"] == summary["adam_step"] == STEPS + 2 and summary["torch_compile"] is False
+    assert sorted(read_scalars(compiled, "train/loss"))[-2:] == [STEPS + 1, STEPS + 2]
 
 
 def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_exact(run, tmp_path, image_folder):

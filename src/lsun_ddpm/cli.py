@@ -94,6 +94,7 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
 
 def sample_command(argv: list[str]) -> None:
     from .export import check_image_output, check_output_folder, save_image
+    from .performance import COMPILE_MODES
     from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, generate, image_grid, labelled_side_by_side,
                            load_scheduler_config, load_unet, pick_device)
 
@@ -109,6 +110,10 @@ def sample_command(argv: list[str]) -> None:
                              "a run trained without EMA has only raw weights")
     parser.add_argument("--out", default="samples.png", help="the grid (8x8 for 64 images)")
     parser.add_argument("--out_dir", help="also write one PNG per image here")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="torch.compile the U-Net first: minutes of compiling, repaid over many batches "
+                             "(docs/performance.md)")
+    parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
     args = parser.parse_args(argv)
     _require_positive(parser, args, ("num_images", "batch_size", "num_inference_steps"))
     check_image_output(args.out, "--out")
@@ -117,7 +122,8 @@ def sample_command(argv: list[str]) -> None:
 
     config = load_scheduler_config(args.model)  # fails fast on a model that is not there
     has_ema, chosen = _weights_to_use(args.model, args.weights)
-    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16, args.torch_compile,
+                        args.torch_compile_mode)
     device = pick_device()
     panels = []
     for weights in (("raw", "ema") if chosen == "both" else (chosen,)):

@@ -25,6 +25,7 @@ from transformers.hf_argparser import string_to_bool
 from .errors import DEBUG_FLAG, InputError, did_you_mean
 from .export import check_output_folder
 from .models import PRESETS, downsampling_factor, model_config
+from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
@@ -52,6 +53,11 @@ ONE_TIME_FIELDS = ("overwrite_output_dir",)
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
+
+
+# An Optional[bool] option whose unset value means "decide": HfArgumentParser then wants a value after the
+# flag; with these, `--channels_last` alone means true, as for a plain bool (`--channels_last false` still works).
+_BARE_FLAG = {"nargs": "?", "const": True}
 
 
 @dataclass
@@ -132,9 +138,25 @@ class TrainingConfig:
                        "the run with a checkpoint of the last good weights."),
     )
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
-        default=None, metadata=_help("Autocast precision; default: accelerate's config. Data, noise, loss stay fp32.")
+        default=None,
+        metadata=_help("Autocast precision. Unset: accelerate's config if it asks for bf16 or fp16, else bf16 where "
+                       "the device runs it fast (CUDA with bf16, CPUs with AMX/AVX-512-BF16), fp32 elsewhere; "
+                       "'no' trains in fp32. Data, noise, loss, Adam and the EMA stay fp32."),
     )
-    channels_last: bool = field(default=False, metadata=_help("channels_last memory format (faster with bf16)."))
+    channels_last: Optional[bool] = field(
+        default=None,
+        metadata=_help("channels_last memory format. Unset: on with bf16 (measured faster), off in fp32.", **_BARE_FLAG)
+    )
+    torch_compile: Optional[bool] = field(
+        default=None,
+        metadata=_help("torch.compile the U-Net. Unset: on for CUDA runs of at least "
+                       f"{COMPILE_BREAK_EVEN_MICRO_BATCHES} micro-batches, which repay the minutes of compiling; "
+                       "off on a CPU, where it was measured slower (docs/performance.md). Checkpoints and "
+                       "exports are the same either way.", **_BARE_FLAG),
+    )
+    torch_compile_mode: str = field(
+        default="default", metadata=_help(f"torch.compile mode: {', '.join(COMPILE_MODES)}.")
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata=_help("Recompute the U-Net's activations in the backward pass: less memory for a large "
@@ -190,6 +212,7 @@ class TrainingConfig:
         _check_choice("--model_preset", self.model_preset, sorted(PRESETS))
         _check_choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_choice("--ddpm_beta_schedule", self.ddpm_beta_schedule, BETA_SCHEDULES)
+        _check_choice("--torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         if self.max_train_steps is None and self.num_epochs is None:
             raise InputError("give --max_train_steps or --num_epochs")
         if self.streaming and self.max_train_steps is None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from PIL import Image
 
 from .data import resize_shorter_side
-from .sampling import fast_precision_available, pick_device
 
 # scikit-image's bundled colour photographs (see skimage.data): four distinct,
 # recognisable pictures. Eight (with the microscopy and space images) were not
@@ -28,7 +27,6 @@ DEMO_CROPS = ((1.0, 0.5),)
 
 def demo_defaults(output_dir: str = "demo-run") -> dict:
     """Training options of the demo (every one can still be overridden by a flag)."""
-    fast_bf16 = fast_precision_available(pick_device())
     return {
         "train_data_dir": str(Path(output_dir) / "data"),
         "output_dir": output_dir,
@@ -49,8 +47,6 @@ def demo_defaults(output_dir: str = "demo-run") -> dict:
         "eval_batch_size": 16,
         "ddpm_num_inference_steps": 100,
         "seed": 0,
-        "mixed_precision": "bf16" if fast_bf16 else "no",
-        "channels_last": fast_bf16,
     }
 
 

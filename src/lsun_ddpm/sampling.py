@@ -17,6 +17,8 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
+from .performance import compile_in_place, fast_precision_available
+
 
 # Clip every x₀ estimate to [-1, 1], as ADM does (`clip_denoised`) and as the
 # DDPM/DDIM schedulers do through `clip_sample`: dynamic thresholding with a
@@ -119,18 +121,6 @@ def make_scheduler(name: str, config: dict):
 # ---------------------------------------------------------------- precision
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 autocast is then several times faster than fp32 on the CPU."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def fast_precision_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
-
-
 @contextlib.contextmanager
 def inference_precision(unet: UNet2DModel, enabled: bool) -> Iterator[None]:
     """bf16 autocast + channels_last when `enabled` and the hardware runs bf16 fast; fp32 otherwise.
@@ -167,6 +157,8 @@ class SamplingPlan:
     num_inference_steps: int | None = None  # default: the scheduler's (25 for dpmsolver++, 1000 for ddpm)
     batch_size: int = 16
     bf16: bool = True
+    torch_compile: bool = False  # compile the U-Net's forward first: pays off for many batches, not for a few
+    torch_compile_mode: str = "default"
 
     @property
     def steps(self) -> int:
@@ -205,6 +197,8 @@ def generate(unet: UNet2DModel, scheduler_config: dict, num_images: int, seed: i
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     on_step = progress(math.ceil(num_images / plan.batch_size) * plan.steps) if progress else (lambda: None)
     images = []
+    if plan.torch_compile:
+        compile_in_place(unet, plan.torch_compile_mode)  # in place: the caller's module stays compiled
     with inference_precision(unet, plan.bf16):
         for start in range(0, num_images, plan.batch_size):
             indices = range(first_index + start, first_index + min(start + plan.batch_size, num_images))

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
@@ -32,6 +32,7 @@ from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
+from .performance import compile_in_place, default_channels_last, default_mixed_precision, default_torch_compile
 from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
 from .prepare import is_prepared_dataset, load_prepared_images
 from .run_folder import CONFIG_FILE, GRID_FILE
@@ -44,6 +45,7 @@ def train(config: TrainingConfig) -> Path:
     """Train the paper's DDPM as `config` says; return the output folder."""
     check_training_inputs(config)  # refuse what cannot work before any work is done or any file written
     output_dir = Path(config.output_dir)
+    choose_precision(config)  # bf16 (+ channels_last) where the device is fast at it, unless the user chose
     accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file is noise
@@ -85,6 +87,11 @@ def train(config: TrainingConfig) -> Path:
         logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
                     main_process_only=True)
         return output_dir  # its summary, config and logs stay as they were
+    if config.torch_compile is None:  # compile when this run is long enough to repay it
+        config.torch_compile = default_torch_compile(
+            accelerator.device, (max_train_steps - global_step) * config.gradient_accumulation_steps)
+    if config.torch_compile:
+        compile_in_place(unet, config.torch_compile_mode)  # same module, same parameter names: checkpoints unchanged
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
     nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
@@ -177,6 +184,15 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # never the per-process seed that drives noise and dropout.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
+
+
+def choose_precision(config: TrainingConfig) -> None:
+    """Fill in --mixed_precision and --channels_last where the user left them unset (performance.py says how)."""
+    device = PartialState().device  # the device accelerate will train on (its state is shared with the Accelerator)
+    if config.mixed_precision is None:
+        config.mixed_precision = default_mixed_precision(device)
+    if config.channels_last is None:
+        config.channels_last = default_channels_last(config.mixed_precision)
 
 
 def seed_this_process(config: TrainingConfig) -> None:
@@ -277,12 +293,18 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
             })
     logger.info(
         "training %s (%.1fM parameters) at %d px for %d optimizer steps (from step %d)\n"
-        "  effective batch %d = micro-batch %d x accumulation %d x %d process(es); precision %s; "
-        "gradient checkpointing %s",
+        "  effective batch %d = micro-batch %d x accumulation %d x %d process(es); precision %s; channels_last %s; "
+        "torch.compile %s; gradient checkpointing %s",
         type(unet).__name__, count_parameters(unet) / 1e6, config.resolution, max_train_steps, global_step,
         effective, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes,
-        accelerator.mixed_precision, "on" if unet.is_gradient_checkpointing else "off", main_process_only=True,
+        accelerator.mixed_precision, _on_off(config.channels_last),
+        f"on (mode {config.torch_compile_mode})" if config.torch_compile else "off",
+        _on_off(unet.is_gradient_checkpointing), main_process_only=True,
     )
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 # ---------------------------------------------------------------- one micro-batch
@@ -551,6 +573,8 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "effective_batch_size": config.train_batch_size * config.gradient_accumulation_steps
             * accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
+            "channels_last": config.channels_last,
+            "torch_compile": config.torch_compile,
             "device": str(accelerator.device),
             "hardware": describe_hardware(accelerator),
             "final_loss": stats.last_loss,

@@ -1,0 +1,89 @@
+"""The fast path, chosen by default: bf16 autocast, channels_last and torch.compile where they pay off.
+
+Every choice here is measured (docs/performance.md). A user's explicit choice
+(a flag, a config key, accelerate's config asking for bf16 or fp16) always wins;
+these functions only fill in what was left unset.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+# The modes torch.compile takes (`torch._inductor.list_mode_options()`).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Unset --torch_compile compiles a CUDA run with at least this many micro-batches (forward + backward
+# passes) to train: compiling paper128 takes minutes, and a shorter run (a test, a smoke run) would spend
+# more time compiling than it saves. On a CPU it is never on by default: on this project's 2-core CPU,
+# compiling paper128 took 9 minutes and the compiled bf16 step was slower than the eager one
+# (docs/performance.md).
+COMPILE_BREAK_EVEN_MICRO_BATCHES = 2000
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: bf16 autocast is then several times faster than fp32 on the CPU."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def fast_precision_available(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on `device`: a CUDA GPU with bf16 support, or a CPU with AMX/AVX-512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def default_mixed_precision(device: torch.device) -> str:
+    """The precision of a run whose --mixed_precision was not given.
+
+    accelerate's own setting (`accelerate config`, `accelerate launch
+    --mixed_precision`) arrives as ACCELERATE_MIXED_PRECISION; bf16 or fp16
+    there is the user's choice and is kept. Its "no" is also what accelerate
+    writes when nobody chose anything, so it cannot mean "fp32 on purpose":
+    then bf16 where `device` runs it fast, fp32 elsewhere. `--mixed_precision
+    no` trains in fp32 whatever the device.
+    """
+    from_accelerate = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if from_accelerate != "no":
+        return from_accelerate
+    return "bf16" if fast_precision_available(device) else "no"
+
+
+def default_channels_last(mixed_precision: str) -> bool:
+    """channels_last unless the user chose: on with bf16 (CPU: 16 s → 11 s per paper128 step; GPU tensor cores
+    take NHWC convolutions), off in fp32, where it was not measured to help."""
+    return mixed_precision == "bf16"
+
+
+def default_torch_compile(device: torch.device, micro_batches: int | None) -> bool:
+    """Compile where it was found to repay its compile time: a CUDA run of at least
+    `COMPILE_BREAK_EVEN_MICRO_BATCHES`; never a CPU run, nor a run of unknown length."""
+    return device.type == "cuda" and micro_batches is not None and micro_batches >= COMPILE_BREAK_EVEN_MICRO_BATCHES
+
+
+def compile_in_place(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """`module.compile(mode=mode)`: torch.compile of its forward, in place, and return it.
+
+    In place rather than `torch.compile(module)`, whose wrapper prefixes every
+    key of a state dict with `_orig_mod.`: the module keeps its class and its
+    parameter names, so checkpoints, EMA and exported pipelines are the same
+    whether or not it was compiled, and a compiled run resumes an uncompiled
+    one's checkpoint and vice versa. Compilation itself happens at the first
+    call.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if not is_compiled(module):
+        # diffusers' up/downsampling blocks call an lru_cache'd version check; dynamo traces through it and
+        # warns once per block that this "could" be wrong. The check is a constant: nothing to act on.
+        warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped",
+                                category=UserWarning)
+        module.compile(mode=mode)
+    return module
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module.compile()` was called on it (its calls go through torch.compile)."""
+    return getattr(module, "_compiled_call_impl", None) is not None

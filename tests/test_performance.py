@@ -1,0 +1,107 @@
+"""The fast defaults (bf16, channels_last, torch.compile) and what compiling must not change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsun_ddpm import performance, training
+from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.performance import (COMPILE_BREAK_EVEN_MICRO_BATCHES, compile_in_place, default_mixed_precision,
+                                   default_torch_compile, is_compiled)
+
+from conftest import random_tiny_unet
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    """Set whether the device "runs bf16 fast", and start with accelerate's variable unset."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+    def set_fast(fast: bool):
+        monkeypatch.setattr(performance, "fast_precision_available", lambda device: fast)
+
+    return set_fast
+
+
+def test_unset_precision_is_bf16_on_fast_hardware_also_when_accelerate_defaulted_to_no(hardware, monkeypatch):
+    hardware(True)
+    assert default_mixed_precision(CPU) == "bf16"
+    # `accelerate launch` without a config writes "no" for the precision nobody chose
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert default_mixed_precision(CPU) == "bf16"
+
+
+def test_accelerates_bf16_or_fp16_is_kept_and_slow_hardware_trains_in_fp32(hardware, monkeypatch):
+    hardware(False)
+    assert default_mixed_precision(CPU) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert default_mixed_precision(CPU) == "fp16"
+    hardware(True)
+    assert default_mixed_precision(CPU) == "fp16"
+
+
+@pytest.mark.parametrize("given, fast, expected", [
+    ({}, True, ("bf16", True)),
+    ({}, False, ("no", False)),
+    ({"mixed_precision": "no"}, True, ("no", False)),  # the user's fp32 stays fp32, and so without channels_last
+    ({"channels_last": False}, True, ("bf16", False)),
+    ({"mixed_precision": "bf16", "channels_last": True}, False, ("bf16", True)),
+])
+def test_training_fills_in_only_what_the_user_left_unset(hardware, given, fast, expected):
+    hardware(fast)
+    config = TrainingConfig(train_data_dir="images", **given)
+    training.choose_precision(config)
+    assert (config.mixed_precision, config.channels_last) == expected
+
+
+def test_compile_is_on_by_default_only_for_cuda_runs_long_enough_to_repay_it():
+    cuda = torch.device("cuda")
+    assert not default_torch_compile(cuda, None)  # unknown length
+    assert not default_torch_compile(cuda, COMPILE_BREAK_EVEN_MICRO_BATCHES - 1)
+    assert default_torch_compile(cuda, COMPILE_BREAK_EVEN_MICRO_BATCHES)
+    assert not default_torch_compile(CPU, 10**9)  # measured slower on the CPU, however long the run
+
+
+def test_compiling_in_place_keeps_the_class_and_every_parameter_name():
+    """What checkpoints, the EMA and exports see: a compiled U-Net is the same module with the same keys
+    (torch.compile's wrapper would rename every key `_orig_mod.<name>`)."""
+    unet = random_tiny_unet()
+    names, parameters = list(unet.state_dict()), list(unet.parameters())
+    assert compile_in_place(unet) is unet and is_compiled(unet)
+    assert type(unet).__name__ == "ADMUNet2DModel"
+    assert list(unet.state_dict()) == names
+    assert all(a is b for a, b in zip(unet.parameters(), parameters))
+    with pytest.raises(ValueError, match="max-autotune"):
+        compile_in_place(random_tiny_unet(), "fastest")
+
+
+def test_a_compiled_training_step_agrees_with_the_eager_one():
+    """Forward, backward and one Adam step of the same tiny U-Net, compiled and not, on the same batch."""
+    eager, compiled = random_tiny_unet(), random_tiny_unet()
+    compiled.load_state_dict(eager.state_dict())
+    compile_in_place(compiled)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 16, 16, generator=generator)
+    t = torch.tensor([0, 250, 500, 999])
+    target = torch.randn(4, 3, 16, 16, generator=generator)
+    results = []
+    for unet in (eager, compiled):
+        unet.train()
+        torch.manual_seed(1)  # the same dropout masks
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+        output = unet(x, t).sample
+        (output - target).pow(2).mean().backward()
+        gradients = [p.grad.clone() for p in unet.parameters()]
+        optimizer.step()
+        results.append((output.detach(), gradients, [p.detach().clone() for p in unet.parameters()]))
+    (out_e, grads_e, weights_e), (out_c, grads_c, weights_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-6)
+    # Adam's first step moves each weight by ±lr (sign of its gradient): within 1e-5 of lr, unless a
+    # gradient is so close to 0 that float rounding decides its sign
+    moved_apart = sum(int(((w_c - w_e).abs() > 1e-4).sum()) for w_c, w_e in zip(weights_c, weights_e))
+    assert moved_apart <= 0.001 * sum(w.numel() for w in weights_e)
