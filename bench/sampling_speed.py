@@ -1,31 +1,75 @@
-"""Seconds per sampled image for each scheduler, fp32 against bf16 + channels_last.
+"""Seconds per sampled image for each scheduler and batch size, with and without torch.compile.
 
-    python bench/sampling_speed.py --preset paper128 --num_images 4
-    python bench/sampling_speed.py --model path/to/pipeline --scheduler dpmsolver++ ddpm
+    python bench/sampling_speed.py --preset paper128 --json bench-sampling.json
+    python bench/sampling_speed.py --model path/to/pipeline --schedulers dpmsolver++ --batch_sizes 64 --timed_steps 0
 
 Uses randomly initialised weights when no --model is given: the cost of a
-sampling step does not depend on the weights.
+sampling step does not depend on the weights. Sampling runs as `lsun-ddpm
+sample` runs it (`sampling.generate`: bf16 autocast + channels_last where the
+device is fast at bf16, unless --fp32). A sample of S steps costs S U-Net
+evaluations plus the scheduler's arithmetic, so each row times the first
+`--timed_steps` steps after one warm-up step (which also compiles, when
+compiling) and reports s/image = (s/step × S) ÷ batch size, S being the
+scheduler's full count: DDPM-1000 at batch 16 would take hours on a CPU.
+`--timed_steps 0` times every step instead. The first row of each compiled
+batch size carries the compile time (warm-up step − steady step).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.models import PRESETS, ADMUNet2DModel
-from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, fast_precision_available, generate, load_scheduler_config, load_unet
+from lsun_ddpm.performance import compile_in_place, fast_precision_available
+from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, generate, load_scheduler_config, load_unet
+
+
+class EnoughSteps(Exception):
+    """Raised from the step callback once the timed steps are done: the rest of the sample is not needed."""
+
+
+def time_steps(unet, config: dict, scheduler: str, batch_size: int, bf16: bool, timed_steps: int) -> dict:
+    """Seconds of the warm-up step and the median of the next `timed_steps` (all, if 0) steps of one batch."""
+    plan = SamplingPlan(scheduler, None, batch_size=batch_size, bf16=bf16)
+    wanted = plan.steps if timed_steps == 0 else min(plan.steps, timed_steps + 1)
+    stamps = [time.perf_counter()]
+
+    def on_step():
+        if unet.device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if len(stamps) > wanted:
+            raise EnoughSteps
+
+    try:
+        generate(unet, config, batch_size, plan=plan, progress=lambda total: on_step)
+    except EnoughSteps:
+        pass
+    durations = [b - a for a, b in zip(stamps, stamps[1:])]
+    steady = sorted(durations[1:])[len(durations[1:]) // 2] if len(durations) > 1 else durations[0]
+    return {"scheduler": scheduler, "steps": plan.steps, "batch_size": batch_size, "warm_up_step_seconds": durations[0],
+            "seconds_per_step": steady, "timed_steps": len(durations) - 1,
+            "seconds_per_image": steady * plan.steps / batch_size,
+            "seconds_per_batch": steady * plan.steps}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper128")
     parser.add_argument("--model", help="a pipeline folder or Hub id instead of a preset")
-    parser.add_argument("--scheduler", nargs="+", choices=sorted(SCHEDULERS), default=["dpmsolver++", "ddim"])
-    parser.add_argument("--num_inference_steps", type=int)
-    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--schedulers", nargs="+", choices=sorted(SCHEDULERS), default=["ddpm", "ddim", "dpmsolver++"])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--compile", choices=("both", "off", "on"), default="both")
+    parser.add_argument("--timed_steps", type=int, default=4, help="steps timed per row after the warm-up (0: all)")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast / channels_last")
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,19 +77,27 @@ def main() -> None:
         unet, config = load_unet(args.model).to(device), load_scheduler_config(args.model)
     else:
         unet, config = ADMUNet2DModel.from_preset(args.preset).to(device).eval(), dict(make_noise_scheduler().config)
+    bf16 = not args.fp32 and fast_precision_available(device)
     name = args.model or args.preset
-    print(f"{name}, {args.num_images} images in one batch, torch {torch.__version__}, {device}, "
-          f"{torch.get_num_threads()} threads; bf16 fast here: {fast_precision_available(device)}")
-    print("| scheduler | steps | precision | s / image |\n|---|---|---|---|")
-    for scheduler in args.scheduler:
-        for bf16 in (False, True):
-            plan = SamplingPlan(scheduler, args.num_inference_steps, batch_size=args.num_images, bf16=bf16)
-            generate(unet, config, 1, plan=SamplingPlan(scheduler, 2, 1, bf16))  # warm-up
-            started = time.perf_counter()
-            generate(unet, config, args.num_images, plan=plan)
-            seconds = (time.perf_counter() - started) / args.num_images
-            label = "bf16 + channels_last" if bf16 and fast_precision_available(device) else "fp32"
-            print(f"| {scheduler} | {plan.steps} | {label} | {seconds:.2f} |", flush=True)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{name}, torch {torch.__version__}, {device_name}, {'bf16 + channels_last' if bf16 else 'fp32'}")
+    rows = []
+    for compiled in {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]:
+        if compiled:
+            compile_in_place(unet)  # every later call runs compiled; each new batch size compiles once more
+        for batch_size in args.batch_sizes:
+            for scheduler in args.schedulers:
+                row = time_steps(unet, config, scheduler, batch_size, bf16, args.timed_steps) | {"compile": compiled}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print("| scheduler | steps | batch | compile | s/step | s/image | warm-up step s | steps timed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['scheduler']} | {row['steps']} | {row['batch_size']} | {'on' if row['compile'] else 'off'} | "
+              f"{row['seconds_per_step']:.3f} | {row['seconds_per_image']:.2f} | {row['warm_up_step_seconds']:.1f} | "
+              f"{row['timed_steps']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

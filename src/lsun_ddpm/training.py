@@ -87,11 +87,7 @@ def train(config: TrainingConfig) -> Path:
         logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
                     main_process_only=True)
         return output_dir  # its summary, config and logs stay as they were
-    if config.torch_compile is None:  # compile when this run is long enough to repay it
-        config.torch_compile = default_torch_compile(
-            accelerator.device, (max_train_steps - global_step) * config.gradient_accumulation_steps)
-    if config.torch_compile:
-        compile_in_place(unet, config.torch_compile_mode)  # same module, same parameter names: checkpoints unchanged
+    compile_if_asked_or_worthwhile(accelerator, config, model, max_train_steps - global_step)
     start_run(accelerator, config, unet, max_train_steps, global_step)
     stats = StepStats(accelerator.device)
     nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
@@ -193,6 +189,22 @@ def choose_precision(config: TrainingConfig) -> None:
         config.mixed_precision = default_mixed_precision(device)
     if config.channels_last is None:
         config.channels_last = default_channels_last(config.mixed_precision)
+
+
+def compile_if_asked_or_worthwhile(accelerator: Accelerator, config: TrainingConfig, model: torch.nn.Module,
+                                   steps_to_train: int) -> None:
+    """torch.compile the prepared U-Net if --torch_compile says so or, unset, if this run is long enough to repay it.
+
+    In place: the same module with the same parameter names, so checkpoints,
+    the EMA and exports do not depend on it. `model` is the module accelerate
+    prepared: under DDP its wrapper, so that dynamo cuts the graph at DDP's
+    gradient buckets and the all-reduce still overlaps the backward pass.
+    """
+    if config.torch_compile is None:
+        config.torch_compile = default_torch_compile(accelerator.device,
+                                                     steps_to_train * config.gradient_accumulation_steps)
+    if config.torch_compile:
+        compile_in_place(model, config.torch_compile_mode)
 
 
 def seed_this_process(config: TrainingConfig) -> None:
