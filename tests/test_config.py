@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lsun_ddpm.config import TrainingConfig, parse_training_config
 from lsun_ddpm.errors import InputError
+from lsun_ddpm.performance import default_torch_compile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +83,9 @@ def test_the_shipped_paper_config_parses_and_keeps_the_recipe():
     assert config.model_preset == "paper128" and config.resolution == 128
     assert config.train_batch_size * config.gradient_accumulation_steps == 128
     assert config.learning_rate == 3e-4 and config.ema_max_decay == 0.9999
+    # precision and compilation are the device's defaults: bf16 where it is fast, compiled on a GPU
+    assert config.mixed_precision is None and config.channels_last is None and config.torch_compile is None
+    assert default_torch_compile(torch.device("cuda"), config.max_train_steps * config.gradient_accumulation_steps)
 
 
 def test_saved_config_has_no_token_and_round_trips(tmp_path):

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, gather_object, parse_flag_from_env,
+                               set_seed)
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import diffusion, run_folder
 from .config import TrainingConfig, check_training_inputs
 from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
-                   make_training_dataset, summarise_image_reports)
+                   make_training_dataset, pixels_to_model_input, summarise_image_reports)
 from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
@@ -101,7 +102,7 @@ def train(config: TrainingConfig) -> Path:
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
         for batch in batches:
             image_report.add_batch(batch)
-            clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
+            clean_images = pixels_to_model_input(batch["pixel_values"])  # fp32 under mixed precision too
             if config.channels_last:
                 clean_images = clean_images.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(clean_images)
@@ -184,7 +185,10 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
 
 def choose_precision(config: TrainingConfig) -> None:
     """Fill in --mixed_precision and --channels_last where the user left them unset (performance.py says how)."""
-    device = PartialState().device  # the device accelerate will train on (its state is shared with the Accelerator)
+    # The device accelerate will train on. Its state is shared with the Accelerator made next, so it must be
+    # made as AcceleratorState makes it: `accelerate launch --cpu` (ACCELERATE_USE_CPU) included, or the
+    # processes of a multi-process CPU run would not join one process group.
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     if config.mixed_precision is None:
         config.mixed_precision = default_mixed_precision(device)
     if config.channels_last is None:
