@@ -42,7 +42,7 @@ from .neighbours import DatasetPass, choose_reference_indices, featurised_batche
 
 CACHE_FORMAT = 1
 REFERENCE_SEED = 0  # which training images form the reference set: fixed, so every evaluation shares one
-PREPROCESSING = "ADM resize of the shorter side (BOX halving, then BICUBIC), centre crop, no flip"
+PREPROCESSING = "ADM resize of the shorter side: BOX halving, then BICUBIC; centre crop; no flip"
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' and torch-fidelity's defaults
 PRC_NEIGHBOURS = 3
 MIN_IMAGES = PRC_NEIGHBOURS + 1  # a k-NN radius needs k other images

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
-from .evaluation import (KID_SUBSETS, PREPROCESSING, PRC_NEIGHBOURS, ReferenceStats, compute_metrics,
+from .evaluation import (KID_SUBSETS, MIN_IMAGES, PREPROCESSING, PRC_NEIGHBOURS, ReferenceStats, compute_metrics,
                          default_cache_file, differences, reference_features, reference_identity, sample_features)
 from .inception_features import InceptionFeatures
 from .neighbours_report import _finite, data_options, write_json
@@ -36,19 +36,19 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
     accelerator = Accelerator()
     with accelerator.main_process_first():  # a download goes once into torch.hub's cache, then is reused
         extractor = load_inception(args.inception_weights).to(accelerator.device)
-    resolution = model_resolution(args.model)
+    unet = load_unet(args.model, weights, has_ema).to(accelerator.device)  # before the reference pass: fails fast
     started = time.perf_counter()
-    reference, reference_file, computed = obtain_reference(args, extractor, resolution, accelerator)
+    reference, reference_file, computed = obtain_reference(args, extractor, model_resolution(args.model), accelerator)
     reference_seconds = time.perf_counter() - started
-
-    unet = load_unet(args.model, weights, has_ema).to(accelerator.device)
     plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
     started = time.perf_counter()
     samples = sample_features(unet, load_scheduler_config(args.model), plan, args.num_samples, args.seed, extractor,
                               accelerator, args.samples_dir)
     sample_seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        metrics = compute_metrics(reference.features, samples, seed=args.seed)
+        # on the accelerator: precision/recall's n × n distances are the costly part at 50k
+        metrics = compute_metrics(reference.features.to(accelerator.device), samples.to(accelerator.device),
+                                  seed=args.seed)
         settings = {
             "model": args.model, "weights": weights, "scheduler": plan.scheduler, "num_inference_steps": plan.steps,
             "num_samples": args.num_samples, "seed": args.seed,
@@ -85,6 +85,9 @@ def obtain_reference(args, extractor: InceptionFeatures, resolution: int, accele
     data = {**data_options(args), "streaming": False}
     with accelerator.main_process_first():
         dataset = load_image_dataset(**data)
+    if len(dataset) < MIN_IMAGES:  # now, not after the samples are made
+        raise InputError(f"the training data holds {len(dataset)} images; precision/recall's k = {PRC_NEIGHBOURS} "
+                         f"nearest neighbours need at least {MIN_IMAGES}")
     identity = reference_identity(data, len(dataset), resolution, args.num_reference, extractor.info,
                                   extractor.convention)
     path = explicit or default_cache_file(identity)
@@ -144,8 +147,8 @@ def evaluation_note(metrics: dict, settings: dict, identity: dict, extractor: In
     text = (f"Measured with `lsun-ddpm evaluate`: {settings['num_samples']:,} samples from the {WEIGHT_NAMES[settings['weights']]} "
             f"weights ({settings['scheduler']}, {settings['num_inference_steps']} steps, seed {settings['seed']}, "
             f"{settings['precision_of_sampling']}) against {chosen} of the training data ({data_name(identity)}) "
-            f"at {identity['resolution']} px ({identity.get('preprocessing', PREPROCESSING)}); "
-            f"{extractor.info.description}, resized to 299 px with TensorFlow-1 bilinear interpolation. "
+            f"at {identity['resolution']} px ({identity.get('preprocessing', PREPROCESSING)}). Images resized to 299 px "
+            f"(TensorFlow-1 bilinear) for the feature network: {extractor.info.description}. "
             f"KID: mean ± standard deviation over {KID_SUBSETS} subsets of {metrics['kid_subset_size']:,}; "
             f"precision and recall: k = {PRC_NEIGHBOURS} nearest neighbours.")
     if settings["num_samples"] < CUSTOMARY_SAMPLES:
