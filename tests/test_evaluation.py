@@ -467,3 +467,22 @@ def test_reference_statistics_are_reused_and_checked(evaluated, tmp_path, capsys
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds the statistics of another set-up" in message and "num_reference: stored 24, now 20" in message
+
+
+def test_data_of_fewer_than_four_images_is_refused_before_any_sample(tiny_pipeline_folder, tiny_extractor, tmp_path,
+                                                                      capsys, monkeypatch):
+    from lsun_ddpm import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for index in range(3):
+        make_image(np.random.default_rng(index), 20, 20).save(folder / f"{index}.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", str(tiny_pipeline_folder), "--train_data_dir", str(folder), "--num_samples", "8",
+                  "--inception_weights", str(tiny_extractor), "--run_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lsun-ddpm evaluate: error: the training data holds 3 images; precision/recall's k = 3 nearest neighbours "
+        "need at least 4")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
