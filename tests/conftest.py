@@ -88,20 +88,12 @@ TINY_RUN = [
 def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
                  check: bool = True, extra_env: dict[str, str] | None = None,
                  probes: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch train_unconditional.py` on the CPU, as a user would run it.
+    """`accelerate launch train_unconditional.py` on the CPU, as a user would run it (`accelerate_launch`).
 
-    Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
-    `--cpu --num_processes 2` would silently start a single process.
     `probes` runs tests/probed_training.py with those options instead of the script.
     """
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
-    if num_processes > 1:
-        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
-    else:
-        launch += ["--cpu", "--num_processes", "1"]
     script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
-    command = launch + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
+    command = accelerate_launch(num_processes) + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
     env = offline_env(tmp_path)
     if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
         env.pop("HF_HUB_OFFLINE", None)
@@ -110,6 +102,19 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def accelerate_launch(num_processes: int = 1) -> list[str]:
+    """`accelerate launch` on the CPU with one thread per process, before the script and its arguments.
+
+    Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
+    `--cpu --num_processes 2` would silently start a single process.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
+    if num_processes > 1:
+        return launch + ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    return launch + ["--cpu", "--num_processes", "1"]
 
 
 def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:

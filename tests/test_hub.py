@@ -82,6 +82,22 @@ def test_card_has_a_model_index_when_an_evaluation_exists(run_folder, tmp_path):
     assert "| FID | 12.5 |" in card.text
 
 
+def test_model_index_holds_every_metric_evaluate_writes(run_folder, tmp_path):
+    (run_folder / "evaluation.json").write_text(json.dumps({
+        "fid": 3.25, "kid": 0.0071, "kid_std": 0.0003, "precision": 0.66, "recall": None, "note": "measured so",
+        "reference": {"data": {"dataset_name": "pcuenq/lsun-bedrooms", "train_data_dir": None}}}))
+    build_model_card(run_folder, "someone/ddpm-bedroom").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert {key: result.metric_value for key, result in results.items()} == {"fid": 3.25, "kid": 0.0071,
+                                                                            "precision": 0.66}  # null: left out
+    assert [results[key].metric_name for key in ("fid", "kid", "precision")] == ["FID", "KID", "Precision"]
+    assert {(r.dataset_type, r.dataset_split) for r in results.values()} == {("pcuenq/lsun-bedrooms", "train")}
+    for row in ("| FID | 3.25 |", "| KID | 0.0071 ± 0.0003 |", "| Precision | 0.66 |", "measured so"):
+        assert row in card.text
+    assert "| Recall |" not in card.text
+
+
 def card_of_a_run_trained_with(run_folder, **options) -> ModelCard:
     """The card of `run_folder` after its training_config.yaml is changed to `options`."""
     config = yaml.safe_load((run_folder / "training_config.yaml").read_text())

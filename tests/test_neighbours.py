@@ -22,7 +22,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import make_image, offline_env
+from conftest import accelerate_launch, make_image, offline_env
 
 RESOLUTION = 64
 BUILDERS = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16,
@@ -100,11 +100,7 @@ def pair_by_pair(model, queries: list[Path], training: list[Path]) -> np.ndarray
 
 
 def run_neighbours(tmp_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
-    launch += (["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1
-               else ["--cpu", "--num_processes", "1"])
-    result = subprocess.run([*launch, "-m", "lsun_ddpm.cli", "neighbours", *args], cwd=tmp_path,
+    result = subprocess.run([*accelerate_launch(processes), "-m", "lsun_ddpm.cli", "neighbours", *args], cwd=tmp_path,
                             env=env or offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"neighbours failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")

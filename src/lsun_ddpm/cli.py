@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": "sample an image grid from a pipeline folder or Hub repo (fast DPM-Solver++ by default)",
     "interpolate": "interpolation strips between pairs of images or seeds (the paper's Fig. 2b)",
     "neighbours": "each sample's nearest training images under LPIPS, exact over the whole dataset (Fig. 4)",
+    "evaluate": "FID, KID and precision/recall of a model's samples against its training data (evaluation.json)",
     "prepare": "decode and resize the training images once into a dataset that training reads without decoding",
     "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
     "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
@@ -209,14 +210,7 @@ def neighbours_command(argv: list[str]) -> None:
     parser.add_argument("--num_inference_steps", type=int, help="default: the scheduler's (see `sample`)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="sample in fp32")
-    data = parser.add_argument_group("training data, as training takes it (default: a run folder's own)")
-    data.add_argument("--dataset_name")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--train_data_dir")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--streaming", action="store_true")
-    data.add_argument("--cache_dir")
+    _add_data_flags(parser, streaming=True)
     parser.add_argument("--resolution", type=int, help="default: the model's, else 128")
     parser.add_argument("--k", type=int, default=5, help="neighbours per sample")
     parser.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex", help="LPIPS backbone")
@@ -245,6 +239,88 @@ def neighbours_command(argv: list[str]) -> None:
     if args.run_dir:
         check_output_folder(args.run_dir, "--run_dir")
     run_neighbours_command(args)
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, streaming: bool) -> None:
+    """The training data flags, as training takes them; none given: the run folder's `training_config.yaml`."""
+    data = parser.add_argument_group("training data, as training takes it (default: a run folder's own)")
+    data.add_argument("--dataset_name")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--train_data_dir")
+    data.add_argument("--max_train_samples", type=int)
+    if streaming:
+        data.add_argument("--streaming", action="store_true")
+    else:
+        parser.set_defaults(streaming=False)
+    data.add_argument("--cache_dir")
+
+
+def evaluate_command(argv: list[str]) -> None:
+    from .errors import InputError
+    from .evaluation import MIN_IMAGES, check_libraries
+    from .evaluation_report import run_evaluate_command
+    from .export import check_output_folder
+    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, load_scheduler_config
+
+    parser = argparse.ArgumentParser(prog="lsun-ddpm evaluate", description=COMMANDS["evaluate"])
+    _add_inference_flags(parser)
+    parser.add_argument("--num_samples", type=int, default=50_000, help="generated images (image i from (seed, i))")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER)
+    parser.add_argument("--num_inference_steps", type=int, help="default: the scheduler's (see `sample`)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per sampling and feature batch")
+    _add_data_flags(parser, streaming=False)
+    parser.add_argument("--num_reference", type=int, default=50_000,
+                        help="training images in the reference set (a fixed random subset; all when fewer)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding training images")
+    parser.add_argument("--reference_stats", metavar="FILE.npz",
+                        help="reference statistics to reuse, or to write (default: a cache file per set-up)")
+    parser.add_argument("--inception_weights", metavar="PATH",
+                        help="the FID Inception's weights offline: torch-fidelity's state dict or a TorchScript")
+    parser.add_argument("--samples_dir", metavar="DIR", help="also write every sample here as a PNG")
+    parser.add_argument("--run_dir", metavar="DIR", help="where evaluation.json goes (default: MODEL's folder)")
+    args = parser.parse_args(argv)
+    _check_minimums(args, {"num_samples": MIN_IMAGES, "num_reference": MIN_IMAGES, "batch_size": 1,
+                           "num_inference_steps": 1, "max_train_samples": 1, "dataloader_num_workers": 0, "seed": 0},
+                    why={"num_samples": "precision/recall's 3 nearest neighbours need 4 images",
+                         "num_reference": "precision/recall's 3 nearest neighbours need 4 images"})
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise InputError(f"--inception_weights {args.inception_weights!r} is not a file")
+    if args.reference_stats:
+        _check_reference_stats_path(args.reference_stats)
+    if args.run_dir is None:
+        args.run_dir = args.model if Path(args.model).is_dir() else "."
+    check_output_folder(args.run_dir, "--run_dir")
+    if args.samples_dir:
+        check_output_folder(args.samples_dir, "--samples_dir")
+    check_libraries()
+    load_scheduler_config(args.model)  # fails fast on a model that is not there
+    has_ema, weights = _weights_to_use(args.model, args.weights)
+    run_evaluate_command(args, has_ema, weights)
+
+
+def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dict[str, str]) -> None:
+    """An InputError (one line) for the first of these whole numbers that was given and is below its minimum."""
+    from .errors import InputError
+
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            reason = f" ({why[name]})" if name in why else ""
+            raise InputError(f"--{name} must be at least {minimum}{reason}, got {value}")
+
+
+def _check_reference_stats_path(path: str) -> None:
+    from .errors import InputError
+    from .export import check_output_folder
+
+    if Path(path).is_dir():
+        raise InputError(f"--reference_stats {path!r} is a folder: give a file name such as reference.npz")
+    if not Path(path).exists():
+        if Path(path).suffix != ".npz":
+            raise InputError(f"--reference_stats {path!r} must end in .npz (numpy's format; it is written there)")
+        check_output_folder(Path(path).parent, "--reference_stats")
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -336,7 +412,8 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 
 
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
-            "interpolate": interpolate_command, "neighbours": neighbours_command, "prepare": prepare_command,
+            "interpolate": interpolate_command, "neighbours": neighbours_command, "evaluate": evaluate_command,
+            "prepare": prepare_command,
             "push": push_command, "push-space": push_space_command}
 
 

@@ -7,11 +7,13 @@ a complete one stood.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
@@ -105,19 +107,30 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> None:
     image_type = image_format(path)
     if image_type is None:
         raise InputError(f"{str(path)!r} does not end in an image format PIL can write (e.g. .png)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    image.save(staging, format=image_type)
-    os.replace(staging, path)
+    with staged(path) as staging:
+        image.save(staging, format=image_type)
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file under a temporary name and move it into place."""
+    with staged(path) as staging:
+        staging.write_text(text)
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write into; moved onto `path` when the block ends without an error.
+
+    The name carries the process id: processes writing the same file never share a temporary one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -77,17 +77,32 @@ def count_parameters_on_disk(unet_folder: Path) -> int:
     return total
 
 
+# evaluation.json key → the metric's name on the card (`lsun-ddpm evaluate` writes them all).
+EVALUATION_METRICS = {"fid": "FID", "kid": "KID", "precision": "Precision", "recall": "Recall"}
+
+
 def _evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, str]]:
-    labels = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall"}
-    return [{"name": labels[key], "value": f"{evaluation[key]:.4g}"} for key in labels if key in evaluation]
+    rows = []
+    for key, label in EVALUATION_METRICS.items():
+        if evaluation.get(key) is None:
+            continue
+        spread = evaluation.get(f"{key}_std")
+        rows.append({"name": label, "value": f"{evaluation[key]:.4g}" + (f" ± {spread:.2g}" if spread is not None else "")})
+    return rows
 
 
 def _eval_results(evaluation: dict[str, Any], data: TrainingData) -> list[EvalResult] | None:
+    """The card's `model-index`: one result per metric evaluation.json holds (a null one is left out).
+
+    The data set is the one the evaluation compared with (its `reference`), else the training data.
+    """
+    reference = (evaluation.get("reference") or {}).get("data")
+    data = training_data(reference) if reference else data
     results = [
         EvalResult(task_type="unconditional-image-generation", dataset_type=data.dataset or "local-image-folder",
-                   dataset_name=data.name, metric_type=key, metric_name=key.upper(),
+                   dataset_name=data.name, dataset_split="train", metric_type=key, metric_name=label,
                    metric_value=float(evaluation[key]))
-        for key in ("fid", "kid") if key in evaluation
+        for key, label in EVALUATION_METRICS.items() if evaluation.get(key) is not None
     ]
     return results or None
 
