@@ -154,6 +154,18 @@ def test_sample_cli_writes_a_grid_and_one_png_per_image(tmp_path, tiny_pipeline_
     assert np.array_equal(tile, np.asarray(Image.open(tmp_path / "images" / "00001.png")))
 
 
+def test_sample_cli_compiled_gives_the_uncompiled_grid_up_to_rounding(tmp_path, tiny_pipeline_folder):
+    grids = []
+    for compile_flags in ([], ["--torch_compile"]):
+        result = run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--num_inference_steps",
+                         "3", "--no_bf16", "--out", "grid.png", *compile_flags)
+        assert ("compiled U-Net" in result.stdout) == bool(compile_flags)
+        grids.append(np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16))
+    eager, compiled = grids
+    assert np.abs(compiled - eager).max() <= 2  # fp32 kernels that round differently, not other images
+    assert eager.std() > 10  # images, not a flat field that any model would give
+
+
 def test_sample_cli_both_weights_puts_raw_beside_ema(tmp_path, tiny_pipeline_folder):
     run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--scheduler", "ddpm",
             "--num_inference_steps", "3", "--weights", "both", "--out", "fig1.png", "--out_dir", "images")

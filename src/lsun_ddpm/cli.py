@@ -56,6 +56,15 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
                         help="run in fp32 (default: bf16 autocast + channels_last where the hardware is fast at it)")
 
 
+def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
+    from .performance import COMPILE_MODES
+
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="torch.compile the U-Net first: minutes of compiling, repaid over many batches "
+                             "(docs/performance.md)")
+    parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
+
+
 def _progress_bar(description: str):
     from tqdm.auto import tqdm
 
@@ -95,7 +104,7 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
 
 def sample_command(argv: list[str]) -> None:
     from .export import check_image_output, check_output_folder, save_image
-    from .performance import COMPILE_MODES
+    from .performance import is_compiled
     from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, generate, image_grid, labelled_side_by_side,
                            load_scheduler_config, load_unet, pick_device)
 
@@ -111,10 +120,7 @@ def sample_command(argv: list[str]) -> None:
                              "a run trained without EMA has only raw weights")
     parser.add_argument("--out", default="samples.png", help="the grid (8x8 for 64 images)")
     parser.add_argument("--out_dir", help="also write one PNG per image here")
-    parser.add_argument("--torch_compile", action="store_true",
-                        help="torch.compile the U-Net first: minutes of compiling, repaid over many batches "
-                             "(docs/performance.md)")
-    parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
+    _add_compile_flags(parser)
     args = parser.parse_args(argv)
     _require_positive(parser, args, ("num_images", "batch_size", "num_inference_steps"))
     check_image_output(args.out, "--out")
@@ -138,7 +144,7 @@ def sample_command(argv: list[str]) -> None:
     grid = panels[0][1] if len(panels) == 1 else labelled_side_by_side([("raw", panels[0][1]), ("EMA", panels[1][1])])
     save_image(grid, args.out)
     print(f"wrote {args.out} ({args.num_images} images, {chosen} weights, {plan.scheduler}, {plan.steps} steps, "
-          f"seed {args.seed})")
+          f"seed {args.seed}{', compiled U-Net' if is_compiled(unet) else ''})")
 
 
 def interpolate_command(argv: list[str]) -> None:
@@ -280,6 +286,7 @@ def evaluate_command(argv: list[str]) -> None:
                         help="the FID Inception's weights offline: torch-fidelity's state dict or a TorchScript")
     parser.add_argument("--samples_dir", metavar="DIR", help="also write every sample here as a PNG")
     parser.add_argument("--run_dir", metavar="DIR", help="where evaluation.json goes (default: MODEL's folder)")
+    _add_compile_flags(parser)
     args = parser.parse_args(argv)
     _check_minimums(args, {"num_samples": MIN_IMAGES, "num_reference": MIN_IMAGES, "batch_size": 1,
                            "num_inference_steps": 1, "max_train_samples": 1, "dataloader_num_workers": 0, "seed": 0},

@@ -40,7 +40,8 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
     started = time.perf_counter()
     reference, reference_file, computed = obtain_reference(args, extractor, model_resolution(args.model), accelerator)
     reference_seconds = time.perf_counter() - started
-    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16, args.torch_compile,
+                        args.torch_compile_mode)
     started = time.perf_counter()
     samples = sample_features(unet, load_scheduler_config(args.model), plan, args.num_samples, args.seed, extractor,
                               accelerator, args.samples_dir)
