@@ -7,12 +7,10 @@ photos scikit-image ships, so no download; 256 × 256–341 like LSUN's shorter
 side of 256) as JPEG and as WebP, prepares the JPEGs with `lsun-ddpm prepare`'s
 function, then reads each through training's own dataset and DataLoader
 (`make_training_dataset`/`load_prepared_images`, `make_dataloader`, centre
-crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers, and
-turns each batch into the model's float32 input as training does
-(`pixels_to_model_input`: the prepared dataset hands over uint8). The last rows
-read datasets of ready-made zero tensors, float32 and uint8: what the
-DataLoader itself costs to hand over batches from its workers, the ceiling of
-any dataset read through workers. A configuration is read for
+crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers. A
+last row reads a dataset of ready-made zero tensors: what the DataLoader itself
+costs to hand over float32 batches from its workers, the ceiling of any dataset
+read through workers. A configuration is read for
 whole epochs until `--seconds` have passed; each epoch's first batch is left
 out of the rate (worker start-up, which a 3M-image LSUN epoch amortises).
 """
@@ -30,8 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lsun_ddpm.data import (ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset,
-                            pixels_to_model_input)
+from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
 from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
@@ -65,8 +62,8 @@ def write_test_images(folder: Path, count: int, seed: int = 0) -> dict[str, Path
 class ZeroImages(torch.utils.data.Dataset):
     """Items that cost nothing to make: what is left is the DataLoader's own cost."""
 
-    def __init__(self, count: int, resolution: int, dtype: torch.dtype = torch.float32):
-        self.count, self.resolution, self.dtype = count, resolution, dtype
+    def __init__(self, count: int, resolution: int):
+        self.count, self.resolution = count, resolution
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -75,7 +72,7 @@ class ZeroImages(torch.utils.data.Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.zeros(3, self.resolution, self.resolution, dtype=self.dtype)}
+        return {"pixel_values": torch.zeros(3, self.resolution, self.resolution)}
 
 
 def images_per_second(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, seconds: float) -> float:
@@ -87,7 +84,7 @@ def images_per_second(dataset: torch.utils.data.Dataset, batch_size: int, worker
         next(batches)
         started = time.perf_counter()
         for batch in batches:
-            images += pixels_to_model_input(batch["pixel_values"]).shape[0]  # as the model gets them
+            images += batch["pixel_values"].shape[0]
         elapsed += time.perf_counter() - started
         epoch += 1
     return images / elapsed
@@ -118,7 +115,6 @@ def main() -> None:
         sources["prepared dataset (memory-mapped uint8)"] = load_prepared_images(
             str(Path(scratch) / "prepared"), preprocess, seed=0)
         sources["ready-made float32 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution)
-        sources["ready-made uint8 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution, torch.uint8)
 
         print(f"{args.num_images} images, {args.resolution} px, batch {args.batch_size}, torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs; prepare (1 process, including loading the folder): {prepare_rate:.0f} images/s")

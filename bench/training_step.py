@@ -76,7 +76,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     from accelerate import Accelerator
 
     from lsun_ddpm import diffusion
-    from lsun_ddpm.data import ImagePreprocessor, make_dataloader, pixels_to_model_input
+    from lsun_ddpm.data import ImagePreprocessor, make_dataloader
     from lsun_ddpm.ema import make_ema
     from lsun_ddpm.performance import compile_in_place
     from lsun_ddpm.prepare import load_prepared_images
@@ -102,7 +102,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     batches = _forever(dataloader)
 
     def step():
-        clean_images = pixels_to_model_input(next(batches)["pixel_values"])
+        clean_images = next(batches)["pixel_values"].float()
         if channels_last:
             clean_images = clean_images.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(clean_images)

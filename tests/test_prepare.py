@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lsun_ddpm import prepare
-from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset, pixels_to_model_input
+from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
 
@@ -25,12 +25,9 @@ def decoded_tensors(folder, preprocess, epoch):
 
 
 def prepared_tensors(folder, preprocess, epoch):
-    """Every item of the prepared dataset of `folder`, as training hands it to the model."""
     prepared = load_prepared_images(str(folder), preprocess, seed=3)
     prepared.set_epoch(epoch)
-    items = [prepared[index]["pixel_values"] for index in range(len(prepared))]
-    assert all(item.dtype == torch.uint8 for item in items)  # a quarter of float32's bytes through workers
-    return [pixels_to_model_input(item) for item in items]
+    return [prepared[index]["pixel_values"] for index in range(len(prepared))]
 
 
 def prepare_folder(source, output, center_crop=True, **options):

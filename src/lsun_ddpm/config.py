@@ -151,7 +151,7 @@ class TrainingConfig:
         default=None,
         metadata=_help("torch.compile the U-Net. Unset: on for CUDA runs of at least "
                        f"{COMPILE_BREAK_EVEN_MICRO_BATCHES} micro-batches, which repay the minutes of compiling; "
-                       "off on a CPU, where it was measured slower (docs/performance.md). Checkpoints and "
+                       "off on a CPU, where it was measured no faster (docs/performance.md). Checkpoints and "
                        "exports are the same either way.", **_BARE_FLAG),
     )
     torch_compile_mode: str = field(

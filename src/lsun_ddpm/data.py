@@ -417,20 +417,6 @@ def too_many_unreadable(where: str, notes: list[Note]) -> DatasetUnavailableErro
     )
 
 
-def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
-    """A training batch as the model takes it: float32 (N, 3, H, W) in [-1, 1].
-
-    A prepared dataset hands over uint8 pixels: a quarter of the bytes through
-    DataLoader workers' shared memory (the limit of a worker's rate here,
-    docs/performance.md) and to the GPU, converted there with `to_tensor`'s
-    very arithmetic (x / 127.5 - 1 in float32), so the model sees bit for bit
-    the tensors of decoding the originals. Decoded batches are float already.
-    """
-    if pixels.dtype == torch.uint8:
-        return pixels.float() / 127.5 - 1.0
-    return pixels.float()
-
-
 def augmentation_generator(seed: int, epoch: int, *position: int) -> torch.Generator:
     """The generator of the random crop and flip of the item at `position` in `epoch`.
 

@@ -61,6 +61,7 @@ from .data import (REPORTED_EXAMPLES, SKIPPED, UPSCALED, AugmentedImages, ImageP
 from .errors import InputError
 from .export import write_text
 from .preemption import signal_exit_status
+from .pipelines.ddpm_interpolation import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +291,7 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int =
 
 
 class PreparedImages(AugmentedImages):
-    """A prepared dataset as training items: `{"pixel_values": uint8 (3, H, W)}`, which training turns
-    into [-1, 1] on its device (`data.pixels_to_model_input`).
+    """A prepared dataset as training items: `{"pixel_values": float (3, H, W) in [-1, 1]}`.
 
     The Arrow files are memory-mapped, so DataLoader workers share the page
     cache instead of each holding a copy. Per item only the random crop (with
@@ -304,13 +304,8 @@ class PreparedImages(AugmentedImages):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
         records = self.dataset[indices]
-        return [{"pixel_values": channels_first(self.preprocess.augment(
+        return [{"pixel_values": to_tensor(self.preprocess.augment(
                     np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
                     augmentation_generator(self.seed, self.epoch, index)))}
                 for index, pixels, height, width in zip(indices, records["pixels"], records["height"],
                                                         records["width"])]
-
-
-def channels_first(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3), possibly a flipped view, → a contiguous uint8 tensor (3, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import diffusion, run_folder
 from .config import TrainingConfig, check_training_inputs
 from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
-                   make_training_dataset, pixels_to_model_input, summarise_image_reports)
+                   make_training_dataset, summarise_image_reports)
 from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
@@ -102,7 +102,7 @@ def train(config: TrainingConfig) -> Path:
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
         for batch in batches:
             image_report.add_batch(batch)
-            clean_images = pixels_to_model_input(batch["pixel_values"])  # fp32 under mixed precision too
+            clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
             if config.channels_last:
                 clean_images = clean_images.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(clean_images)
