@@ -27,7 +27,8 @@ from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.evaluation import compute_metrics, reference_features, reference_identity, sample_features
 from lsun_ddpm.inception_features import installed_torchscript, load_inception
 from lsun_ddpm.models import ADMUNet2DModel
-from lsun_ddpm.sampling import SamplingPlan, fast_precision_available, generate
+from lsun_ddpm.performance import fast_precision_available
+from lsun_ddpm.sampling import SamplingPlan, generate
 
 RESOLUTION = 128
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from lsun_ddpm.models import PRESETS, build_model
-from lsun_ddpm.sampling import fast_precision_available
+from lsun_ddpm.performance import fast_precision_available
 
 MIB = 2**20
 

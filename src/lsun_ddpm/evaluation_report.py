@@ -31,7 +31,8 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
 
     from .inception_features import load_inception
     from .neighbours_report import model_resolution
-    from .sampling import SamplingPlan, fast_precision_available, load_scheduler_config, load_unet
+    from .performance import fast_precision_available
+    from .sampling import SamplingPlan, load_scheduler_config, load_unet
 
     accelerator = Accelerator()
     with accelerator.main_process_first():  # a download goes once into torch.hub's cache, then is reused
