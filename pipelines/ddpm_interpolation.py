@@ -1,7 +1,8 @@
 """Interpolation between two images with a DDPM: noise both part way, interpolate, denoise.
 
 A diffusers community-style pipeline. It works with any `DDPMPipeline` folder
-(a `UNet2DModel` that predicts ε, and a `DDPMScheduler`):
+(a `UNet2DModel` that predicts ε, or [ε, v] with a learned variance, and a
+`DDPMScheduler`):
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(
@@ -180,6 +181,22 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar_from: float, alpha_b
     return math.sqrt(alpha_bar_to) * x0 + math.sqrt(1.0 - alpha_bar_to) * eps
 
 
+def scheduler_model_output(scheduler, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The part of a U-Net's output that `scheduler.step` takes.
+
+    A learned-variance U-Net outputs [ε, v] (twice the image's channels).
+    `DDPMScheduler` with variance_type "learned"/"learned_range" splits that
+    itself and uses v for its noise; every other scheduler (DDIM, the multistep
+    solvers) and every deterministic step here takes ε, the first channels.
+    """
+    channels = sample.shape[1]
+    if model_output.shape[1] == channels:
+        return model_output
+    if isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range"):
+        return model_output
+    return model_output[:, :channels]
+
+
 def auto_noise_level(
     x_a: torch.Tensor, x_b: torch.Tensor, alphas_cumprod: torch.Tensor, ratio: float = 0.2,
     t_min: int = 100, t_max: int = 900,
@@ -237,9 +254,13 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
     def _alpha_bar(self, t: int) -> float:
         return float(self.scheduler.alphas_cumprod[t]) if t >= 0 else 1.0
 
-    def _eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _model_output(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The U-Net's output at t: ε, or [ε, v] for a learned variance."""
         timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         return self.unet(x.to(self.unet.dtype), timestep).sample.float()
+
+    def _eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self._model_output(x, t)[:, : x.shape[1]]
 
     def ddim_invert(self, x0: torch.Tensor, t: int, num_inference_steps: int = 50) -> torch.Tensor:
         """x₀ → x_t along the deterministic DDIM path (ε evaluated at the level it leaves)."""
@@ -263,7 +284,8 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
         scheduler.set_timesteps(timesteps=list(reversed(respaced_timesteps(t, num_inference_steps))))
         x = x_t.float()
         for step in self.progress_bar(scheduler.timesteps):
-            x = scheduler.step(self._eps(x, int(step)), step, x, generator=generator).prev_sample
+            model_output = scheduler_model_output(scheduler, self._model_output(x, int(step)), x)
+            x = scheduler.step(model_output, step, x, generator=generator).prev_sample
         return x
 
     def noised_frames(self, x_a, x_b, t: int, num_frames: int, method: str, generator=None) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The schedule, forward process and reverse step against the paper's formulas (float64)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,150 @@ def test_training_timesteps_are_uniform_over_0_to_T_minus_1():
     # 1300 (6.7 s.d.) for practically every seed; leaving out one value of t alone adds ~1000.
     chi_square = float(((counts - 1000) ** 2 / 1000).sum())
     assert chi_square < 1300
+
+
+# ---------------------------------------------------------------- Improved DDPM: learned Σ and L_vlb
+
+LN2 = math.log(2.0)
+
+
+def normal_cdf(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def paper_posterior_variance() -> np.ndarray:
+    """β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), with ᾱ_{−1} = 1."""
+    betas = paper_betas()
+    alpha_bar = np.cumprod(1.0 - betas)
+    alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
+    return betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+
+
+@pytest.mark.parametrize("mean1, var1, mean2, var2, expected_nats", [
+    (0.0, 1.0, 1.0, 4.0, math.log(2.0) + (1.0 + 1.0) / 8.0 - 0.5),  # log(σ₂/σ₁) + (σ₁² + Δμ²)/(2σ₂²) − ½
+    (1.0, 0.25, 0.0, 1.0, math.log(2.0) + (0.25 + 1.0) / 2.0 - 0.5),
+    (0.3, 2.0, 0.3, 2.0, 0.0),
+])
+def test_gaussian_kl_is_the_closed_form(mean1, var1, mean2, var2, expected_nats):
+    kl = diffusion.normal_kl(*(torch.tensor([value], dtype=torch.float64)
+                               for value in (mean1, math.log(var1), mean2, math.log(var2))))
+    assert float(kl) == pytest.approx(expected_nats, abs=1e-12)
+    assert float(kl) / LN2 == pytest.approx(expected_nats / LN2)  # bits, as vlb_terms reports
+
+
+@pytest.mark.parametrize("x, mean, scale, expected_probability", [
+    (0.0, 0.0, 1 / 255, normal_cdf(1.0) - normal_cdf(-1.0)),  # an inner level: its bin of ±1/255
+    (-1.0, -0.9, 0.1, normal_cdf((-0.1 + 1 / 255) / 0.1)),  # the first level's bin extends to −∞
+    (1.0, 0.5, 0.5, 1.0 - normal_cdf((1.0 - 1 / 255 - 0.5) / 0.5)),  # the last level's to +∞
+    (2 / 255 - 1.0, 0.2, 0.3, normal_cdf((3 / 255 - 1.2) / 0.3) - normal_cdf((1 / 255 - 1.2) / 0.3)),
+])
+def test_discretised_decoder_likelihood_is_the_bin_mass(x, mean, scale, expected_probability):
+    x, mean = torch.tensor([x], dtype=torch.float64), torch.tensor([mean], dtype=torch.float64)
+    log_p = diffusion.discretized_gaussian_log_likelihood(x, mean, torch.tensor([math.log(scale)], dtype=torch.float64))
+    assert float(log_p) == pytest.approx(math.log(expected_probability), rel=1e-9)
+
+
+@pytest.mark.parametrize("t", [1, 2, 250, 999])
+def test_learned_variance_is_beta_tilde_at_minus_one_beta_at_one_and_log_linear_between(t):
+    posterior = diffusion.Posterior.from_scheduler(diffusion.make_noise_scheduler())
+    v = torch.tensor([-1.0, 1.0, 0.0, 0.5], dtype=torch.float64).view(4, 1, 1, 1)
+    variance = posterior.learned_log_variance(v, torch.full((4,), t)).exp().flatten().tolist()
+    beta, beta_tilde = paper_betas()[t], paper_posterior_variance()[t]
+    assert variance[0] == pytest.approx(beta_tilde, rel=1e-6)
+    assert variance[1] == pytest.approx(beta, rel=1e-6)
+    assert variance[2] == pytest.approx(math.sqrt(beta * beta_tilde), rel=1e-6)  # f = ½: the geometric mean
+    assert variance[3] == pytest.approx(beta ** 0.75 * beta_tilde ** 0.25, rel=1e-6)  # f = ¾
+
+
+@pytest.mark.parametrize("t", [1, 10, 999])
+def test_q_posterior_is_the_papers_mu_tilde_and_beta_tilde(t):
+    """μ̃_t = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x₀ + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t (Ho et al., eq. 7)."""
+    posterior = diffusion.Posterior.from_scheduler(diffusion.make_noise_scheduler())
+    x0, xt = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    mean, log_variance = posterior.q_posterior_mean_variance(x0, xt, torch.full((2,), t))
+    betas = paper_betas()
+    alpha_bar = np.cumprod(1.0 - betas)
+    expected = (np.sqrt(alpha_bar[t - 1]) * betas[t] / (1 - alpha_bar[t]) * x0
+                + np.sqrt(1 - betas[t]) * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * xt)
+    torch.testing.assert_close(mean, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(log_variance.exp(), torch.full_like(x0, paper_posterior_variance()[t]), rtol=1e-6, atol=0)
+
+
+def _noised(t_values, seed=0):
+    scheduler = diffusion.make_noise_scheduler(variance_type="learned_range")
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 256, (len(t_values), 3, 8, 8), generator=generator) / 127.5 - 1.0  # pixel levels
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor(t_values)
+    return scheduler, x0, noise, t, scheduler.add_noise(x0, noise, t)
+
+
+def test_a_model_that_outputs_the_true_posterior_has_zero_vlb_terms_for_t_above_0():
+    """ε = the true noise gives the true x₀, hence the true posterior mean μ̃_t; v = −1 gives Σ = β̃_t."""
+    scheduler, x0, noise, t, xt = _noised([1, 10, 500, 999])
+    posterior = diffusion.Posterior.from_scheduler(scheduler)
+    true_posterior = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    assert posterior.vlb_terms(true_posterior, x0, xt, t).abs().max() < 1e-6
+    wrong_variance = torch.cat([noise, torch.ones_like(noise)], dim=1)  # Σ = β_t ≠ β̃_t: KL > 0
+    assert (posterior.vlb_terms(wrong_variance, x0, xt, t)[:2] > 1e-3).all()
+    wrong_mean = torch.cat([noise + 0.1, -torch.ones_like(noise)], dim=1)
+    assert (posterior.vlb_terms(wrong_mean, x0, xt, t) > 1e-5).all()
+
+
+def test_the_vlb_term_at_t_0_is_the_decoder_nll_in_bits():
+    """At t = 0 the mean is x̂₀ itself; with v = 1, σ² = β₀ = 1e-4 (σ = 0.01) for every pixel."""
+    scheduler, x0, noise, t, xt = _noised([0, 0])
+    posterior = diffusion.Posterior.from_scheduler(scheduler)
+    output = torch.cat([noise, torch.ones_like(noise)], dim=1)
+    half_bin = (1 / 255) / 0.01
+    inner, edge = normal_cdf(half_bin) - normal_cdf(-half_bin), normal_cdf(half_bin)
+    at_edge = (x0.abs() > 0.999).double()
+    expected = -(at_edge * math.log(edge) + (1 - at_edge) * math.log(inner)).mean(dim=(1, 2, 3)) / LN2
+    torch.testing.assert_close(posterior.vlb_terms(output, x0, xt, t).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fixed_variance_objective_is_the_simple_loss():
+    scheduler = diffusion.make_noise_scheduler()
+    _, x0, noise, t, xt = _noised([5, 600])
+    output = noise + 0.5
+    losses = diffusion.Objective(scheduler).losses(output, x0, xt, noise, t)
+    assert set(losses) == {"loss"}
+    torch.testing.assert_close(losses["loss"], torch.full((2,), 0.25))
+
+
+def test_the_hybrid_loss_is_simple_plus_lambda_T_vlb_and_vlb_trains_only_the_variance():
+    scheduler, x0, noise, t, xt = _noised([0, 3, 400, 999])
+    output = torch.cat([noise + 0.3, torch.rand_like(noise) * 2 - 1], dim=1).requires_grad_()
+    losses = diffusion.Objective(scheduler, vlb_weight=0.002).losses(output, x0, xt, noise, t)
+    torch.testing.assert_close(losses["loss_simple"], torch.full((4,), 0.09))  # 0.3² per pixel, ε channels only
+    torch.testing.assert_close(losses["loss"], losses["loss_simple"] + 0.002 * 1000 * losses["loss_vlb"])
+    expected_vlb = diffusion.Posterior.from_scheduler(scheduler).vlb_terms(output.detach(), x0, xt, t)
+    torch.testing.assert_close(losses["loss_vlb"], expected_vlb)
+
+    (gradient,) = torch.autograd.grad(losses["loss_vlb"].sum(), output, retain_graph=True)
+    assert torch.all(gradient[:, :3] == 0)  # the stop-gradient on the mean
+    assert gradient[:, 3:].abs().sum() > 0
+    (gradient,) = torch.autograd.grad(losses["loss_simple"].sum(), output)
+    assert torch.all(gradient[:, 3:] == 0) and gradient[:, :3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("t", [1, 500, 999])
+def test_ddpm_scheduler_samples_a_learned_variance_model_with_its_predicted_variance(t):
+    """What stock DDPMPipeline does with a learned_range scheduler: prev = μ̃_t(x̂₀) + σ z with
+    σ² = exp(f log β_t + (1 − f) log β̃_t), f = (v + 1)/2, from the [ε, v] output."""
+    scheduler = diffusion.make_noise_scheduler(variance_type="learned_range")
+    scheduler.config.clip_sample = False
+    scheduler.set_timesteps(T)
+    generator = torch.Generator().manual_seed(t)
+    x_t = torch.randn(2, 3, 8, 8, generator=generator)
+    eps_theta = torch.randn(2, 3, 8, 8, generator=generator)
+    v = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+    prev = scheduler.step(torch.cat([eps_theta, v], 1), t, x_t, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+
+    betas = paper_betas()
+    alpha_bar = np.cumprod(1.0 - betas)
+    mu = (x_t.double() - betas[t] / np.sqrt(1 - alpha_bar[t]) * eps_theta.double()) / np.sqrt(1.0 - betas[t])
+    fraction = (v.double() + 1) / 2
+    sigma = torch.exp(0.5 * (fraction * np.log(betas[t]) + (1 - fraction) * np.log(paper_posterior_variance()[t])))
+    torch.testing.assert_close(prev.prev_sample.double(), mu + sigma * z, rtol=1e-4, atol=1e-4)

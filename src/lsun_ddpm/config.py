@@ -38,7 +38,8 @@ VALUE_RANGES = (
       "max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit",
       "max_nonfinite_steps"),  # --resolution: see check_resolution
      lambda value: value >= 1, "must be at least 1"),
-    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "min_image_size"),
+    (("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "min_image_size",
+      "vlb_weight"),
      lambda value: value >= 0, "must be 0 or more"),
     (("learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"),
      lambda value: value > 0 and math.isfinite(value), "must be a positive number"),
@@ -71,6 +72,22 @@ class TrainingConfig:
     model_config_name_or_path: Optional[str] = field(
         default=None,
         metadata=_help("A UNet2DModel config (file, model or pipeline folder, Hub id) to use instead of the preset."),
+    )
+    pretrained_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata=_help("Fine-tune these weights instead of training from scratch: a pipeline folder (its unet/), a "
+                       "UNet2DModel folder or a Hub repo id, e.g. the output of `lsun-ddpm convert-adm`. "
+                       "--resolution may differ from its sample_size."),
+    )
+    learn_sigma: Optional[bool] = field(
+        default=None,
+        metadata=_help("Learn the variance Σ_θ as Improved DDPM does: the U-Net outputs [ε, v] (6 channels), the "
+                       "loss is the hybrid L_simple + λ·L_vlb and the scheduler is saved with "
+                       "variance_type=learned_range. Unset: as the model's output channels say (off for presets).",
+                       **_BARE_FLAG),
+    )
+    vlb_weight: float = field(
+        default=0.001, metadata=_help("λ of the hybrid loss (Improved DDPM: 0.001); with --learn_sigma only.")
     )
     # ---------------------------------------------------------------- data
     dataset_name: Optional[str] = field(
@@ -219,6 +236,9 @@ class TrainingConfig:
             raise InputError("a streamed dataset has no length: give --max_train_steps")
         if self.train_data_dir is None and self.dataset_name is None:
             raise InputError("give --dataset_name or --train_data_dir")
+        if self.pretrained_model_name_or_path and self.model_config_name_or_path:
+            raise InputError("give --pretrained_model_name_or_path (its weights and config) or "
+                             "--model_config_name_or_path (a config to train from scratch), not both")
         self._check_hub_model_id()
 
     def _check_ranges(self) -> None:
@@ -399,21 +419,55 @@ def _check_choice(label: str, value: Any, choices) -> None:
 
 def check_training_inputs(config: TrainingConfig) -> None:
     """What `TrainingConfig` cannot check from its values alone: the output paths can be
-    written and the model can take the resolution. Nothing is created or written."""
+    written, and the model can take the resolution and has the outputs --learn_sigma needs;
+    an unset --learn_sigma is resolved from the model. Nothing is created or written."""
     check_output_folder(config.output_dir, "--output_dir")
     check_output_folder(os.path.join(config.output_dir, config.logging_dir), "--logging_dir")
-    check_resolution(config)
+    unet = read_model_config(config)
+    check_resolution(config, unet)
+    resolve_learn_sigma(config, unet)
 
 
-def check_resolution(config: TrainingConfig) -> None:
+def model_source_flag(config: TrainingConfig) -> tuple[str, str | None]:
+    """The flag naming where the model's config comes from, and its value (None: the preset)."""
+    if config.pretrained_model_name_or_path:
+        return "--pretrained_model_name_or_path", config.pretrained_model_name_or_path
+    return "--model_config_name_or_path", config.model_config_name_or_path
+
+
+def read_model_config(config: TrainingConfig) -> dict[str, Any]:
+    """The UNet2DModel config training starts from (preset, config, or pretrained model), as an InputError if unreadable."""
+    flag, source = model_source_flag(config)
+    try:
+        return model_config(config.model_preset, source)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag} {source}: no UNet2DModel config could be read "
+                         f"({' '.join(str(error).split())})") from None
+
+
+def resolve_learn_sigma(config: TrainingConfig, unet: dict[str, Any]) -> None:
+    """Set an unset --learn_sigma from the model's outputs ([ε, v] is twice its inputs); refuse a mismatch
+    that a fresh model cannot absorb (a fresh model with --learn_sigma gets the extra outputs)."""
+    flag, source = model_source_flag(config)
+    inputs, outputs = unet["in_channels"], unet["out_channels"]
+    if outputs not in (inputs, 2 * inputs):
+        raise InputError(f"{flag} {source}: the U-Net has {outputs} output channels for {inputs} inputs; a DDPM "
+                         f"predicts {inputs} (ε) or, with a learned variance, {2 * inputs} ([ε, v])")
+    model_learns_sigma = outputs == 2 * inputs
+    if config.learn_sigma is None:
+        config.learn_sigma = model_learns_sigma
+    elif model_learns_sigma and not config.learn_sigma:
+        raise InputError(f"{flag} {source}: the U-Net outputs {outputs} channels, a learned variance ([ε, v]); "
+                         "train it with --learn_sigma (or leave the flag unset)")
+    elif config.learn_sigma and not model_learns_sigma and config.pretrained_model_name_or_path:
+        raise InputError(f"--learn_sigma: the pretrained U-Net of {source} outputs only ε ({outputs} channels) "
+                         "and has no weights for v; fine-tune it without --learn_sigma")
+
+
+def check_resolution(config: TrainingConfig, unet: dict[str, Any]) -> None:
     """The U-Net halves the image at every level but the last, and its up path must meet the
     down path: a model with L levels takes a resolution that is a multiple of 2^(L-1)."""
-    source = config.model_config_name_or_path
-    try:
-        unet = model_config(config.model_preset, source)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--model_config_name_or_path {source}: no UNet2DModel config could be read "
-                         f"({' '.join(str(error).split())})") from None
+    source = model_source_flag(config)[1]
     factor = downsampling_factor(unet)
     sizes = config.resolution if config.resolution is not None else unet["sample_size"]
     for size in sizes if isinstance(sizes, (list, tuple)) else [sizes]:

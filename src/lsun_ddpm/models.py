@@ -136,13 +136,24 @@ class ADMUNet2DModel(UNet2DModel):
         return stock.train(self.training)
 
 
+def unet_subfolder(name_or_path: str) -> str | None:
+    """Where a U-Net's files live: "unet" in a pipeline folder, None (the top) in a UNet2DModel folder or
+    config file. For a Hub repo id, "unet" if the repo has one (pipelines, the common case), else None."""
+    if os.path.isdir(name_or_path):
+        return "unet" if os.path.isfile(os.path.join(name_or_path, "unet", "config.json")) else None
+    if os.path.isfile(name_or_path):
+        return None
+    try:
+        UNet2DModel.load_config(name_or_path, subfolder="unet")
+        return "unet"
+    except (OSError, ValueError):
+        return None
+
+
 def load_model_config(name_or_path: str) -> dict[str, Any]:
     """A `UNet2DModel` config from a config file, a model folder, a pipeline
     folder (its `unet/`), or a Hub repo id."""
-    subfolder = None
-    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "unet", "config.json")):
-        subfolder = "unet"
-    return dict(UNet2DModel.load_config(name_or_path, subfolder=subfolder))
+    return dict(UNet2DModel.load_config(name_or_path, subfolder=unet_subfolder(name_or_path)))
 
 
 def model_config(preset: str = "paper128", config_name_or_path: str | None = None) -> dict[str, Any]:
@@ -159,9 +170,22 @@ def downsampling_factor(unet_config: dict[str, Any]) -> int:
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
-def build_model(preset: str = "paper128", config_name_or_path: str | None = None, **overrides: Any) -> ADMUNet2DModel:
-    """The model to train: a preset, or any `UNet2DModel` config, freshly initialised."""
-    return ADMUNet2DModel.from_config({**model_config(preset, config_name_or_path), **overrides})
+def build_model(preset: str = "paper128", config_name_or_path: str | None = None, learn_sigma: bool = False,
+                pretrained_model_name_or_path: str | None = None, **overrides: Any) -> ADMUNet2DModel:
+    """The model to train: a preset or any `UNet2DModel` config, freshly initialised; or the weights of
+    `pretrained_model_name_or_path` (a pipeline or U-Net folder, a Hub id) to fine-tune.
+
+    `learn_sigma` gives a fresh model twice its input channels as outputs, [ε, v]
+    (a pretrained model keeps its own). `overrides` change the config, e.g.
+    `sample_size`: the convolutions and attention layers do not depend on it.
+    """
+    if pretrained_model_name_or_path is not None:
+        return ADMUNet2DModel.from_pretrained(pretrained_model_name_or_path, use_safetensors=True,
+                                              subfolder=unet_subfolder(pretrained_model_name_or_path), **overrides)
+    unet_config = model_config(preset, config_name_or_path)
+    if learn_sigma:
+        overrides = {"out_channels": 2 * unet_config["in_channels"], **overrides}
+    return ADMUNet2DModel.from_config({**unet_config, **overrides})
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
 from .performance import compile_in_place, fast_precision_available
+from .pipelines.ddpm_interpolation import scheduler_model_output
 
 
 # Clip every x₀ estimate to [-1, 1], as ADM does (`clip_denoised`) and as the
@@ -171,8 +172,9 @@ def denoise(unet: UNet2DModel, scheduler, noise: torch.Tensor, num_inference_ste
     """Run `scheduler`'s reverse process from `noise` (x_T) to x₀ in [-1, 1].
 
     Works for any diffusers scheduler (it applies `init_noise_sigma` and
-    `scale_model_input`, which `DDPMPipeline` skips). Stochastic steps draw
-    their noise from each image's own generator.
+    `scale_model_input`, which `DDPMPipeline` skips), and for a learned
+    variance: DDPM steps use the predicted v, the others ε alone. Stochastic
+    steps draw their noise from each image's own generator.
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     step_options = inspect.signature(scheduler.step).parameters
@@ -182,8 +184,8 @@ def denoise(unet: UNet2DModel, scheduler, noise: torch.Tensor, num_inference_ste
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        eps = unet(model_input, t).sample.float()
-        latents = scheduler.step(eps, t, latents, **extra).prev_sample
+        model_output = scheduler_model_output(scheduler, unet(model_input, t).sample.float(), latents)
+        latents = scheduler.step(model_output, t, latents, **extra).prev_sample
         on_step()
     return latents.clamp(-1, 1)
 

@@ -54,7 +54,8 @@ def train(config: TrainingConfig) -> Path:
     # Every process builds the same initial weights; noise and dropout then differ per process.
     if config.seed is not None:
         set_seed(config.seed)
-    model = build_model(config.model_preset, config.model_config_name_or_path, **_size_override(config))
+    model = build_model(config.model_preset, config.model_config_name_or_path, config.learn_sigma,
+                        config.pretrained_model_name_or_path, **_size_override(config))
     config.resolution = model.config.sample_size
     prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
     if config.channels_last:
@@ -63,8 +64,10 @@ def train(config: TrainingConfig) -> Path:
         model.enable_gradient_checkpointing()  # diffusers' blocks then recompute their activations in backward
     seed_this_process(config)
     noise_scheduler = diffusion.make_noise_scheduler(
-        config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type
+        config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type,
+        variance_type=diffusion.LEARNED_VARIANCE if config.learn_sigma else "fixed_small",
     )
+    objective = diffusion.Objective(noise_scheduler, config.vlb_weight)  # simple loss, or hybrid with a learned Σ
     dataloader = prepare_training_data(accelerator, config)
 
     optimizer = make_optimizer(model, config, accelerator.device)  # Adam, as in the paper
@@ -107,7 +110,7 @@ def train(config: TrainingConfig) -> Path:
                 clean_images = clean_images.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(clean_images)
             timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
-            losses, grad_norm = train_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, timesteps,
+            losses, grad_norm = train_micro_batch(accelerator, model, objective, clean_images, noise, timesteps,
                                                   config.max_grad_norm)
             stats.add(losses, diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
             if not accelerator.sync_gradients:
@@ -326,26 +329,26 @@ def _on_off(flag: bool) -> str:
 # ---------------------------------------------------------------- one micro-batch
 
 
-def train_micro_batch(accelerator: Accelerator, model, noise_scheduler, clean_images: torch.Tensor,
+def train_micro_batch(accelerator: Accelerator, model, objective: diffusion.Objective, clean_images: torch.Tensor,
                       noise: torch.Tensor, timesteps: torch.Tensor, max_grad_norm: float):
-    """The paper's objective on one micro-batch: forward and backward; at the end of an accumulation group, clip.
+    """The objective on one micro-batch: forward and backward; at the end of an accumulation group, clip.
 
     `model` is prepared by `accelerator`: it scales the loss by the accumulation
     and syncs gradients across processes only at the end of a group. Returns the
-    per-image losses and the gradient norm before clipping (None while still
-    accumulating), both on the device: no host sync per micro-batch. The caller
+    per-image loss terms ("loss", and with a learned Σ "loss_simple" and
+    "loss_vlb") and the gradient norm before clipping (None while still
+    accumulating), all on the device: no host sync per micro-batch. The caller
     then steps, or skips a non-finite step (`apply_or_skip_step`).
     """
-    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
-    target = diffusion.training_target(noise_scheduler, clean_images, noise, timesteps)
+    noisy_images = objective.scheduler.add_noise(clean_images, noise, timesteps)  # x_t = √ᾱ x₀ + √(1-ᾱ) ε
     grad_norm = None
     with accelerator.accumulate(model):
         model_output = model(noisy_images, timesteps).sample
-        losses = diffusion.per_sample_loss(model_output, target)  # ‖ε − ε_θ(x_t, t)‖²
-        accelerator.backward(losses.mean())
+        losses = objective.losses(model_output, clean_images, noisy_images, noise, timesteps)  # ‖ε − ε_θ‖² (+ λ L_vlb)
+        accelerator.backward(losses["loss"].mean())
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    return losses.detach(), grad_norm
+    return {name: values.detach() for name, values in losses.items()}, grad_norm
 
 
 def apply_or_skip_step(accelerator: Accelerator, optimizer, lr_scheduler, ema, unet, finite: bool) -> None:
@@ -431,15 +434,21 @@ class StepOutcome:
     stop_votes: list[float]  # per stop signal, how many processes received it
 
 
+# The objective's terms logged beside the loss when it has them (the hybrid loss of a learned Σ).
+LOSS_TERMS = ("loss_simple", "loss_vlb")
+
+
 @dataclass
 class StepStats:
-    """Losses of the micro-batches of one optimizer step, overall and per quarter of t."""
+    """Losses of the micro-batches of one optimizer step: overall, per quarter of t, and per term."""
 
     device: torch.device
     last_loss: float = float("nan")
     micro_batches: int = 0  # this process, this run
+    terms: tuple[str, ...] = ()  # which of LOSS_TERMS the objective reports
     sums: torch.Tensor = field(init=False)
     counts: torch.Tensor = field(init=False)
+    term_sums: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self._reset()
@@ -447,11 +456,18 @@ class StepStats:
     def _reset(self):
         self.sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         self.counts = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self.term_sums = torch.zeros(len(LOSS_TERMS), device=self.device, dtype=torch.float64)
 
-    def add(self, losses: torch.Tensor, quarters: torch.Tensor) -> None:
+    def add(self, losses: dict[str, torch.Tensor], quarters: torch.Tensor) -> None:
+        """One micro-batch's per-image terms ("loss" and any of LOSS_TERMS) and the quarter of t of each image."""
         self.micro_batches += 1
-        self.sums.index_add_(0, quarters, losses.double())
-        self.counts.index_add_(0, quarters, torch.ones_like(losses, dtype=torch.float64))
+        loss = losses["loss"].double()
+        self.sums.index_add_(0, quarters, loss)
+        self.counts.index_add_(0, quarters, torch.ones_like(loss))
+        self.terms = tuple(name for name in LOSS_TERMS if name in losses)
+        for index, name in enumerate(LOSS_TERMS):
+            if name in losses:
+                self.term_sums[index] += losses[name].double().sum()
 
     def finish_step(self, accelerator: Accelerator, num_train_timesteps: int, grad_norm: torch.Tensor,
                     stop_votes: list[float]) -> StepOutcome:
@@ -463,12 +479,16 @@ class StepStats:
         every process takes the same decision.
         """
         votes = torch.tensor(stop_votes, device=self.device, dtype=torch.float64)
-        totals = accelerator.reduce(torch.cat([self.sums, self.counts, votes]), reduction="sum")
+        totals = accelerator.reduce(torch.cat([self.sums, self.counts, self.term_sums, votes]), reduction="sum")
         norm = torch.as_tensor(grad_norm, device=self.device).double().reshape(1)
         values = torch.cat([totals, norm]).tolist()
-        sums, counts, vote_totals, grad_norm_value = values[:4], values[4:8], values[8:-1], values[-1]
+        sums, counts, term_sums = values[:4], values[4:8], values[8:8 + len(LOSS_TERMS)]
+        vote_totals, grad_norm_value = values[8 + len(LOSS_TERMS):-1], values[-1]
         self.last_loss = sum(sums) / sum(counts)
         metrics = {"train/loss": self.last_loss, "train/grad_norm": grad_norm_value}
+        for name, total in zip(LOSS_TERMS, term_sums):
+            if name in self.terms:
+                metrics[f"train/{name}"] = total / sum(counts)
         width = num_train_timesteps // 4
         for quarter in range(4):
             if counts[quarter] > 0:
