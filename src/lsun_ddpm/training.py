@@ -320,6 +320,10 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
         f"on (mode {config.torch_compile_mode})" if config.torch_compile else "off",
         _on_off(unet.is_gradient_checkpointing), main_process_only=True,
     )
+    logger.info("  %s; %s", f"fine-tuning {config.pretrained_model_name_or_path}"
+                if config.pretrained_model_name_or_path else "from a fresh initialisation",
+                f"learned Σ, hybrid loss L_simple + {config.vlb_weight:g}·L_vlb" if config.learn_sigma
+                else "fixed Σ, simple loss", main_process_only=True)
 
 
 def _on_off(flag: bool) -> str:
