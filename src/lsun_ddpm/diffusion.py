@@ -20,6 +20,7 @@ def make_noise_scheduler(
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
     beta_schedule: str = "linear",
     prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
 ) -> DDPMScheduler:
     """The paper's `DDPMScheduler`: β linear from 1e-4 to 0.02 over T steps.
 
@@ -34,7 +35,7 @@ def make_noise_scheduler(
         beta_end=BETA_END,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
-        variance_type="fixed_small",
+        variance_type=variance_type,
         clip_sample=True,
         timestep_spacing="trailing",
     )
