@@ -39,11 +39,14 @@ class Spec:
 
 
 class _Tensors:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, meta: bool):
         self.generator = torch.Generator().manual_seed(seed)
+        self.meta = meta
         self.tensors: dict[str, torch.Tensor] = {}
 
     def randn(self, *shape: int, scale: float) -> torch.Tensor:
+        if self.meta:  # shapes only: a full-size model without its memory
+            return torch.empty(*shape, device="meta")
         return torch.randn(*shape, generator=self.generator) * scale
 
     def conv(self, name: str, c_in: int, c_out: int, kernel: int, dims: int = 2) -> None:
@@ -74,9 +77,9 @@ class _Tensors:
         self.conv(f"{name}.proj_out", channels, channels, 1, dims=1)
 
 
-def random_adm_state_dict(spec: Spec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under guided-diffusion's UNetModel names and shapes for `spec`."""
-    t = _Tensors(seed)
+def random_adm_state_dict(spec: Spec, seed: int = 0, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Random tensors under guided-diffusion's UNetModel names and shapes for `spec` (`meta`: shapes only)."""
+    t = _Tensors(seed, meta)
     mc, emb, levels = spec.num_channels, 4 * spec.num_channels, len(spec.channel_mult)
     t.linear("time_embed.0", mc, emb)
     t.linear("time_embed.2", emb, emb)

@@ -163,6 +163,24 @@ def test_the_readme_flags_parse_as_pasted_and_convert_a_matching_checkpoint(tmp_
     assert max_difference(state_dict, spec, conversion.pipeline.unet, size=32) <= 1e-4
 
 
+def test_lsun_bedrooms_full_architecture_converts_shape_for_shape():
+    """lsun_bedroom.pt's architecture at full size, tensors without memory (meta): with only the two flags the
+    tensors cannot tell (the head width and dropout), every other README flag is read from them."""
+    spec = Spec(num_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_levels=(3, 4, 5),
+                head_channels=64)
+    state_dict = random_adm_state_dict(spec, meta=True)
+    conversion = convert_adm_state_dict(state_dict, {"num_head_channels": 64, "dropout": 0.1})
+    parser = argparse.ArgumentParser()
+    add_adm_flags(parser)
+    readme = given_adm_flags(parser.parse_args(shlex.split(LSUN_MODEL_FLAGS)))
+    assert {name: conversion.flags[name] for name in readme if name != "use_fp16"} == \
+        {name: value for name, value in readme.items() if name != "use_fp16"}
+    parameters = sum(p.numel() for p in conversion.pipeline.unet.parameters())
+    assert parameters == sum(t.numel() for t in state_dict.values()) == 552_814_086
+    with pytest.raises(InputError, match="--num_heads 4 gives attention heads of different widths"):
+        convert_adm_state_dict(state_dict)  # guided-diffusion's default: 4 heads at every level
+
+
 def test_the_scheduler_is_guided_diffusions():
     state_dict = random_adm_state_dict(Spec())
     scheduler = convert_adm_state_dict(state_dict, {"num_head_channels": 32}).pipeline.scheduler
@@ -174,8 +192,8 @@ def test_the_scheduler_is_guided_diffusions():
                                                  "predict_xstart": True}).pipeline.scheduler
     assert scaled.config.num_train_timesteps == 4000 and scaled.config.prediction_type == "sample"
     assert scaled.betas[0].item() == pytest.approx(1e-4 / 4) and scaled.betas[-1].item() == pytest.approx(0.02 / 4)
-    cosine = convert_adm_state_dict(state_dict, {"num_head_channels": 32, "noise_schedule": "cosine"}).pipeline.scheduler
-    assert cosine.config.beta_schedule == "squaredcos_cap_v2"
+    cosine = convert_adm_state_dict(state_dict, {"num_head_channels": 32, "noise_schedule": "cosine"})
+    assert cosine.pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     fixed = convert_adm_state_dict(random_adm_state_dict(Spec(learn_sigma=False)), {"num_head_channels": 32})
     assert fixed.pipeline.scheduler.config.variance_type == "fixed_large"  # guided-diffusion's σ² = β
 

@@ -67,7 +67,7 @@ RESNET_LAYERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1":
 
 @dataclass(frozen=True)
 class PublishedResult:
-    """A released checkpoint's published sample quality (50k samples against the training set)."""
+    """A released checkpoint's published sample quality, as guided-diffusion's README and the ADM paper give it."""
 
     dataset: str
     fid: float | None = None
@@ -130,7 +130,8 @@ def add_adm_flags(parser: argparse.ArgumentParser) -> None:
         help_text = "; ".join(filter(None, [notes.get(name), f"guided-diffusion's default: {shown}"]))
         if name in INFERRED_FLAGS:
             help_text += " (read from the checkpoint when left out)"
-        metavar = {str2bool: "True|False", int: "N", float: "P"}.get(kind, "STEPS" if name == "timestep_respacing" else "LIST")
+        metavar = {str2bool: "True|False", int: "N", float: "P"}.get(
+            kind, "STEPS" if name == "timestep_respacing" else "LIST")
         choices = tuple(NOISE_SCHEDULES) if name == "noise_schedule" else None
         group.add_argument(f"--{name}", type=kind, default=None, metavar=None if choices else metavar, choices=choices,
                            help=help_text)
@@ -274,8 +275,9 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> ADMArchitecture:
     channels = [_require(state_dict, f"input_blocks.{i}.0.in_layers.2.weight").shape[0] for i in first_block]
     emb_width = _require(state_dict, "input_blocks.1.0.emb_layers.1.weight").shape[0]
     # The layer after the ResBlock (and attention) that upsamples: a ResBlock (resblock_updown) or a conv.
-    updown = any(re.match(rf"output_blocks\.{ups[0]}\.[12]\.in_layers\.0\.weight$", key) for key in state_dict) \
-        if ups else None
+    updown = None
+    if ups:
+        updown = any(re.match(rf"output_blocks\.{ups[0]}\.[12]\.in_layers\.0\.weight$", key) for key in state_dict)
     return ADMArchitecture(
         num_channels=num_channels,
         in_channels=stem.shape[1],
@@ -283,7 +285,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> ADMArchitecture:
         stem_channels=stem.shape[0],
         channel_mult=tuple(c / num_channels if c % num_channels else c // num_channels for c in channels),
         num_res_blocks=num_res_blocks,
-        attention_levels=tuple(level for level, i in enumerate(first_block) if f"input_blocks.{i}.1.qkv.weight" in state_dict),
+        attention_levels=tuple(level for level, i in enumerate(first_block)
+                               if f"input_blocks.{i}.1.qkv.weight" in state_dict),
         resblock_updown=updown,
         use_scale_shift_norm=emb_width == 2 * channels[0],
         class_cond="label_emb.weight" in state_dict,
@@ -304,7 +307,7 @@ def _check_given(given: dict[str, Any], flag: str, actual: Any, evidence: str) -
 
 
 def _default_image_size(architecture: ADMArchitecture) -> int:
-    """The image size whose default channel_mult the checkpoint has (guided-diffusion's flags would build it), else 64."""
+    """The image size whose default channel_mult the checkpoint has (guided-diffusion's flags build it), else 64."""
     matching = [size for size, mult in DEFAULT_CHANNEL_MULT.items() if mult == architecture.channel_mult]
     return matching[0] if matching else ADM_DEFAULTS["image_size"]
 
@@ -328,7 +331,8 @@ def resolve_adm_flags(architecture: ADMArchitecture, given: dict[str, Any]) -> d
         _check_given(given, "num_channels", arch.num_channels,
                      f"input_blocks.0.0.weight has {arch.stem_channels} output channels")
     else:
-        _check_given(given, "num_channels", arch.num_channels, f"time_embed.0.weight takes {arch.num_channels} channels")
+        _check_given(given, "num_channels", arch.num_channels,
+                     f"time_embed.0.weight takes {arch.num_channels} channels")
     flags["num_channels"] = arch.num_channels
     _check_given(given, "num_res_blocks", arch.num_res_blocks,
                  f"it has {arch.num_res_blocks} residual blocks per level ({len(arch.channel_mult)} levels)")
@@ -339,8 +343,8 @@ def resolve_adm_flags(architecture: ADMArchitecture, given: dict[str, Any]) -> d
                  "it has a label_emb.weight" if arch.class_cond else "it has no label_emb.weight")
     flags["class_cond"] = arch.class_cond
     _check_given(given, "use_scale_shift_norm", arch.use_scale_shift_norm,
-                 "input_blocks.1.0.emb_layers.1 gives " + ("a scale and a shift per channel" if arch.use_scale_shift_norm
-                                                           else "one value per channel"))
+                 "input_blocks.1.0.emb_layers.1 gives "
+                 + ("a scale and a shift per channel" if arch.use_scale_shift_norm else "one value per channel"))
     flags["use_scale_shift_norm"] = arch.use_scale_shift_norm
     if arch.resblock_updown is not None:
         _check_given(given, "resblock_updown", arch.resblock_updown,
@@ -398,25 +402,26 @@ def attention_head_width(architecture: ADMArchitecture, flags: dict[str, Any]) -
     layers += [("middle", channels[-1])] + [("up", channels[level]) for level in architecture.attention_levels]
     if flags["num_head_channels"] != -1:
         width = flags["num_head_channels"]
-        for _, width_of_layer in layers:
-            if width_of_layer % width:
-                raise InputError(f"--num_head_channels {width} does not divide the checkpoint's {width_of_layer}-"
+        for _, layer_channels in layers:
+            if layer_channels % width:
+                raise InputError(f"--num_head_channels {width} does not divide the checkpoint's {layer_channels}-"
                                  "channel attention blocks: give the value the checkpoint was trained with")
         return width
     upsample_heads = flags["num_heads_upsample"] if flags["num_heads_upsample"] != -1 else flags["num_heads"]
     widths = {}
-    for place, width_of_layer in layers:
+    for place, layer_channels in layers:
         heads = upsample_heads if place == "up" else flags["num_heads"]
         flag = "--num_heads_upsample" if place == "up" and flags["num_heads_upsample"] != -1 else "--num_heads"
-        if width_of_layer % heads:
-            raise InputError(f"{flag} {heads} does not divide the checkpoint's {width_of_layer}-channel attention "
+        if layer_channels % heads:
+            raise InputError(f"{flag} {heads} does not divide the checkpoint's {layer_channels}-channel attention "
                              "blocks: give the value the checkpoint was trained with")
-        widths[width_of_layer // heads] = (flag, heads, width_of_layer)
+        widths[layer_channels // heads] = (flag, heads, layer_channels)
     if len(widths) > 1:
         described = ", ".join(f"{w} at {c} channels" for w, (_, _, c) in sorted(widths.items()))
-        raise InputError(f"{next(iter(widths.values()))[0]} {flags['num_heads']} gives attention heads of different "
-                         f"widths ({described} per head), and a stock UNet2DModel uses one width everywhere: this "
-                         "checkpoint cannot be converted (models trained with --num_head_channels can)")
+        flag, heads, _ = next(iter(widths.values()))
+        raise InputError(f"{flag} {heads} gives attention heads of different widths ({described} per head), and a "
+                         "stock UNet2DModel uses one width everywhere: this checkpoint cannot be converted (models "
+                         "trained with --num_head_channels can)")
     return next(iter(widths))
 
 
@@ -428,9 +433,11 @@ def check_convertible(architecture: ADMArchitecture, flags: dict[str, Any]) -> N
                          "DDPMPipeline has no class labels; convert an unconditional model such as lsun_bedroom.pt")
     if arch.in_channels != 3:
         raise InputError(f"the checkpoint takes {arch.in_channels} input channels (input_blocks.0.0.weight), not an "
-                         "RGB image: an upsampler needs its low-resolution image, which a stock DDPMPipeline cannot give")
+                         "RGB image: an upsampler needs its low-resolution image, which a stock DDPMPipeline "
+                         "cannot give")
     if arch.out_channels not in (3, 6):
-        raise InputError(f"the checkpoint predicts {arch.out_channels} channels (out.2.weight), not 3 (ε) or 6 (ε and Σ)")
+        raise InputError(f"the checkpoint predicts {arch.out_channels} channels (out.2.weight), not 3 (ε) or "
+                         "6 (ε and Σ)")
     if arch.stem_channels != arch.num_channels:
         raise InputError(f"--channel_mult starts at {arch.channel_mult[0]:g}: a stock UNet2DModel's first level is "
                          "as wide as its timestep features, so this checkpoint cannot be converted")
@@ -507,9 +514,11 @@ def _layer_pairs(architecture: ADMArchitecture) -> list[tuple[str, str, str]]:
             block += 1
         if level < levels - 1:
             suffix = ("", "") if arch.resblock_updown else (".op", ".conv")
-            pairs.append((f"input_blocks.{block}.0{suffix[0]}", f"down_blocks.{level}.downsamplers.0{suffix[1]}", resample))
+            pairs.append((f"input_blocks.{block}.0{suffix[0]}", f"down_blocks.{level}.downsamplers.0{suffix[1]}",
+                          resample))
             block += 1
-    pairs += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.1", "mid_block.attentions.0", "attention"),
+    pairs += [("middle_block.0", "mid_block.resnets.0", "resnet"),
+              ("middle_block.1", "mid_block.attentions.0", "attention"),
               ("middle_block.2", "mid_block.resnets.1", "resnet")]
     block = 0
     for up, level in enumerate(reversed(range(levels))):
@@ -521,7 +530,8 @@ def _layer_pairs(architecture: ADMArchitecture) -> list[tuple[str, str, str]]:
                 layer = 2
             if level > 0 and j == arch.num_res_blocks:
                 suffix = "" if arch.resblock_updown else ".conv"
-                pairs.append((f"output_blocks.{block}.{layer}{suffix}", f"up_blocks.{up}.upsamplers.0{suffix}", resample))
+                pairs.append((f"output_blocks.{block}.{layer}{suffix}", f"up_blocks.{up}.upsamplers.0{suffix}",
+                              resample))
             block += 1
     return pairs + [("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
 
@@ -680,7 +690,8 @@ def check_conversion_output(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[str, Any],
+                     out_dir: str | os.PathLike) -> Path:
     """Write the pipeline (safetensors), README.md and adm_conversion.json into `out_dir`.
 
     Everything is written into a temporary sibling first and moved into place
