@@ -701,6 +701,7 @@ def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[st
     out_dir = check_conversion_output(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.convert-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this process id
     try:
         conversion.pipeline.save_pretrained(staging, safe_serialization=True)
         card.save(staging / "README.md")
