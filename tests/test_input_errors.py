@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from adm_reference import Spec, random_adm_state_dict
 from conftest import run_cli, run_script_directly
 
 from lsun_ddpm import cli, training
@@ -107,6 +109,18 @@ CASES = {
                                            ["cannot load the scheduler of 'nowhere'"]),
     "push a folder that is no run": ("cli", ["push", "nowhere", "--hub_model_id", "me/m", "--dry_run", "out"], None,
                                      ["nowhere"]),
+    "convert-adm a checkpoint that is not there": ("cli", ["convert-adm", "nowhere.pt", "out"], None,
+                                                   ["CHECKPOINT 'nowhere.pt' is not a file"]),
+    "convert-adm a file that is no checkpoint": ("cli", ["convert-adm", "a-file", "out"], None,
+                                                 ["a-file did not load as tensors only", "refused"]),
+    "convert-adm into a busy folder": ("cli", ["convert-adm", "adm.pt", "run"], None,
+                                       ["OUT_DIR 'run' is not empty and was not written by convert-adm"]),
+    "convert-adm into a file": ("cli", ["convert-adm", "adm.pt", "a-file"], None, ["OUT_DIR", "'a-file' is a file"]),
+    "convert-adm a flag the tensors contradict": ("cli", ["convert-adm", "adm.pt", "out", "--num_channels", "128"],
+                                                  None, ["--num_channels 128 does not match the checkpoint",
+                                                         "input_blocks.0.0.weight has 32 output channels"]),
+    "convert-adm class-conditional": ("cli", ["convert-adm", "adm-classes.pt", "out"], None,
+                                      ["class-conditional", "no class labels"]),
 }
 
 
@@ -115,8 +129,11 @@ def with_images(argv: list[str], folder: Path) -> list[str]:
 
 
 def make_starting_state(root: Path) -> None:
-    """A file where a folder might be asked for, a model config, and a run folder with a checkpoint."""
+    """A file where a folder might be asked for, a model config, a run folder with a checkpoint, and two tiny
+    guided-diffusion checkpoints (one class-conditional)."""
     (root / "a-file").write_bytes(b"not a folder")
+    torch.save(random_adm_state_dict(Spec()), root / "adm.pt")
+    torch.save(random_adm_state_dict(Spec(class_cond=True)), root / "adm-classes.pt")
     (root / "unet.json").write_text(json.dumps(SMALL32_CONFIG))
     checkpoint = root / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)

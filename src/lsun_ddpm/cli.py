@@ -18,6 +18,8 @@ COMMANDS = {
     "prepare": "decode and resize the training images once into a dataset that training reads without decoding",
     "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
     "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
+    "convert-adm": "convert an OpenAI guided-diffusion (ADM) checkpoint, e.g. lsun_bedroom.pt, into a stock "
+                   "DDPMPipeline folder",
 }
 
 
@@ -411,6 +413,26 @@ def push_space_command(argv: list[str]) -> None:
     print(f"pushed the Space {args.space_id} (MODEL_ID={args.model_id}): {url}")
 
 
+def convert_adm_command(argv: list[str]) -> None:
+    from .convert_adm import add_adm_flags, convert_adm, flags_command_line, given_adm_flags
+
+    parser = argparse.ArgumentParser(
+        prog="lsun-ddpm convert-adm", description=COMMANDS["convert-adm"],
+        epilog="Paste guided-diffusion's MODEL_FLAGS and DIFFUSION_FLAGS as they are; what the tensors fix is "
+               "checked against them. --use_fp16 and --use_checkpoint are accepted and change nothing: the "
+               "weights are written in fp32, as the checkpoint stores them. See docs/adm.md.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT.pt", help="guided-diffusion's .pt (loaded as tensors only)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="the pipeline folder to write: new, empty, or a previous conversion (replaced)")
+    add_adm_flags(parser)
+    args = parser.parse_args(argv)
+    conversion = convert_adm(args.checkpoint, args.out_dir, given_adm_flags(args))
+    inferred = ", ".join(conversion.inferred) or "none"
+    print(f"wrote {args.out_dir}: a stock DDPMPipeline converted from {Path(args.checkpoint).name}\n"
+          f"flags: {flags_command_line(conversion.flags)}\n(read from the checkpoint: {inferred})\n"
+          f"Load it with DDPMPipeline.from_pretrained({args.out_dir!r}), or `lsun-ddpm sample {args.out_dir}`")
+
+
 def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
     try:
         return int(value)
@@ -421,7 +443,7 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
             "interpolate": interpolate_command, "neighbours": neighbours_command, "evaluate": evaluate_command,
             "prepare": prepare_command,
-            "push": push_command, "push-space": push_space_command}
+            "push": push_command, "push-space": push_space_command, "convert-adm": convert_adm_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,15 +17,19 @@ import torch
 from diffusers import UNet2DModel
 
 
-def _adm_block_types(attention: tuple[bool, ...]) -> dict[str, Any]:
+def _adm_block_types(attention: tuple[bool, ...], resblock_updown: bool = True) -> dict[str, Any]:
     """Down/up block types for levels with or without self-attention.
 
     ADM's `resblock_updown` resamples inside a residual block. diffusers does
     this with `downsample_type="resnet"` in the attention blocks, and with the
-    `Resnet{Down,Up}sampleBlock2D` blocks in levels without attention.
+    `Resnet{Down,Up}sampleBlock2D` blocks in levels without attention. Without
+    it ADM resamples with a strided (down) or a nearest-neighbour + 3x3 (up)
+    convolution: diffusers' `conv` resampling and plain `{Down,Up}Block2D`.
     """
-    down = tuple("AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention)
-    up = tuple("AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention))
+    down_plain, up_plain = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if resblock_updown else (
+        "DownBlock2D", "UpBlock2D")
+    down = tuple("AttnDownBlock2D" if a else down_plain for a in attention)
+    up = tuple("AttnUpBlock2D" if a else up_plain for a in reversed(attention))
     return {"down_block_types": down, "up_block_types": up}
 
 
@@ -37,23 +41,29 @@ def _adm_config(
     attention_head_dim: int = 64,
     dropout: float = 0.1,
     norm_num_groups: int = 32,
+    out_channels: int = 3,
+    resblock_updown: bool = True,
+    use_scale_shift_norm: bool = True,
 ) -> dict[str, Any]:
     """A `UNet2DModel` config with ADM's architecture choices.
 
     Level *i* of the U-Net runs at `sample_size / 2**i`; it gets attention when
     that resolution is in `attention_resolutions` (ADM's `--attention_resolutions`).
+    The last three arguments are ADM's `learn_sigma` (6 output channels),
+    `--resblock_updown` and `--use_scale_shift_norm`; the defaults are the paper's.
     """
+    resampling = "resnet" if resblock_updown else "conv"
     attention = tuple(sample_size // 2**i in attention_resolutions for i in range(len(block_out_channels)))
     return {
         "sample_size": sample_size,
         "in_channels": 3,
-        "out_channels": 3,
+        "out_channels": out_channels,
         "block_out_channels": block_out_channels,
         "layers_per_block": layers_per_block,
-        **_adm_block_types(attention),
-        "downsample_type": "resnet",  # resblock_updown
-        "upsample_type": "resnet",
-        "resnet_time_scale_shift": "scale_shift",  # use_scale_shift_norm
+        **_adm_block_types(attention, resblock_updown),
+        "downsample_type": resampling,
+        "upsample_type": resampling,
+        "resnet_time_scale_shift": "scale_shift" if use_scale_shift_norm else "default",
         "attention_head_dim": attention_head_dim,  # channels per head (num_head_channels)
         "attn_norm_num_groups": norm_num_groups,  # ADM normalises the middle attention too
         "norm_num_groups": norm_num_groups,
