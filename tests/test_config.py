@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from lsun_ddpm.config import TrainingConfig, parse_training_config
+from lsun_ddpm.config import TrainingConfig, check_training_inputs, parse_training_config
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.performance import default_torch_compile
 
@@ -86,6 +86,23 @@ def test_the_shipped_paper_config_parses_and_keeps_the_recipe():
     # precision and compilation are the device's defaults: bf16 where it is fast, compiled on a GPU
     assert config.mixed_precision is None and config.channels_last is None and config.torch_compile is None
     assert default_torch_compile(torch.device("cuda"), config.max_train_steps * config.gradient_accumulation_steps)
+
+
+def test_the_shipped_adm_fine_tuning_config_fine_tunes_a_learned_variance_model_at_128(tmp_path):
+    from lsun_ddpm.diffusion import make_noise_scheduler
+    from lsun_ddpm.export import save_pipeline_folder
+    from lsun_ddpm.models import ADMUNet2DModel
+
+    converted = tmp_path / "adm-lsun-bedroom-256"  # as convert-adm writes it: 6 outputs, sample_size 256
+    model = ADMUNet2DModel.from_preset("tiny16", out_channels=6, sample_size=256)
+    save_pipeline_folder(model, make_noise_scheduler(variance_type="learned_range"), converted)
+    config = parse_training_config(["--config", str(REPO_ROOT / "configs" / "adm_lsun_bedroom_finetune_128.yaml"),
+                                    "--pretrained_model_name_or_path", str(converted),
+                                    "--output_dir", str(tmp_path / "out")])
+    check_training_inputs(config)
+    assert config.resolution == 128 and config.learn_sigma is True and config.vlb_weight == 0.001
+    assert config.learning_rate == 1e-4 and config.train_batch_size * config.gradient_accumulation_steps == 128
+    assert config.model_config_name_or_path is None  # the architecture is the pretrained model's
 
 
 def test_saved_config_has_no_token_and_round_trips(tmp_path):

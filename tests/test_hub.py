@@ -72,6 +72,19 @@ def test_card_body_tells_the_run(run_folder):
         assert fact in text, fact
 
 
+def test_card_of_a_fine_tuned_learned_variance_run_says_so(run_folder):
+    plain = build_model_card(run_folder, "someone/ddpm-bedroom").text
+    assert "simple loss" in plain and "hybrid loss" not in plain and "fine-tuned from" not in plain
+    scheduler_file = run_folder / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "variance_type": "learned_range"}))
+    config_file = run_folder / "training_config.yaml"
+    config_file.write_text(yaml.safe_dump({**yaml.safe_load(config_file.read_text()), "vlb_weight": 0.001,
+                                           "pretrained_model_name_or_path": "adm-lsun-bedroom-256"}))
+    text = build_model_card(run_folder, "someone/ddpm-bedroom").text
+    assert "hybrid loss ‖ε − ε_θ(x_t, t)‖² + 0.001·L_vlb" in text and "learned_range" in text
+    assert "fine-tuned from `adm-lsun-bedroom-256`" in text
+
+
 def test_card_has_a_model_index_when_an_evaluation_exists(run_folder, tmp_path):
     (run_folder / "evaluation.json").write_text(json.dumps({"fid": 12.5, "kid": 0.0071, "note": "50k samples"}))
     build_model_card(run_folder, "someone/ddpm-bedroom").save(tmp_path / "README.md")

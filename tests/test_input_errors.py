@@ -44,6 +44,21 @@ CASES = {
                                     None, ["--resolution 10", "unet.json", "3 levels", "multiple of 4"]),
     "unreadable model config": ("script", train("--model_config_name_or_path", "a-file"), None,
                                 ["--model_config_name_or_path a-file", "no UNet2DModel config"]),
+    "learn_sigma off for a model with v": ("script", train("--model_config_name_or_path", "sigma.json",
+                                                           "--learn_sigma", "false"), None,
+                                           ["sigma.json", "6 channels", "train it with --learn_sigma"]),
+    "learn_sigma for a pretrained model without v": ("script", train("--pretrained_model_name_or_path", "eps_unet",
+                                                                     "--learn_sigma"), None,
+                                                     ["--learn_sigma", "eps_unet", "only ε", "no weights for v"]),
+    "a U-Net with 5 outputs": ("script", train("--model_config_name_or_path", "five.json"), None,
+                               ["five.json", "5 output channels", "predicts 3 (ε)"]),
+    "pretrained and a model config": ("script", train("--pretrained_model_name_or_path", "eps_unet",
+                                                      "--model_config_name_or_path", "unet.json"), None,
+                                      ["--pretrained_model_name_or_path", "--model_config_name_or_path", "not both"]),
+    "unreadable pretrained model": ("script-process", train("--pretrained_model_name_or_path", "a-file"), None,
+                                    ["--pretrained_model_name_or_path a-file", "no UNet2DModel config"]),
+    "vlb weight -1": ("cli", ["train", *train("--learn_sigma", "--vlb_weight", "-1")], None,
+                      ["--vlb_weight", "0 or more", "-1"]),
     "batch size 0": ("script", train("--train_batch_size", "0"), None, ["--train_batch_size", "at least 1"]),
     "unknown yaml key": ("script", train("--config", "options.yaml"), "learnig_rate: 1e-4\n",
                          ["options.yaml", "'learnig_rate'", "did you mean learning_rate?"]),
@@ -135,6 +150,10 @@ def make_starting_state(root: Path) -> None:
     torch.save(random_adm_state_dict(Spec()), root / "adm.pt")
     torch.save(random_adm_state_dict(Spec(class_cond=True)), root / "adm-classes.pt")
     (root / "unet.json").write_text(json.dumps(SMALL32_CONFIG))
+    (root / "sigma.json").write_text(json.dumps({**SMALL32_CONFIG, "out_channels": 6}))  # [ε, v]
+    (root / "five.json").write_text(json.dumps({**SMALL32_CONFIG, "out_channels": 5}))
+    (root / "eps_unet").mkdir()
+    (root / "eps_unet" / "config.json").write_text(json.dumps(SMALL32_CONFIG))  # a U-Net folder's config
     checkpoint = root / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.safetensors").write_bytes(b"weights")

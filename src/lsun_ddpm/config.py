@@ -24,7 +24,7 @@ from transformers.hf_argparser import string_to_bool
 
 from .errors import DEBUG_FLAG, InputError, did_you_mean
 from .export import check_output_folder
-from .models import PRESETS, downsampling_factor, model_config
+from .models import PRESETS, downsampling_factor, model_config, unet_channels
 from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
 
 # Fields never written to disk (the saved config is uploaded with the model).
@@ -449,7 +449,7 @@ def resolve_learn_sigma(config: TrainingConfig, unet: dict[str, Any]) -> None:
     """Set an unset --learn_sigma from the model's outputs ([ε, v] is twice its inputs); refuse a mismatch
     that a fresh model cannot absorb (a fresh model with --learn_sigma gets the extra outputs)."""
     flag, source = model_source_flag(config)
-    inputs, outputs = unet["in_channels"], unet["out_channels"]
+    inputs, outputs = unet_channels(unet)
     if outputs not in (inputs, 2 * inputs):
         raise InputError(f"{flag} {source}: the U-Net has {outputs} output channels for {inputs} inputs; a DDPM "
                          f"predicts {inputs} (ε) or, with a learned variance, {2 * inputs} ([ε, v])")

@@ -10,6 +10,7 @@ diffusers, where `lsun_ddpm` is not installed.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Any
 
@@ -175,6 +176,12 @@ def model_config(preset: str = "paper128", config_name_or_path: str | None = Non
     return dict(PRESETS[preset])
 
 
+def unet_channels(unet_config: dict[str, Any]) -> tuple[int, int]:
+    """(in_channels, out_channels) of a `UNet2DModel` config; a config file may leave them at diffusers' defaults."""
+    defaults = inspect.signature(UNet2DModel.__init__).parameters
+    return tuple(unet_config.get(name, defaults[name].default) for name in ("in_channels", "out_channels"))
+
+
 def downsampling_factor(unet_config: dict[str, Any]) -> int:
     """How much the U-Net shrinks its input: every level but the last halves it."""
     return 2 ** (len(unet_config["block_out_channels"]) - 1)
@@ -194,7 +201,7 @@ def build_model(preset: str = "paper128", config_name_or_path: str | None = None
                                               subfolder=unet_subfolder(pretrained_model_name_or_path), **overrides)
     unet_config = model_config(preset, config_name_or_path)
     if learn_sigma:
-        overrides = {"out_channels": 2 * unet_config["in_channels"], **overrides}
+        overrides = {"out_channels": 2 * unet_channels(unet_config)[0], **overrides}
     return ADMUNet2DModel.from_config({**unet_config, **overrides})
 
 
