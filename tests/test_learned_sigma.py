@@ -70,6 +70,26 @@ def test_interpolation_uses_v_for_ancestral_steps_and_epsilon_for_ddim():
     assert np.abs(frames(with_variance_head(unet, 1.0), LEARNED, "slerp") - frames(unet, FIXED, "slerp")).max() > 0.01
 
 
+def test_the_space_serves_a_learned_variance_model(tmp_path):
+    """The same ε-network with v = −1 (Σ = β̃_t) and without v: the Space gives the same images with every sampler."""
+    from lsun_ddpm.app import SpaceModel
+
+    unet = random_tiny_unet(seed=4)
+    save_pipeline_folder(unet, make_noise_scheduler(), tmp_path / "fixed")
+    save_pipeline_folder(with_variance_head(unet, -1.0), make_noise_scheduler(variance_type="learned_range"),
+                         tmp_path / "learned")
+    fixed, learned = (SpaceModel(str(tmp_path / name), bf16=False) for name in ("fixed", "learned"))
+    for scheduler in ("ddpm", "ddim", "dpmsolver++"):
+        a, b = (np.stack([np.asarray(image) for image in space.generate(2, scheduler, 5, 1)])
+                for space in (fixed, learned))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, scheduler
+    for method in ("slerp", "ddim"):
+        a, b = (np.stack([np.asarray(frame) for frame in space.interpolate(1, 2, None, None, 300, False, 3,
+                                                                             method)[0].frames])
+                for space in (fixed, learned))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, method
+
+
 # ---------------------------------------------------------------- training with the hybrid loss
 
 HYBRID_STEPS = 40
