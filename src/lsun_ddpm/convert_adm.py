@@ -13,7 +13,6 @@ converted network against an independent forward pass of ADM.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pickle
@@ -28,7 +27,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .diffusion import make_noise_scheduler
 from .errors import InputError
-from .export import check_output_folder, replace_path
+from .export import check_output_folder, file_sha256, replace_path
 from .models import _adm_config
 
 if TYPE_CHECKING:
@@ -158,15 +157,6 @@ def _format_list(values: tuple[float, ...]) -> str:
 
 
 # ---------------------------------------------------------------- loading
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, as hex (read in 1 MiB pieces)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def load_adm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

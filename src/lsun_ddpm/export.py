@@ -8,6 +8,7 @@ a complete one stood.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -24,6 +25,15 @@ from .errors import InputError
 
 RAW_UNET_SUBFOLDER = "unet_raw"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def replace_path(source: Path, destination: Path) -> None:

