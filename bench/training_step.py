@@ -97,7 +97,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     unet = accelerator.unwrap_model(model)
     ema = make_ema(unet)  # the paper's decay, ramped as training ramps it
-    noise_scheduler = diffusion.make_noise_scheduler()
+    objective = diffusion.Objective(diffusion.make_noise_scheduler())
     stats = StepStats(accelerator.device)
     batches = _forever(dataloader)
 
@@ -107,7 +107,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
             clean_images = clean_images.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(clean_images)
         timesteps = diffusion.sample_timesteps(clean_images.shape[0], 1000, clean_images.device)
-        losses, grad_norm = train_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, timesteps, 1.0)
+        losses, grad_norm = train_micro_batch(accelerator, model, objective, clean_images, noise, timesteps, 1.0)
         stats.add(losses, diffusion.timestep_quarter(timesteps, 1000))
         outcome = stats.finish_step(accelerator, 1000, grad_norm, [])
         apply_or_skip_step(accelerator, optimizer, lr_scheduler, ema, unet, outcome.finite)

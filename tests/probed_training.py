@@ -62,13 +62,13 @@ def on_each_micro_batch(probe) -> None:
         position["start"] = resume_if_requested(accelerator, config, ema)
         return position["start"]
 
-    def probed_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, *args, **kwargs):
+    def probed_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs):
         position["micro_batches"] += 1
         accumulation = accelerator.gradient_accumulation_steps
         step = position["start"] + math.ceil(position["micro_batches"] / accumulation)
         first_of_step = position["micro_batches"] % accumulation == 1 % accumulation
         noise = probe(accelerator, step, first_of_step, noise)
-        return train_micro_batch(accelerator, model, noise_scheduler, clean_images, noise, *args, **kwargs)
+        return train_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs)
 
     training.resume_if_requested = resume_and_remember
     training.train_micro_batch = probed_micro_batch

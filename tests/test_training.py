@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lsun_ddpm import training
 from lsun_ddpm.config import TrainingConfig
-from lsun_ddpm.diffusion import make_noise_scheduler
+from lsun_ddpm.diffusion import Objective, make_noise_scheduler
 from lsun_ddpm.models import build_model
 
 from conftest import (TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
@@ -240,7 +240,7 @@ def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
     clipping threshold is below the gradient's norm, so it must act once, on the accumulated gradient.
     """
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    scheduler = make_noise_scheduler()
+    objective = Objective(make_noise_scheduler())
     generator = torch.Generator().manual_seed(0)
     clean = torch.rand(128, 3, 16, 16, generator=generator) * 2 - 1
     noise = torch.randn(128, 3, 16, 16, generator=generator)
@@ -252,7 +252,7 @@ def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
         model = random_tiny_unet().train()
         before = [p.detach().clone() for p in model.parameters()]
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        norms = [training.train_micro_batch(accelerator, model, scheduler, clean[i:i + micro_batch],
+        norms = [training.train_micro_batch(accelerator, model, objective, clean[i:i + micro_batch],
                                             noise[i:i + micro_batch], timesteps[i:i + micro_batch], max_grad_norm)[1]
                  for i in range(0, 128, micro_batch)]
         assert all(norm is None for norm in norms[:-1])  # one optimizer step, after the last micro-batch
