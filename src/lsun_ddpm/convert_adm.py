@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from .diffusion import make_noise_scheduler
+from .diffusion import LEARNED_VARIANCE, make_noise_scheduler
 from .errors import InputError
 from .export import check_output_folder, file_sha256, replace_path
 from .models import _adm_config
@@ -461,7 +461,7 @@ def adm_scheduler(flags: dict[str, Any]) -> DDPMScheduler:
     steps = flags["diffusion_steps"]
     scheduler = make_noise_scheduler(
         steps, NOISE_SCHEDULES[flags["noise_schedule"]], "sample" if flags["predict_xstart"] else "epsilon",
-        variance_type="learned_range" if flags["learn_sigma"] else "fixed_large",
+        variance_type=LEARNED_VARIANCE if flags["learn_sigma"] else "fixed_large",
     )
     if flags["noise_schedule"] == "linear" and steps != 1000:
         scale = 1000 / steps

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .diffusion import LEARNED_VARIANCE
 from .errors import InputError
 from .pipelines import ddpm_interpolation
 
@@ -189,7 +190,7 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "num_train_timesteps": scheduler_config.get("num_train_timesteps", 1000),
         "parameters": f"{count_parameters_on_disk(run_dir / 'unet') / 1e6:.1f} M",
         "dropout": unet_config.get("dropout", "?"),
-        "learn_sigma": scheduler_config.get("variance_type") == "learned_range",
+        "learn_sigma": scheduler_config.get("variance_type") == LEARNED_VARIANCE,
         "vlb_weight": config.get("vlb_weight", 0.001),
         "pretrained_from": config.get("pretrained_model_name_or_path"),
         "has_grid": (run_dir / "sample_grid.png").is_file(),
