@@ -7,12 +7,15 @@ photos scikit-image ships, so no download; 256 × 256–341 like LSUN's shorter
 side of 256) as JPEG and as WebP, prepares the JPEGs with `lsun-ddpm prepare`'s
 function, then reads each through training's own dataset and DataLoader
 (`make_training_dataset`/`load_prepared_images`, `make_dataloader`, centre
-crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers. A
-last row reads a dataset of ready-made zero tensors: what the DataLoader itself
-costs to hand over float32 batches from its workers, the ceiling of any dataset
-read through workers. A configuration is read for
-whole epochs until `--seconds` have passed; each epoch's first batch is left
-out of the rate (worker start-up, which a 3M-image LSUN epoch amortises).
+crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers, and
+converts each batch to the model's float input as the training loop does
+(`to_model_input`, channels_last). The last rows read datasets of ready-made
+zero tensors: what the DataLoader itself costs to hand over batches of
+training's uint8 items from its workers, the ceiling of any dataset read
+through workers, and the same for float32 items. A configuration is read for
+whole epochs until `--seconds` have passed, an epoch being the images
+repeated to `--epoch_images` items; each epoch's first batch is left out of
+the rate (worker start-up, which a 3M-image LSUN epoch amortises).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
+from lsun_ddpm.data import (ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset,
+                            to_model_input)
 from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
@@ -60,10 +64,11 @@ def write_test_images(folder: Path, count: int, seed: int = 0) -> dict[str, Path
 
 
 class ZeroImages(torch.utils.data.Dataset):
-    """Items that cost nothing to make: what is left is the DataLoader's own cost."""
+    """Items that cost nothing to make: what is left is the DataLoader's own cost. uint8 (H, W, 3) zeros
+    are training's item format; float32 (3, H, W) zeros the format it had before, four times the bytes."""
 
-    def __init__(self, count: int, resolution: int):
-        self.count, self.resolution = count, resolution
+    def __init__(self, count: int, resolution: int, dtype: torch.dtype):
+        self.count, self.resolution, self.dtype = count, resolution, dtype
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -72,7 +77,39 @@ class ZeroImages(torch.utils.data.Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.dtype == torch.uint8:
+            return {"pixels": torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8)}
         return {"pixel_values": torch.zeros(3, self.resolution, self.resolution)}
+
+
+class RepeatedImages(torch.utils.data.Dataset):
+    """`dataset`'s items again and again, to `length` items: epochs as long as a real dataset's, so that
+    starting a DataLoader's workers (each epoch) does not weigh in as it would with a 512-image epoch."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.dataset[index % len(self.dataset)]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        wrapped = [index % len(self.dataset) for index in indices]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(wrapped)
+        return [self.dataset[index] for index in wrapped]
+
+
+def model_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float batch the model gets, converted as the training loop converts it (channels_last, as with bf16)."""
+    if "pixels" in batch:
+        return to_model_input(batch["pixels"], torch.channels_last)
+    return batch["pixel_values"].contiguous(memory_format=torch.channels_last)
 
 
 def images_per_second(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, seconds: float) -> float:
@@ -84,7 +121,7 @@ def images_per_second(dataset: torch.utils.data.Dataset, batch_size: int, worker
         next(batches)
         started = time.perf_counter()
         for batch in batches:
-            images += batch["pixel_values"].shape[0]
+            images += model_input(batch).shape[0]
         elapsed += time.perf_counter() - started
         epoch += 1
     return images / elapsed
@@ -97,6 +134,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seconds", type=float, default=5.0, help="reading time per configuration")
+    parser.add_argument("--epoch_images", type=int, default=16384,
+                        help="items per epoch, the images repeated (workers start again each epoch)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -114,16 +153,20 @@ def main() -> None:
                    for kind, folder in folders.items()}
         sources["prepared dataset (memory-mapped uint8)"] = load_prepared_images(
             str(Path(scratch) / "prepared"), preprocess, seed=0)
-        sources["ready-made float32 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution)
+        sources["ready-made uint8 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution,
+                                                                          torch.uint8)
+        sources["ready-made float32 zeros (the former item format)"] = ZeroImages(args.num_images, args.resolution,
+                                                                                  torch.float32)
 
         print(f"{args.num_images} images, {args.resolution} px, batch {args.batch_size}, torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs; prepare (1 process, including loading the folder): {prepare_rate:.0f} images/s")
         print("| source | workers | images/s | images/s per worker |\n|---|---|---|---|")
-        results = {"num_images": args.num_images, "resolution": args.resolution, "batch_size": args.batch_size,
+        results = {"num_images": args.num_images, "epoch_images": args.epoch_images, "resolution": args.resolution, "batch_size": args.batch_size,
                    "prepare_images_per_second": prepare_rate, "rows": []}
         for name, dataset in sources.items():
             for workers in args.workers:
-                rate = images_per_second(dataset, args.batch_size, workers, args.seconds)
+                rate = images_per_second(RepeatedImages(dataset, args.epoch_images), args.batch_size, workers,
+                                         args.seconds)
                 results["rows"].append({"source": name, "workers": workers, "images_per_second": rate})
                 per_worker = f"{rate / workers:.0f}" if workers else "-"
                 print(f"| {name} | {workers} | {rate:.0f} | {per_worker} |", flush=True)

@@ -76,7 +76,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     from accelerate import Accelerator
 
     from lsun_ddpm import diffusion
-    from lsun_ddpm.data import ImagePreprocessor, make_dataloader
+    from lsun_ddpm.data import ImagePreprocessor, make_dataloader, to_model_input
     from lsun_ddpm.ema import make_ema
     from lsun_ddpm.performance import compile_in_place
     from lsun_ddpm.prepare import load_prepared_images
@@ -85,8 +85,8 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     bf16, channels_last, compiled = "bf16" in setting, "channels_last" in setting, "compile" in setting
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device.type == "cpu")
     model = build_model(preset)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if compiled:
         compile_in_place(model)
     preprocess = ImagePreprocessor(model.config.sample_size, True, True)
@@ -102,9 +102,7 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     batches = _forever(dataloader)
 
     def step():
-        clean_images = next(batches)["pixel_values"].float()
-        if channels_last:
-            clean_images = clean_images.contiguous(memory_format=torch.channels_last)
+        clean_images = to_model_input(next(batches)["pixels"], memory_format)
         noise = torch.randn_like(clean_images)
         timesteps = diffusion.sample_timesteps(clean_images.shape[0], 1000, clean_images.device)
         losses, grad_norm = train_micro_batch(accelerator, model, objective, clean_images, noise, timesteps, 1.0)

@@ -26,7 +26,7 @@ def main(folder: str, seed: str) -> None:
     batches = micro_batches(accelerator, dataloader, 0, len(dataloader), config)
     for epoch in range(2):
         epoch_batches = itertools.islice(batches, len(dataloader))
-        seen = [round(float((image[0, 0, 0] + 1) * 127.5)) for b in epoch_batches for image in b["pixel_values"]]
+        seen = [int(image[0, 0, 0]) for b in epoch_batches for image in b["pixels"]]
         everyone = sorted(sum(gather_object([seen]), []))
         if accelerator.is_main_process:
             assert everyone == list(range(len(dataloader.dataset))), (epoch, everyone)

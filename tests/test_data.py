@@ -11,7 +11,8 @@ from PIL import Image
 
 from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
                             PreprocessedStream, decode_notes, encode_notes, load_image_dataset, make_dataloader,
-                            make_training_dataset, resize_shorter_side, summarise_image_reports)
+                            make_training_dataset, resize_shorter_side, summarise_image_reports, to_model_input)
+from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
 
@@ -95,12 +96,30 @@ def test_image_folder_of_any_depth_and_format(image_folder):
     assert len(subset) == 5
 
 
-def test_dataloader_yields_full_fp32_batches(image_folder):
+def test_dataloader_yields_full_uint8_batches(image_folder):
     dataset = make_training_dataset(load_image_dataset(train_data_dir=str(image_folder)), ImagePreprocessor(16))
     batches = list(make_dataloader(dataset, batch_size=5))
     assert len(batches) == 6  # 32 // 5, the short last batch dropped
-    assert all(b["pixel_values"].shape == (5, 3, 16, 16) and b["pixel_values"].dtype == torch.float32
-               for b in batches)
+    assert all(b["pixels"].shape == (5, 16, 16, 3) and b["pixels"].dtype == torch.uint8 for b in batches)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_model_input_is_pixels_over_127_5_minus_one(memory_format):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+    expected = np.transpose(pixels.astype(np.float64) / 127.5 - 1.0, (0, 3, 1, 2))  # NHWC → NCHW
+    model_input = to_model_input(torch.from_numpy(pixels), memory_format)
+    assert model_input.dtype == torch.float32 and model_input.shape == (4, 3, 5, 6)
+    assert model_input.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(model_input.double(), torch.from_numpy(expected), rtol=0, atol=1e-7)
+
+
+def test_training_pixels_become_the_tensor_the_pipelines_preprocess_makes():
+    """One conversion: a training item after `to_model_input` is what interpolation inputs are made into."""
+    image = halves_image(24, 16)
+    image.putpixel((3, 2), (7, 100, 201))
+    pixels = ImagePreprocessor(16).prepare(image).pixels
+    assert pixels.dtype == torch.uint8 and pixels.shape == (16, 16, 3)
+    assert torch.equal(to_model_input(pixels), ddpm_interpolation.preprocess(image, 16))
 
 
 def sorted_images(tensors) -> torch.Tensor:
@@ -111,13 +130,13 @@ def sorted_images(tensors) -> torch.Tensor:
 def test_streaming_folder_gives_the_same_tensors(image_folder):
     preprocess = ImagePreprocessor(16)  # centre crop, no flip: nothing random
     files = [p for p in image_folder.rglob("*") if p.is_file()]
-    expected = sorted_images(preprocess(path.read_bytes()) for path in files)
+    expected = sorted_images(preprocess.prepare(path.read_bytes()).pixels for path in files)
     stream = load_image_dataset(train_data_dir=str(image_folder), streaming=True)
     batches = list(make_dataloader(make_training_dataset(stream, preprocess, seed=0), 4))
-    assert all(batch["pixel_values"].shape == (4, 3, 16, 16) for batch in batches)
-    assert torch.equal(sorted_images(torch.cat([b["pixel_values"] for b in batches])), expected)
+    assert all(batch["pixels"].shape == (4, 16, 16, 3) for batch in batches)
+    assert torch.equal(sorted_images(torch.cat([b["pixels"] for b in batches])), expected)
     downloaded = make_training_dataset(load_image_dataset(train_data_dir=str(image_folder)), preprocess)
-    assert torch.equal(sorted_images(downloaded[i]["pixel_values"] for i in range(len(downloaded))), expected)
+    assert torch.equal(sorted_images(downloaded[i]["pixels"] for i in range(len(downloaded))), expected)
 
 
 def test_crops_and_flips_depend_only_on_seed_epoch_and_item(image_folder):
@@ -126,14 +145,14 @@ def test_crops_and_flips_depend_only_on_seed_epoch_and_item(image_folder):
                                     ImagePreprocessor(16, center_crop=False, random_flip=True), seed=3)
     dataset.set_epoch(1)
     torch.manual_seed(0)
-    forwards = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+    forwards = [dataset[i]["pixels"] for i in range(len(dataset))]
     torch.manual_seed(1)
-    backwards = [dataset[i]["pixel_values"] for i in reversed(range(len(dataset)))][::-1]
+    backwards = [dataset[i]["pixels"] for i in reversed(range(len(dataset)))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forwards, backwards))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
-    assert torch.equal(torch.cat([b["pixel_values"] for b in loader]), torch.stack(forwards))
+    assert torch.equal(torch.cat([b["pixels"] for b in loader]), torch.stack(forwards))
     dataset.set_epoch(2)
-    assert sum(not torch.equal(dataset[i]["pixel_values"], forwards[i]) for i in range(len(dataset))) > 8
+    assert sum(not torch.equal(dataset[i]["pixels"], forwards[i]) for i in range(len(dataset))) > 8
 
 
 def report_of(items) -> ImageReport:
@@ -150,7 +169,7 @@ def test_unreadable_image_is_skipped_with_a_warning(tmp_path, caplog):
     dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)), ImagePreprocessor(16))
     with caplog.at_level(logging.WARNING):
         items = [dataset[i] for i in range(len(dataset))]
-    assert len(items) == 3 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    assert len(items) == 3 and all(item["pixels"].shape == (16, 16, 3) for item in items)
     assert report_of(items).count(SKIPPED) == 1 and "1.png" in caplog.text
 
 
@@ -163,7 +182,7 @@ def test_unreadable_streamed_image_is_skipped_counted_and_named(tmp_path, caplog
                                 ImagePreprocessor(16))
     with caplog.at_level(logging.WARNING):
         items = list(stream)
-    assert len(items) == 2 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    assert len(items) == 2 and all(item["pixels"].shape == (16, 16, 3) for item in items)
     report = report_of(items)
     assert report.count(SKIPPED) == 1 and "1.png" in report.examples(SKIPPED)[0] and "1.png" in caplog.text
 
@@ -302,7 +321,7 @@ def test_small_images_are_upscaled_with_a_counted_warning(tmp_path, caplog):
     dataset = make_training_dataset(load_image_dataset(train_data_dir=str(tmp_path)), ImagePreprocessor(16))
     with caplog.at_level(logging.WARNING):
         items = [dataset[i] for i in range(len(dataset))]
-    assert len(items) == 2 and all(item["pixel_values"].shape == (3, 16, 16) for item in items)
+    assert len(items) == 2 and all(item["pixels"].shape == (16, 16, 3) for item in items)
     report = report_of(items)
     assert report.count(UPSCALED) == 1 and report.count(SKIPPED) == 0
     assert "small.png" in report.examples(UPSCALED)[0] and "12x10" in report.examples(UPSCALED)[0]

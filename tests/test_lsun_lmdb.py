@@ -35,18 +35,18 @@ def test_lmdb_gives_the_same_tensors_as_the_same_images_in_a_folder(image_folder
     folder = write_lmdb(tmp_path / "bedroom_train_lmdb", {lsun_key(path.name): path.read_bytes() for path in files})
     preprocess = ImagePreprocessor(16)  # centre crop, no flip: nothing random
     from_folder = make_training_dataset(load_image_dataset(train_data_dir=str(image_folder)), preprocess)
-    expected = sorted_images(from_folder[i]["pixel_values"] for i in range(len(from_folder)))
+    expected = sorted_images(from_folder[i]["pixels"] for i in range(len(from_folder)))
 
     records = load_image_dataset(train_data_dir=str(folder))
     assert len(records) == len(files) and records.column_names == ["image"]
     assert records[0]["image"]["path"].endswith(":" + min(lsun_key(path.name) for path in files).decode())
     from_lmdb = make_training_dataset(records, preprocess)
-    assert torch.equal(sorted_images(from_lmdb[i]["pixel_values"] for i in range(len(from_lmdb))), expected)
+    assert torch.equal(sorted_images(from_lmdb[i]["pixels"] for i in range(len(from_lmdb))), expected)
 
     stream = load_image_dataset(train_data_dir=str(folder), streaming=True)
     assert stream.n_shards > 1  # DataLoader workers share the decoding
     batches = make_dataloader(make_training_dataset(stream, preprocess, seed=0), batch_size=4, num_workers=2)
-    assert torch.equal(sorted_images(torch.cat([batch["pixel_values"] for batch in batches])), expected)
+    assert torch.equal(sorted_images(torch.cat([batch["pixels"] for batch in batches])), expected)
 
 
 def encoded(image, format="WEBP") -> bytes:

@@ -21,13 +21,13 @@ def decoded_tensors(folder, preprocess, epoch):
     """Every item of the decoded-per-step training dataset of `folder`."""
     decoded = PreprocessedImages(load_image_dataset(train_data_dir=str(folder)), preprocess, seed=3)
     decoded.set_epoch(epoch)
-    return [decoded[index]["pixel_values"] for index in range(len(decoded))]
+    return [decoded[index]["pixels"] for index in range(len(decoded))]
 
 
 def prepared_tensors(folder, preprocess, epoch):
     prepared = load_prepared_images(str(folder), preprocess, seed=3)
     prepared.set_epoch(epoch)
-    return [prepared[index]["pixel_values"] for index in range(len(prepared))]
+    return [prepared[index]["pixels"] for index in range(len(prepared))]
 
 
 def prepare_folder(source, output, center_crop=True, **options):
@@ -49,7 +49,7 @@ def test_prepared_dataset_gives_exactly_the_decoded_tensors(image_folder, tmp_pa
             got = prepared_tensors(tmp_path / "prepared", preprocess, epoch)
             assert len(got) == len(expected) == 32
             for a, b in zip(got, expected):
-                assert a.dtype == torch.float32 and torch.equal(a, b)
+                assert a.dtype == torch.uint8 and torch.equal(a, b)
     # and the flips did happen: epoch 0 and 1 differ for some item
     flipping = ImagePreprocessor(RESOLUTION, center_crop, random_flip=True)
     assert any(not torch.equal(a, b) for a, b in zip(prepared_tensors(tmp_path / "prepared", flipping, 0),

@@ -42,7 +42,7 @@ def test_a_stream_restored_from_its_state_yields_the_items_after_the_trained_bat
     assert len(rest) == 5
     for want, got in zip(expected[3:], rest):
         assert torch.equal(want["stream_position"], got["stream_position"])
-        assert torch.equal(want["pixel_values"], got["pixel_values"])
+        assert torch.equal(want["pixels"], got["pixels"])
 
 
 @pytest.mark.slow

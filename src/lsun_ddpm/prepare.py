@@ -9,9 +9,9 @@ Each record is one image after the deterministic part of training's
 preprocessing (`ImagePreprocessor.resize`: RGB, shorter side to the
 resolution, and the centre crop when it is on):
 
-    pixels   uint8 bytes, (height, width, 3): the layout PIL and `to_tensor` use,
-             so training converts them exactly as it converts a freshly decoded
-             image, and a random crop or flip is a view of it
+    pixels   uint8 bytes, (height, width, 3): the layout PIL and training's items
+             use, so training converts them exactly as it converts a freshly
+             decoded image, and a random crop is a view of them
     height, width   its size: resolution × resolution with the centre crop; with
              `--no_center_crop` the shorter side is the resolution and the other
              is kept, so the random crop is still drawn anew every epoch
@@ -61,7 +61,6 @@ from .data import (REPORTED_EXAMPLES, SKIPPED, UPSCALED, AugmentedImages, ImageP
 from .errors import InputError
 from .export import write_text
 from .preemption import signal_exit_status
-from .pipelines.ddpm_interpolation import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +290,7 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int =
 
 
 class PreparedImages(AugmentedImages):
-    """A prepared dataset as training items: `{"pixel_values": float (3, H, W) in [-1, 1]}`.
+    """A prepared dataset as training items: `{"pixels": uint8 (H, W, 3)}`, as `data.PreprocessedImages` gives.
 
     The Arrow files are memory-mapped, so DataLoader workers share the page
     cache instead of each holding a copy. Per item only the random crop (with
@@ -304,8 +303,7 @@ class PreparedImages(AugmentedImages):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
         records = self.dataset[indices]
-        return [{"pixel_values": to_tensor(self.preprocess.augment(
-                    np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
-                    augmentation_generator(self.seed, self.epoch, index)))}
+        return [{"pixels": self.preprocess.augment(np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
+                                                   augmentation_generator(self.seed, self.epoch, index))}
                 for index, pixels, height, width in zip(indices, records["pixels"], records["height"],
                                                         records["width"])]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import diffusion, run_folder
 from .config import TrainingConfig, check_training_inputs
 from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_image_dataset, make_dataloader,
-                   make_training_dataset, summarise_image_reports)
+                   make_training_dataset, summarise_image_reports, to_model_input)
 from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
@@ -58,8 +58,9 @@ def train(config: TrainingConfig) -> Path:
                         config.pretrained_model_name_or_path, **_size_override(config))
     config.resolution = model.config.sample_size
     prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format  # weights and batches
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # diffusers' blocks then recompute their activations in backward
     seed_this_process(config)
@@ -105,9 +106,7 @@ def train(config: TrainingConfig) -> Path:
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
         for batch in batches:
             image_report.add_batch(batch)
-            clean_images = batch["pixel_values"].float()  # data stays fp32 under mixed precision
-            if config.channels_last:
-                clean_images = clean_images.contiguous(memory_format=torch.channels_last)
+            clean_images = to_model_input(batch["pixels"], memory_format)  # fp32 under mixed precision too
             noise = torch.randn_like(clean_images)
             timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
             losses, grad_norm = train_micro_batch(accelerator, model, objective, clean_images, noise, timesteps,
