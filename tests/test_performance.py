@@ -105,3 +105,78 @@ def test_a_compiled_training_step_agrees_with_the_eager_one():
     # gradient is so close to 0 that float rounding decides its sign
     moved_apart = sum(int(((w_c - w_e).abs() > 1e-4).sum()) for w_c, w_e in zip(weights_c, weights_e))
     assert moved_apart <= 0.001 * sum(w.numel() for w in weights_e)
+
+
+# ---------------------------------------------------------------- host memory on a CPU run
+
+
+class RecordingLibc:
+    """A C library whose mallopt records its calls and accepts values up to `largest_mmap_threshold`."""
+
+    def __init__(self, largest_mmap_threshold: int = 1 << 62):
+        self.calls, self.largest = [], largest_mmap_threshold
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return int(parameter != -3 or value <= self.largest)
+
+
+@pytest.fixture
+def no_malloc_settings(monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                 "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_cpu_run_raises_the_mmap_threshold_and_stops_trimming(no_malloc_settings):
+    libc = RecordingLibc()
+    assert performance.keep_freed_host_memory(CPU, libc)
+    # mallopt(3): M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD is -1, and a trim threshold of -1 disables trimming.
+    assert libc.calls == [(-3, 1 << 30), (-1, -1)]
+
+
+def test_a_glibc_that_refuses_1_gib_gets_its_documented_maximum(no_malloc_settings):
+    libc = RecordingLibc(largest_mmap_threshold=32 << 20)
+    assert performance.keep_freed_host_memory(CPU, libc)
+    assert libc.calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, -1)]
+
+
+@pytest.mark.parametrize("setting", ["MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"])
+def test_the_users_malloc_settings_and_gpu_runs_are_left_alone(no_malloc_settings, monkeypatch, setting):
+    libc = RecordingLibc()
+    assert not performance.keep_freed_host_memory(torch.device("cuda"), libc)
+    monkeypatch.setenv(setting, "libjemalloc.so.2" if setting == "LD_PRELOAD" else "1")
+    assert not performance.keep_freed_host_memory(CPU, libc)
+    assert libc.calls == []
+
+
+HELD_AFTER_FREE = """
+import ctypes, sys, torch
+from lsun_ddpm import performance
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "kept":
+    assert performance.keep_freed_host_memory(torch.device("cpu"))
+block = torch.empty(100 << 20, dtype=torch.uint8).fill_(1)
+del block
+print(libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(performance.glibc() is None or not hasattr(performance.glibc(), "mallinfo2"),
+                    reason="needs glibc 2.33 or newer")
+def test_with_glibc_a_freed_100_mib_tensor_stays_in_the_heap_for_reuse(no_malloc_settings):
+    """By default glibc unmaps the block on free; kept, the heap holds it as free space for the next step."""
+    import subprocess
+    import sys
+
+    def free_bytes_after(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", HELD_AFTER_FREE, mode], capture_output=True, text=True,
+                                check=True)
+        return int(result.stdout.split()[-1])
+
+    assert free_bytes_after("default") < 100 << 20 <= free_bytes_after("kept")

@@ -33,7 +33,8 @@ from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
 from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
-from .performance import compile_in_place, default_channels_last, default_mixed_precision, default_torch_compile
+from .performance import (compile_in_place, default_channels_last, default_mixed_precision, default_torch_compile,
+                          keep_freed_host_memory)
 from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
 from .prepare import is_prepared_dataset, load_prepared_images
 from .run_folder import CONFIG_FILE, GRID_FILE
@@ -50,6 +51,9 @@ def train(config: TrainingConfig) -> Path:
     accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file is noise
+    if keep_freed_host_memory(accelerator.device):  # a CPU run: freed activations reused, not re-mapped each step
+        logger.info("CPU run: malloc keeps freed memory for reuse (set MALLOC_TRIM_THRESHOLD_ to choose yourself)",
+                    main_process_only=True)
 
     # Every process builds the same initial weights; noise and dropout then differ per process.
     if config.seed is not None:
