@@ -110,7 +110,7 @@ def keep_freed_host_memory(device: torch.device, libc: ctypes.CDLL | None = None
     each step the kernel then maps and zeroes the same memory again, page by
     page. Raising both thresholds (what PyTorch's CPU tuning guide gets from
     jemalloc or tcmalloc, without a library to install) took a paper128 step
-    here from 22-25 s to 15-17 s, with the system time halved and 11 % more peak
+    here from 22-25 s to 15-17 s, with the system time halved and 10 % more peak
     memory (docs/performance.md). Not on a GPU run, whose activations live in
     CUDA's caching allocator, and not where the user set malloc up (MALLOC_*,
     GLIBC_TUNABLES, LD_PRELOAD of another allocator). Returns whether it applied.
