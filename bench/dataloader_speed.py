@@ -161,8 +161,8 @@ def main() -> None:
         print(f"{args.num_images} images, {args.resolution} px, batch {args.batch_size}, torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs; prepare (1 process, including loading the folder): {prepare_rate:.0f} images/s")
         print("| source | workers | images/s | images/s per worker |\n|---|---|---|---|")
-        results = {"num_images": args.num_images, "epoch_images": args.epoch_images, "resolution": args.resolution, "batch_size": args.batch_size,
-                   "prepare_images_per_second": prepare_rate, "rows": []}
+        results = {"num_images": args.num_images, "epoch_images": args.epoch_images, "resolution": args.resolution,
+                   "batch_size": args.batch_size, "prepare_images_per_second": prepare_rate, "rows": []}
         for name, dataset in sources.items():
             for workers in args.workers:
                 rate = images_per_second(RepeatedImages(dataset, args.epoch_images), args.batch_size, workers,

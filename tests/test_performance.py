@@ -123,8 +123,7 @@ class RecordingLibc:
 
 @pytest.fixture
 def no_malloc_settings(monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                 "GLIBC_TUNABLES", "LD_PRELOAD"):
+    for name in performance.MALLOC_SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
 
