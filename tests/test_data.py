@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
-                            PreprocessedStream, decode_notes, encode_notes, load_image_dataset, make_dataloader,
+                            PreprocessedStream, augmentation_generator, decode_notes, encode_notes, load_image_dataset, make_dataloader,
                             make_training_dataset, resize_shorter_side, summarise_image_reports, to_model_input)
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
@@ -65,6 +65,46 @@ def test_random_flip_flips_about_half_the_time():
     left_red = [bool(preprocess(halves_image(16, 16))[0, 0, 0] > 0) for _ in range(200)]
     assert 70 < sum(left_red) < 130
     assert all(ImagePreprocessor(16)(halves_image(16, 16))[0, 0, 0] > 0 for _ in range(5))
+
+
+def test_a_batch_flips_each_image_whose_first_draw_is_below_one_half():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(16)]
+    originals = [image.copy() for image in images]
+    first_draws = [torch.rand((), generator=torch.Generator().manual_seed(seed)).item() for seed in range(16)]
+    flipped = [draw < 0.5 for draw in first_draws]
+    assert 0 < sum(flipped) < 16
+
+    batch = ImagePreprocessor(8, random_flip=True).augment_batch(
+        images, [torch.Generator().manual_seed(seed) for seed in range(16)])
+    assert batch.shape == (16, 8, 8, 3) and batch.dtype == torch.uint8
+    for got, original, flip in zip(batch, originals, flipped):
+        assert np.array_equal(got.numpy(), np.fliplr(original) if flip else original)
+    assert all(np.array_equal(image, original) for image, original in zip(images, originals))  # not written to
+
+    unflipped = ImagePreprocessor(8).augment_batch(images, [torch.Generator().manual_seed(s) for s in range(16)])
+    assert np.array_equal(unflipped.numpy(), np.stack(originals))
+
+
+def test_augmentation_seeds_differ_for_every_seed_epoch_and_position():
+    keys = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 2**40)]
+    seeds = [augmentation_generator(*key).initial_seed() for key in keys]
+    assert len(set(seeds)) == len(keys)
+    assert seeds[1] == augmentation_generator(0, 0, 1).initial_seed()  # and the same key, the same seed
+
+
+def test_dataloader_passes_on_a_batch_read_whole():
+    class WholeBatches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitems__(self, indices):
+            return {"pixels": torch.tensor(indices).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).to(torch.uint8)}
+
+    for workers in (0, 1):
+        batches = list(make_dataloader(WholeBatches(), batch_size=3, num_workers=workers))
+        assert [b["pixels"].shape for b in batches] == [(3, 2, 2, 3)] * 2
+        assert sorted(torch.cat([b["pixels"][:, 0, 0, 0] for b in batches]).tolist()) == list(range(6))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from lsun_ddpm import prepare
-from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset
+from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset, make_dataloader
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
 
 from conftest import TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
+from test_training import assert_bitwise_equal, exported_weights
 
 RESOLUTION = 16
 
@@ -25,9 +26,16 @@ def decoded_tensors(folder, preprocess, epoch):
 
 
 def prepared_tensors(folder, preprocess, epoch):
+    """Every item of the prepared dataset, read as the DataLoader reads it: whole batches, shuffled."""
     prepared = load_prepared_images(str(folder), preprocess, seed=3)
     prepared.set_epoch(epoch)
-    return [prepared[index]["pixels"] for index in range(len(prepared))]
+    order = torch.randperm(len(prepared), generator=torch.Generator().manual_seed(epoch)).tolist()
+    items = {}
+    for start in range(0, len(order), 5):
+        indices = order[start:start + 5]
+        items.update(zip(indices, prepared.__getitems__(indices)["pixels"]))
+    assert torch.equal(prepared[order[0]]["pixels"], items[order[0]])  # one item alone, the same
+    return [items[index] for index in range(len(prepared))]
 
 
 def prepare_folder(source, output, center_crop=True, **options):
@@ -54,6 +62,20 @@ def test_prepared_dataset_gives_exactly_the_decoded_tensors(image_folder, tmp_pa
     flipping = ImagePreprocessor(RESOLUTION, center_crop, random_flip=True)
     assert any(not torch.equal(a, b) for a, b in zip(prepared_tensors(tmp_path / "prepared", flipping, 0),
                                                       prepared_tensors(tmp_path / "prepared", flipping, 1)))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_dataloader_hands_over_whole_prepared_batches(image_folder, tmp_path, workers):
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    preprocess = ImagePreprocessor(RESOLUTION, random_flip=True)
+    dataset = load_prepared_images(str(tmp_path / "prepared"), preprocess, seed=3)
+    dataset.set_epoch(1)
+    batches = list(make_dataloader(dataset, batch_size=4, num_workers=workers))
+    assert len(batches) == 8
+    assert all(batch.keys() == {"pixels"} and batch["pixels"].shape == (4, RESOLUTION, RESOLUTION, 3)
+               and batch["pixels"].dtype == torch.uint8 for batch in batches)
+    got = sorted(bytes(image.numpy()) for batch in batches for image in batch["pixels"])
+    assert got == sorted(bytes(image.numpy()) for image in decoded_tensors(image_folder, preprocess, 1))
 
 
 def test_records_are_uint8_pixels_with_their_source(image_folder, tmp_path):
@@ -162,12 +184,17 @@ def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
 
 
 def test_training_from_a_prepared_dataset(image_folder, tmp_path):
+    """It trains exactly as from the images it was made of: the same batches, flips and noise (10 steps of
+    4 images are more than one pass over the 32, so two epochs' flips)."""
     run_cli(tmp_path, "prepare", "--train_data_dir", str(image_folder), "--resolution", "16",
             "--output_dir", str(tmp_path / "prepared"), "--shard_size", "16")
-    quick = ["--train_data_dir", str(tmp_path / "prepared"), "--save_images_steps", "100", "--save_model_steps", "100",
-             "--logger", "none"]
-    run_training(tmp_path, tmp_path / "run", [*quick, "--resolution", "16", "--max_train_steps", "3"])
-    assert read_summary(tmp_path / "run")["optimizer_steps"] == 3
+    quick = ["--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
+    steps = ["--resolution", "16", "--max_train_steps", "10", "--random_flip", "true"]
+    run_training(tmp_path, tmp_path / "run", ["--train_data_dir", str(tmp_path / "prepared"), *quick, *steps])
+    assert read_summary(tmp_path / "run")["optimizer_steps"] == 10
+    run_training(tmp_path, tmp_path / "decoded", ["--train_data_dir", str(image_folder), *quick, *steps])
+    assert_bitwise_equal(exported_weights(tmp_path / "decoded"), exported_weights(tmp_path / "run"))
+    quick = ["--train_data_dir", str(tmp_path / "prepared"), *quick]
     refused = run_script_directly(tmp_path, *TINY_RUN, *quick, "--output_dir", str(tmp_path / "run32"),
                                   "--resolution", "32", "--max_train_steps", "1")
     assert refused.returncode == 2

@@ -290,20 +290,30 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int =
 
 
 class PreparedImages(AugmentedImages):
-    """A prepared dataset as training items: `{"pixels": uint8 (H, W, 3)}`, as `data.PreprocessedImages` gives.
+    """A prepared dataset as training batches: `{"pixels": uint8 (B, H, W, 3)}`, the batch of
+    `data.PreprocessedImages`'s items, with the same crops and flips.
 
     The Arrow files are memory-mapped, so DataLoader workers share the page
-    cache instead of each holding a copy. Per item only the random crop (with
-    `--no_center_crop`) and flip run, drawn as in `data.PreprocessedImages`.
+    cache instead of each holding a copy. A batch is read whole
+    (`__getitems__`, which the DataLoader calls with a batch's indices): one
+    Arrow read of its pixels, one copy of them into the batch, and the random
+    flip (and, with `--no_center_crop`, the random crop) drawn per image from
+    `augmentation_generator(seed, epoch, index)` as in `data.PreprocessedImages`.
+    Read item by item and collated, a batch took 1.5–2 times as long; read
+    whole, it costs the main process less than taking it over from a DataLoader
+    worker would (docs/performance.md), so it needs no workers.
     """
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([index])[0]
+    def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
+        super().__init__(dataset, preprocess, seed)
+        self.images = dataset.select_columns(["pixels", "height", "width"])  # a batch's read skips `source`
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """A batch's items from one Arrow read (the DataLoader asks for a batch at once when this exists)."""
-        records = self.dataset[indices]
-        return [{"pixels": self.preprocess.augment(np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3),
-                                                   augmentation_generator(self.seed, self.epoch, index))}
-                for index, pixels, height, width in zip(indices, records["pixels"], records["height"],
-                                                        records["width"])]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixels": self.__getitems__([index])["pixels"][0]}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        records = self.images[indices]
+        images = [np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3)
+                  for pixels, height, width in zip(records["pixels"], records["height"], records["width"])]
+        generators = [augmentation_generator(self.seed, self.epoch, index) for index in indices]
+        return {"pixels": self.preprocess.augment_batch(images, generators)}
