@@ -12,7 +12,10 @@ evaluations plus the scheduler's arithmetic, so each row times the first
 compiling) and reports s/image = (s/step × S) ÷ batch size, S being the
 scheduler's full count: DDPM-1000 at batch 16 would take hours on a CPU.
 `--timed_steps 0` times every step instead. The first row of each compiled
-batch size carries the compile time (warm-up step − steady step).
+batch size carries the compile time (warm-up step − steady step). On a CPU
+freed memory is kept for reuse as `lsun-ddpm sample` keeps it
+(`performance.keep_freed_host_memory`); `--glibc_malloc_defaults` times
+glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.models import PRESETS, ADMUNet2DModel
-from lsun_ddpm.performance import compile_in_place, fast_precision_available
+from lsun_ddpm.performance import compile_in_place, fast_precision_available, keep_freed_host_memory
 from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, generate, load_scheduler_config, load_unet
 
 
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=("both", "off", "on"), default="both")
     parser.add_argument("--timed_steps", type=int, default=4, help="steps timed per row after the warm-up (0: all)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast / channels_last")
+    parser.add_argument("--glibc_malloc_defaults", action="store_true",
+                        help="on a CPU, do not keep freed memory for reuse (lsun-ddpm sample does)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -77,10 +82,12 @@ def main() -> None:
         unet, config = load_unet(args.model).to(device), load_scheduler_config(args.model)
     else:
         unet, config = ADMUNet2DModel.from_preset(args.preset).to(device).eval(), dict(make_noise_scheduler().config)
+    kept = not args.glibc_malloc_defaults and keep_freed_host_memory(device)
     bf16 = not args.fp32 and fast_precision_available(device)
     name = args.model or args.preset
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{name}, torch {torch.__version__}, {device_name}, {'bf16 + channels_last' if bf16 else 'fp32'}")
+    print(f"{name}, torch {torch.__version__}, {device_name}, {'bf16 + channels_last' if bf16 else 'fp32'}"
+          f"{', freed memory kept for reuse' if kept else ''}")
     rows = []
     for compiled in {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]:
         if compiled:

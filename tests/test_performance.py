@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsun_ddpm import performance, training
+from lsun_ddpm import cli, performance, training
 from lsun_ddpm.config import TrainingConfig
 from lsun_ddpm.performance import (COMPILE_BREAK_EVEN_MICRO_BATCHES, compile_in_place, default_mixed_precision,
                                    default_torch_compile, is_compiled)
@@ -179,3 +179,14 @@ def test_with_glibc_a_freed_100_mib_tensor_stays_in_the_heap_for_reuse(no_malloc
         return int(result.stdout.split()[-1])
 
     assert free_bytes_after("default") < 100 << 20 <= free_bytes_after("kept")
+
+
+@pytest.mark.parametrize("command, keeps", [("sample", True), ("interpolate", True), ("neighbours", True),
+                                            ("evaluate", True), ("prepare", False), ("push", False)])
+def test_commands_that_run_a_network_keep_freed_host_memory_on_the_cpu(monkeypatch, command, keeps):
+    kept = []
+    monkeypatch.setattr(performance, "keep_freed_host_memory", kept.append)
+    monkeypatch.setitem(cli.HANDLERS, command, lambda argv: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cli.main([command])
+    assert kept == ([torch.device("cpu")] if keeps else [])

@@ -26,6 +26,7 @@ from .errors import InputError  # a request outside the app's limits; its messag
 from .hub import training_data
 from .interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, magnified,
                             save_gif, strip)
+from .performance import keep_freed_host_memory
 from .pipelines.ddpm_interpolation import METHODS
 from .sampling import (SamplingPlan, generate, has_ema_weights, image_grid, load_scheduler_config, pick_device,
                        recorded_training_options)
@@ -293,6 +294,7 @@ def main() -> None:
     model_id = os.environ.get("MODEL_ID")
     if not model_id:
         raise SystemExit("set MODEL_ID to a Hub model repo id or a local pipeline folder")
+    keep_freed_host_memory(pick_device())  # a CPU Space: a batch's activations are reused, not re-mapped each step
     demo = build_demo(SpaceModel(model_id))
     # server name and port: gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself.
     demo.launch(theme=offline_theme(), ssr_mode=False, max_file_size="20mb", footer_links=["gradio"])

@@ -102,17 +102,19 @@ MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_T
 
 
 def keep_freed_host_memory(device: torch.device, libc: ctypes.CDLL | None = None) -> bool:
-    """On a CPU run with glibc's malloc, keep freed blocks for reuse instead of handing them back to the system.
+    """On a CPU with glibc's malloc, keep freed blocks for reuse instead of handing them back to the system.
 
-    A training step on a CPU allocates and frees gigabytes of activations.
+    A training step on a CPU allocates and frees gigabytes of activations (a
+    sampling step at batch 16, hundreds of MiB).
     glibc serves every block of 32 MiB or more with its own mmap, unmaps it
     on free, and returns the top of the heap beyond 128 KiB (M_TRIM_THRESHOLD):
     each step the kernel then maps and zeroes the same memory again, page by
     page. Raising both thresholds (what PyTorch's CPU tuning guide gets from
     jemalloc or tcmalloc, without a library to install) took a paper128 step
     here from 22-25 s to 15-17 s, with the system time halved and 10 % more peak
-    memory (docs/performance.md). Not on a GPU run, whose activations live in
-    CUDA's caching allocator, and not where the user set malloc up (MALLOC_*,
+    memory, and a sampling step at batch 16 from 9.8 to 7.9 s
+    (docs/performance.md). Not on a GPU, whose activations live in CUDA's
+    caching allocator, and not where the user set malloc up (MALLOC_*,
     GLIBC_TUNABLES, LD_PRELOAD of another allocator). Returns whether it applied.
     """
     if device.type != "cpu" or any(os.environ.get(name) for name in MALLOC_SETTINGS):
