@@ -128,8 +128,9 @@ class ImagePreprocessor:
         """`augment` of each image with its generator, as one uint8 (B, resolution, resolution, 3) batch.
 
         With the centre crop (`resize`'s images are then all resolution ×
-        resolution) it is one copy of all the images and one flip of those
-        drawn to flip, rather than a copy and a flip per image."""
+        resolution) it is one copy of all the images into the batch, and those
+        drawn to flip are flipped in place, rather than a copy per image and a
+        stack of the copies."""
         if not self.center_crop:
             return torch.stack([self.augment(image, generator) for image, generator in zip(images, generators)])
         batch = torch.from_numpy(np.stack(images))
@@ -149,8 +150,8 @@ def to_model_input(pixels: torch.Tensor, memory_format: torch.memory_format = to
     gives; `memory_format` for a batch (torch.channels_last).
 
     Training items carry uint8 pixels, and the training loop converts a batch once it is on the device:
-    a DataLoader worker then hands over a quarter of the bytes (3× the images per second through one
-    worker, docs/performance.md), a batch goes to a GPU in a quarter of the time, and channels_last
+    a DataLoader worker then hands over a quarter of the bytes (1.7-2.5× the images per second through
+    one worker, docs/performance.md), a batch goes to a GPU in a quarter of the time, and channels_last
     costs no transposition, since (H, W, 3) already is its layout.
     """
     return pixels.movedim(-1, -3).float().div_(127.5).sub_(1.0).contiguous(memory_format=memory_format)
