@@ -13,7 +13,10 @@ Settings (each in a fresh process, so that its peak memory and its compile cache
 - `fp32`, `bf16`, `bf16+channels_last`, `bf16+channels_last+compile`: this
   project's step (`training.train_micro_batch`, `apply_or_skip_step`, the EMA,
   one host sync per step) on a prepared dataset (`lsun-ddpm prepare`: no
-  decoding), under an Accelerator with that precision.
+  decoding), under an Accelerator with that precision, and on a CPU with freed
+  host memory kept for reuse as `train()` keeps it
+  (`performance.keep_freed_host_memory`; `--glibc_malloc_defaults` times them
+  without it). The baseline runs under glibc's defaults, as the example does.
 
 The first step of each setting is left out of the rate (kernel warm-up, Adam's
 moments allocated; for `+compile` the compilation, reported as its own
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 
 from lsun_ddpm.models import PRESETS, build_model
+from lsun_ddpm.performance import keep_freed_host_memory
 
 MIB = 2**20
 SETTINGS = ("diffusers-baseline", "fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
@@ -50,9 +54,10 @@ GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0,
 # ---------------------------------------------------------------- one setting, in this process
 
 
-def measure(setting: str, preset: str, batch_size: int, steps: int, images: Path) -> dict:
+def measure(setting: str, preset: str, batch_size: int, steps: int, images: Path, keep_freed: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    kept = setting != "diffusers-baseline" and keep_freed and keep_freed_host_memory(device)
     step, model = (baseline_step if setting == "diffusers-baseline" else project_step)(setting, preset, batch_size,
                                                                                       device, images)
     baseline_memory = peak_bytes(device)
@@ -66,7 +71,7 @@ def measure(setting: str, preset: str, batch_size: int, steps: int, images: Path
     seconds = statistics.median(timings[1:])
     return {"setting": setting, "preset": preset, "batch_size": batch_size, "device": device_name(device),
             "seconds_per_step": seconds, "images_per_second": batch_size / seconds,
-            "first_step_seconds": timings[0], "step_timings": timings,
+            "first_step_seconds": timings[0], "step_timings": timings, "host_memory_kept": kept,
             "peak_mib": peak_bytes(device) / MIB, "peak_above_model_mib": (peak_bytes(device) - baseline_memory) / MIB,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -251,12 +256,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting, after the first")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--peak_tflops", type=float, help="the device's peak, for utilisation (default: see above)")
+    parser.add_argument("--glibc_malloc_defaults", action="store_true",
+                        help="time this project's settings under glibc's malloc defaults, as the baseline runs")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: "setting,batch_size,images folder"
     args = parser.parse_args()
     if args.one:
         setting, batch_size, images = args.one.split(",", 2)
-        print(json.dumps(measure(setting, args.preset, int(batch_size), args.steps, Path(images))))
+        print(json.dumps(measure(setting, args.preset, int(batch_size), args.steps, Path(images),
+                                 not args.glibc_malloc_defaults)))
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,6 +279,7 @@ def main() -> None:
             for setting in args.settings:
                 command = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
                            "--one", f"{setting},{batch_size},{folder}"]
+                command += ["--glibc_malloc_defaults"] if args.glibc_malloc_defaults else []
                 row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
                 peak, source = peak_tflops(device, "bf16" in setting, args.peak_tflops)
                 row |= {"flops_per_step": flops, "peak_tflops": peak, "peak_source": source,
@@ -285,14 +294,15 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"{first['preset']} ({first['parameters'] / 1e6:.1f} M parameters), {first['device']}, torch {torch.__version__}")
-    print("| setting | micro-batch | s/step | images/s | × baseline | first step (compile) s | peak memory MiB | "
-          "TFLOP/step | achieved TFLOP/s | peak used | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting | micro-batch | freed host memory kept | s/step | images/s | × baseline | first step (compile) s | "
+          "peak memory MiB | TFLOP/step | achieved TFLOP/s | peak used | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     baselines = {row["batch_size"]: row["images_per_second"] for row in rows if row["setting"] == "diffusers-baseline"}
     for row in rows:
         ratio = row["images_per_second"] / baselines[row["batch_size"]] if row["batch_size"] in baselines else float("nan")
         achieved = row["flops_per_step"] / row["seconds_per_step"] / 1e12
-        print(f"| {row['setting']} | {row['batch_size']} | {row['seconds_per_step']:.2f} | "
+        kept = "yes" if row["host_memory_kept"] else "no"
+        print(f"| {row['setting']} | {row['batch_size']} | {kept} | {row['seconds_per_step']:.2f} | "
               f"{row['images_per_second']:.2f} | {ratio:.2f} | {row['first_step_seconds']:.1f} | {row['peak_mib']:.0f} | "
               f"{row['flops_per_step'] / 1e12:.2f} | {achieved:.2f} | {row['peak_tflops']:.1f} ({row['peak_source']}) | "
               f"{row['mfu']:.1%} |")
