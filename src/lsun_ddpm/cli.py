@@ -62,8 +62,8 @@ def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
     from .performance import COMPILE_MODES
 
     parser.add_argument("--torch_compile", action="store_true",
-                        help="torch.compile the U-Net first: minutes of compiling, repaid over many batches "
-                             "(docs/performance.md)")
+                        help="torch.compile the U-Net first: minutes of compiling; on a CPU the compiled step "
+                             "was measured no faster (docs/performance.md)")
     parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
 
 

@@ -158,7 +158,7 @@ class SamplingPlan:
     num_inference_steps: int | None = None  # default: the scheduler's (25 for dpmsolver++, 1000 for ddpm)
     batch_size: int = 16
     bf16: bool = True
-    torch_compile: bool = False  # compile the U-Net's forward first: pays off for many batches, not for a few
+    torch_compile: bool = False  # compile the U-Net's forward first (minutes; no faster on a CPU)
     torch_compile_mode: str = "default"
 
     @property
