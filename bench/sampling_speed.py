@@ -60,7 +60,9 @@ def time_steps(unet, config: dict, scheduler: str, batch_size: int, bf16: bool, 
     return {"scheduler": scheduler, "steps": plan.steps, "batch_size": batch_size, "warm_up_step_seconds": durations[0],
             "seconds_per_step": steady, "timed_steps": len(durations) - 1,
             "seconds_per_image": steady * plan.steps / batch_size,
-            "seconds_per_batch": steady * plan.steps}
+            "seconds_per_batch": steady * plan.steps,
+            # with --timed_steps 0, the whole batch's wall time as it ran (the first step and any compiling included)
+            "seconds_timed_in_all": sum(durations)}
 
 
 def main() -> None:
@@ -97,14 +99,14 @@ def main() -> None:
                 row = time_steps(unet, config, scheduler, batch_size, bf16, args.timed_steps) | {"compile": compiled}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.json:  # after every row: a run stopped at a time limit keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=2))
     print("| scheduler | steps | batch | compile | s/step | s/image | warm-up step s | steps timed |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['scheduler']} | {row['steps']} | {row['batch_size']} | {'on' if row['compile'] else 'off'} | "
               f"{row['seconds_per_step']:.3f} | {row['seconds_per_image']:.2f} | {row['warm_up_step_seconds']:.1f} | "
               f"{row['timed_steps']} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

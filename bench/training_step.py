@@ -277,21 +277,38 @@ def main() -> None:
         for batch_size in args.batch_sizes:
             flops = training_flops(args.preset, batch_size)
             for setting in args.settings:
-                command = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
-                           "--one", f"{setting},{batch_size},{folder}"]
-                command += ["--glibc_malloc_defaults"] if args.glibc_malloc_defaults else []
-                row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-                peak, source = peak_tflops(device, "bf16" in setting, args.peak_tflops)
-                row |= {"flops_per_step": flops, "peak_tflops": peak, "peak_source": source,
-                        "mfu": flops / row["seconds_per_step"] / (peak * 1e12)}
+                row = measure_in_child(args, setting, batch_size, folder)
+                if "error" not in row:
+                    peak, source = peak_tflops(device, "bf16" in setting, args.peak_tflops)
+                    row |= {"flops_per_step": flops, "peak_tflops": peak, "peak_source": source,
+                            "mfu": flops / row["seconds_per_step"] / (peak * 1e12)}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.json:  # after every row: a run stopped at a time limit keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=2))
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def measure_in_child(args: argparse.Namespace, setting: str, batch_size: int, folder: str) -> dict:
+    """One setting in a fresh process; a setting that fails (out of memory, say) is reported, and the rest run."""
+    command = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
+               "--one", f"{setting},{batch_size},{folder}"]
+    command += ["--glibc_malloc_defaults"] if args.glibc_malloc_defaults else []
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode == 0:
+        return json.loads(child.stdout)
+    print(child.stderr[-4000:], file=sys.stderr)
+    last_line = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+    return {"setting": setting, "batch_size": batch_size, "error": last_line}
 
 
 def print_table(rows: list[dict]) -> None:
+    for row in rows:
+        if "error" in row:
+            print(f"{row['setting']} at micro-batch {row['batch_size']} failed: {row['error']}")
+    rows = [row for row in rows if "error" not in row]
+    if not rows:
+        return
     first = rows[0]
     print(f"{first['preset']} ({first['parameters'] / 1e6:.1f} M parameters), {first['device']}, torch {torch.__version__}")
     print("| setting | micro-batch | freed host memory kept | s/step | images/s | × baseline | first step (compile) s | "
@@ -299,11 +316,12 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     baselines = {row["batch_size"]: row["images_per_second"] for row in rows if row["setting"] == "diffusers-baseline"}
     for row in rows:
-        ratio = row["images_per_second"] / baselines[row["batch_size"]] if row["batch_size"] in baselines else float("nan")
+        baseline = baselines.get(row["batch_size"])
+        ratio = f"{row['images_per_second'] / baseline:.2f}" if baseline else "-"
         achieved = row["flops_per_step"] / row["seconds_per_step"] / 1e12
         kept = "yes" if row["host_memory_kept"] else "no"
         print(f"| {row['setting']} | {row['batch_size']} | {kept} | {row['seconds_per_step']:.2f} | "
-              f"{row['images_per_second']:.2f} | {ratio:.2f} | {row['first_step_seconds']:.1f} | {row['peak_mib']:.0f} | "
+              f"{row['images_per_second']:.2f} | {ratio} | {row['first_step_seconds']:.1f} | {row['peak_mib']:.0f} | "
               f"{row['flops_per_step'] / 1e12:.2f} | {achieved:.2f} | {row['peak_tflops']:.1f} ({row['peak_source']}) | "
               f"{row['mfu']:.1%} |")
 
