@@ -20,7 +20,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # passes) to train: compiling paper128 takes minutes, and a shorter run (a test, a smoke run) would spend
 # more time compiling than it saves. On a CPU it is never on by default: on this project's 2-core CPU,
 # compiling paper128 took 3-9 minutes and the compiled bf16 step was no faster than the eager one
-# (16.7 against 16.5 s, docs/performance.md).
+# (17.3 against 17.6 s, docs/performance.md).
 COMPILE_BREAK_EVEN_MICRO_BATCHES = 2000
 
 
