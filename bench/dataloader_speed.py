@@ -10,9 +10,10 @@ function, then reads each through training's own dataset and DataLoader
 crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers, and
 converts each batch to the model's float input as the training loop does
 (`to_model_input`, channels_last). The last rows read datasets of ready-made
-zero tensors: what the DataLoader itself costs to hand over batches of
-training's uint8 items from its workers, the ceiling of any dataset read
-through workers, and the same for float32 items. A configuration is read for
+zero tensors: what the DataLoader itself costs to hand over batches from its
+workers, the ceiling of any dataset read through workers: uint8 batches made
+whole (as the prepared dataset makes them), training's uint8 items collated
+one by one (as the decoding paths hand them over), and float32 items. A configuration is read for
 whole epochs until `--seconds` have passed, an epoch being the images
 repeated to `--epoch_images` items; each epoch's first batch is left out of
 the rate (worker start-up, which a 3M-image LSUN epoch amortises). Beside
@@ -83,6 +84,14 @@ class ZeroImages(torch.utils.data.Dataset):
         if self.dtype == torch.uint8:
             return {"pixels": torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8)}
         return {"pixel_values": torch.zeros(3, self.resolution, self.resolution)}
+
+
+class ZeroBatches(ZeroImages):
+    """uint8 zeros made a whole (B, H, W, 3) batch at a time, as a prepared dataset hands its batches over
+    (`PreparedImages.__getitems__`): no collating, one tensor to share."""
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.zeros(len(indices), self.resolution, self.resolution, 3, dtype=torch.uint8)}
 
 
 class RepeatedImages(torch.utils.data.Dataset):
@@ -159,8 +168,10 @@ def main() -> None:
                    for kind, folder in folders.items()}
         sources["prepared dataset (memory-mapped uint8)"] = load_prepared_images(
             str(Path(scratch) / "prepared"), preprocess, seed=0)
-        sources["ready-made uint8 zeros (transfer ceiling)"] = ZeroImages(args.num_images, args.resolution,
-                                                                          torch.uint8)
+        sources["ready-made uint8 zeros, whole batches (the prepared path's transfer ceiling)"] = ZeroBatches(
+            args.num_images, args.resolution, torch.uint8)
+        sources["ready-made uint8 zeros, item by item (transfer ceiling)"] = ZeroImages(args.num_images,
+                                                                                        args.resolution, torch.uint8)
         sources["ready-made float32 zeros (the former item format)"] = ZeroImages(args.num_images, args.resolution,
                                                                                   torch.float32)
 
