@@ -13,9 +13,9 @@ converts each batch to the model's float input as the training loop does
 zero tensors: what the DataLoader itself costs to hand over batches from its
 workers, the ceiling of any dataset read through workers: uint8 batches made
 whole (as the prepared dataset makes them), training's uint8 items collated
-one by one (as the decoding paths hand them over), and float32 items. A configuration is read for
-whole epochs until `--seconds` have passed, an epoch being the images
-repeated to `--epoch_images` items; each epoch's first batch is left out of
+one by one (as the decoding paths hand them over), and float32 items. A
+configuration is read for whole epochs until `--seconds` have passed, an
+epoch being the images repeated to `--epoch_images` items; each epoch's first batch is left out of
 the rate (worker start-up, which a 3M-image LSUN epoch amortises). Beside
 the rate it gives the main thread's CPU time per image (reading in the main
 process, or taking batches over from workers, plus the conversion): on a GPU

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
-                            PreprocessedStream, augmentation_generator, decode_notes, encode_notes, load_image_dataset, make_dataloader,
-                            make_training_dataset, resize_shorter_side, summarise_image_reports, to_model_input)
+                            PreprocessedStream, augmentation_generator, decode_notes, encode_notes,
+                            load_image_dataset, make_dataloader, make_training_dataset, resize_shorter_side,
+                            summarise_image_reports, to_model_input)
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
