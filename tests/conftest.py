@@ -18,6 +18,24 @@ from PIL import Image
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
 pytest_plugins = ["fake_hub"]
 
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the README's test command): most of the suite's time is subprocesses importing torch
+    and training on one thread, so one worker per core, up to 4 (beyond that, each worker's copies of
+    torch and its subprocesses' would add memory faster than they save time)."""
+    return max(1, min(4, usable_cores()))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # This worker's in-process tensor work shares the cores with the other workers': without this,
+    # each worker would spin as many torch threads as there are cores.
+    torch.set_num_threads(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "train_unconditional.py"
 PROBED_SCRIPT = Path(__file__).with_name("probed_training.py")
