@@ -23,6 +23,7 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist the suite runs in one process
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (the README's test command): most of the suite's time is subprocesses importing torch
     and training on one thread, so one worker per core, up to 4 (beyond that, each worker's copies of
