@@ -13,7 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
+
+from fake_hub import OFFLINE_VARIABLES
 
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
 pytest_plugins = ["fake_hub"]
@@ -75,6 +78,14 @@ def isolated_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate's state is a process-wide singleton: a test's `Accelerator()` that took the user's
+    ACCELERATE_MIXED_PRECISION would make a later test's `Accelerator(mixed_precision="no")` raise."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -115,7 +126,8 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     command = accelerate_launch(num_processes) + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
     env = offline_env(tmp_path)
     if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
-        env.pop("HF_HUB_OFFLINE", None)
+        for name in OFFLINE_VARIABLES:
+            env.pop(name, None)
         env.update(extra_env)
     result = run_process_tree(command, env, tmp_path, timeout)
     if check and result.returncode != 0:
