@@ -8,8 +8,8 @@
 # Part 2: the same training steps compiled (each micro-batch size compiles in a fresh process: minutes).
 # Each benchmark prints its table, logs into OUT_DIR and rewrites its JSON there after every row, so a run stopped
 # at a time limit keeps what it had measured. Needs torch with CUDA, diffusers, accelerate and datasets; this
-# checkout's src/ is used when lsun_ddpm is not installed. PRESET=tiny16 (and ALLOW_CPU=1) try the script out in
-# seconds.
+# checkout's src/ is used when lsun_ddpm is not installed; WHEELS=DIR installs diffusers and datasets offline.
+# PRESET=tiny16 (and ALLOW_CPU=1) try the script out in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?give the folder for the results}"
@@ -19,6 +19,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py="$(command -v python || command -v python3)"
 "$py" -c "import lsun_ddpm" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# A GPU node without internet access: WHEELS=DIR installs what it lacks from a folder of wheels
+# (docs/performance.md, "On a GPU", says how to fill it); pip names any requirement the folder misses.
+if [[ -n "${WHEELS:-}" ]]; then
+    "$py" -m pip install --quiet --no-index --find-links "$WHEELS" diffusers datasets
+fi
 # Fail in seconds, not after minutes of device time, when something is missing.
 "$py" - <<'EOF'
 import importlib.util, os, sys
