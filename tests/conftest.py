@@ -16,7 +16,7 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from fake_hub import OFFLINE_VARIABLES
+from fake_hub import without_offline_variables
 
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
 pytest_plugins = ["fake_hub"]
@@ -126,9 +126,7 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     command = accelerate_launch(num_processes) + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
     env = offline_env(tmp_path)
     if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
-        for name in OFFLINE_VARIABLES:
-            env.pop(name, None)
-        env.update(extra_env)
+        env = without_offline_variables(env) | extra_env
     result = run_process_tree(command, env, tmp_path, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

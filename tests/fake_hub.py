@@ -48,6 +48,13 @@ import pytest
 
 # Either one turns huggingface_hub's offline mode on, which blocks requests to this server too.
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def without_offline_variables(env: dict[str, str]) -> dict[str, str]:
+    """`env` with huggingface_hub's offline switches removed, for a child that must reach this server."""
+    return {name: value for name, value in env.items() if name not in OFFLINE_VARIABLES}
+
+
 REPO_TYPE_OF_PREFIX = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX_OF_TYPE = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -156,9 +163,7 @@ class FakeHub:
 
     def subprocess_env(self, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
         """An environment for a child process that uses this server (online, telemetry off)."""
-        env = dict(os.environ if base is None else base)
-        for name in OFFLINE_VARIABLES:
-            env.pop(name, None)
+        env = without_offline_variables(os.environ if base is None else base)
         env.update(HF_ENDPOINT=self.url, HF_HUB_DISABLE_TELEMETRY="1", **extra)
         return env
 
