@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -76,6 +77,9 @@ def isolated_hf_home(tmp_path, monkeypatch):
     """Each test caches 🤗 files in its own folder and never reaches the network."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # huggingface_hub caches its agent registry in the HF_HOME it saw at import: not the user's.
+    monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH",
+                        str(tmp_path / "hf_home" / ".agent_harnesses.json"), raising=False)
 
 
 @pytest.fixture(autouse=True)

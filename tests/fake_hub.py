@@ -12,6 +12,7 @@ It answers just what `create_repo(...)` and `upload_folder(...)` request (repo t
     POST /api/spaces/{repo_id}/variables                 add_space_variable (kept in `space_variables`)
     GET  /api/whoami-v2                                  the fake user
     POST /api/validate-yaml                              README.md metadata check: always valid
+    GET  /api/agent-harnesses                            huggingface_hub's agent registry (once a process): empty
 
 Because every file is "regular", all bytes arrive inside the commit payload, so the client never starts
 an LFS or Xet transfer (which would need more servers). Anything else is recorded in `unknown_requests`
@@ -282,6 +283,8 @@ class FakeHub:
             route, args = "whoami", ()
         elif method == "POST" and raw_path == "/api/validate-yaml":
             route, args = "validate-yaml", ()
+        elif method == "GET" and raw_path == "/api/agent-harnesses":
+            route, args = "agent-harnesses", ()
         elif match:
             action, rest = match["action"], unquote(match["rest"] or "")
             route = {("GET", None): "info", ("GET", "revision"): "info", ("GET", "refs"): "refs",
@@ -312,6 +315,8 @@ class FakeHub:
             return 200, {"type": "user", "name": self.user, "auth": {"type": "access_token"}}
         if route == "validate-yaml":  # sent before any upload that includes a README.md: accept everything
             return 200, {"errors": [], "warnings": []}
+        if route == "agent-harnesses":  # fetched by a process's first request (its user agent): no harness
+            return 200, {"standardEnvVars": [], "harnesses": {}}
         repo_type, repo_id, rest = args
         if route == "info":
             return self.repo_info(repo_type, repo_id, rest)
