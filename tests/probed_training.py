@@ -1,11 +1,13 @@
 """The training script with probes that a test cannot place from outside; run it under `accelerate launch`.
 
-    probed_training.py [--kill_while_saving STEP] [--save_replicas] [--nan_loss_at_steps S,S...]
+    probed_training.py [--kill_while_saving STEP] [--kill_before_results] [--save_replicas] [--nan_loss_at_steps S,S...]
                        [--signal_at_step STEP SIGNAL [--signal_rank R]] TRAINING OPTIONS...
 
 --kill_while_saving STEP  SIGKILL this process while it saves checkpoint STEP: the model, optimizer and
                           RNG states are written, the EMA and lr schedule (saved after them) and the
                           rename are not.
+--kill_before_results     SIGKILL this process when, its last checkpoint saved, it starts on the run's
+                          results (the final samples, the pipeline, the summary).
 --save_replicas           each process also writes its final weights (raw, then EMA) to
                           replica-<process index>.safetensors in the output folder, so that a test
                           compares the replicas itself.
@@ -38,6 +40,17 @@ def kill_while_saving(step: int) -> None:
         return save_custom_state(obj, path, *args, **kwargs)
 
     accelerate.accelerator.save_custom_state = save_or_die
+
+
+def kill_before_results() -> None:
+    save_sample_grid = training.save_sample_grid
+
+    def save_or_die(accelerator, unet, ema, scheduler, config, step):
+        if step == config.max_train_steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_sample_grid(accelerator, unet, ema, scheduler, config, step)
+
+    training.save_sample_grid = save_or_die
 
 
 def save_replicas() -> None:
@@ -93,6 +106,7 @@ def signal_at_step(step: int, signal_name: str, rank: int | None):
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill_while_saving", type=int)
+    parser.add_argument("--kill_before_results", action="store_true")
     parser.add_argument("--save_replicas", action="store_true")
     parser.add_argument("--nan_loss_at_steps", type=lambda text: {int(step) for step in text.split(",")})
     parser.add_argument("--signal_at_step", nargs=2, metavar=("STEP", "SIGNAL"))
@@ -105,6 +119,8 @@ def main(argv: list[str]) -> None:
         on_each_micro_batch(signal_at_step(int(step), signal_name, probes.signal_rank))
     if probes.kill_while_saving is not None:
         kill_while_saving(probes.kill_while_saving)
+    if probes.kill_before_results:
+        kill_before_results()
     if probes.save_replicas:
         save_replicas()
     training.main(training_argv)

@@ -98,6 +98,17 @@ def test_timestep_quarters():
     assert diffusion.timestep_quarter(t, T).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+@pytest.mark.parametrize("num_train_timesteps", [1000, 10, 7, 4])
+def test_quarter_bounds_are_the_first_and_last_t_of_each_quarter(num_train_timesteps):
+    t = torch.arange(num_train_timesteps)
+    quarters = diffusion.timestep_quarter(t, num_train_timesteps)
+    for quarter in range(4):
+        members = t[quarters == quarter]
+        expected = (members.min().item(), members.max().item())
+        assert diffusion.quarter_bounds(quarter, num_train_timesteps) == expected
+    assert diffusion.quarter_bounds(1, 1000) == (250, 499)
+
+
 def test_training_timesteps_are_uniform_over_0_to_T_minus_1():
     torch.manual_seed(0)
     timesteps = diffusion.sample_timesteps(1_000_000, 1000, torch.device("cpu"))

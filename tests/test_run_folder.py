@@ -202,6 +202,51 @@ def test_a_checkpoint_of_another_run_is_recognised_outside_its_folder(tmp_path):
     assert run_folder.checkpoint_to_resume(config) == (tmp_path / "ours" / "checkpoint-5", [])
 
 
+def test_a_checkpoint_named_without_its_folder_is_looked_for_in_the_output_dir(tmp_path, monkeypatch):
+    """`--resume_from_checkpoint checkpoint-4`, as diffusers' example scripts take it, from another directory."""
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = tiny_config(output_dir, resume_from_checkpoint="checkpoint-4")
+    assert run_folder.checkpoint_to_resume(config) == (output_dir / "checkpoint-4", [])
+    config.resume_from_checkpoint = "checkpoint-6"
+    with pytest.raises(InputError, match="--resume_from_checkpoint checkpoint-6: no such checkpoint folder"):
+        run_folder.checkpoint_to_resume(config)
+
+
+def test_changes_to_the_batches_on_resume_are_named(tmp_path):
+    saved = tiny_config(tmp_path / "out", seed=3, gradient_accumulation_steps=4)
+    checkpoint = fake_checkpoint(tmp_path / "out" / "checkpoint-2", saved,
+                                 files=(*STATE_FILES, "random_states_1.pkl"))  # two processes
+    same = tiny_config(tmp_path / "out", seed=3, gradient_accumulation_steps=4, learning_rate=1e-5)
+    assert run_folder.data_order_changes(checkpoint, same, num_processes=2) == []
+    other = tiny_config(tmp_path / "out", seed=4, gradient_accumulation_steps=2)
+    assert run_folder.data_order_changes(checkpoint, other, num_processes=1) == [
+        "gradient_accumulation_steps 4 (this run: 2)", "seed 3 (this run: 4)", "2 processes (this run: 1)"]
+
+
+def test_the_finished_step_is_the_summarys(tmp_path):
+    assert run_folder.finished_step(tmp_path) is None  # no summary: not finished
+    (tmp_path / "training_summary.json").write_text('{"optimizer_steps": 4')  # cut short
+    assert run_folder.finished_step(tmp_path) is None
+    fake_run(tmp_path / "out", tiny_config(tmp_path / "out"))
+    assert run_folder.finished_step(tmp_path / "out") == 4
+
+
+def test_a_failed_config_write_keeps_the_previous_config(tmp_path, monkeypatch):
+    path = tmp_path / "training_config.yaml"
+    tiny_config(tmp_path, learning_rate=1e-4).save(str(path))
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("yaml.safe_dump", disk_full)
+    with pytest.raises(OSError):
+        tiny_config(tmp_path, learning_rate=1e-5).save(str(path))
+    assert path.read_bytes() == before
+
+
 # ---------------------------------------------------------------- disk space and summary
 
 

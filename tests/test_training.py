@@ -211,6 +211,44 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_
     assert not list(output_dir.glob(".*"))  # the killed save's staging folder was cleared
 
 
+def test_a_run_killed_after_its_last_checkpoint_writes_its_results_when_resumed(run, tmp_path, image_folder):
+    """SIGKILL once checkpoint-24 is saved, before the final samples, pipeline and summary (a preempted
+    job's grace period running out while it samples, say): resuming it writes them, without training."""
+    output_dir = tmp_path / "stopped"
+    shutil.copytree(run[0] / "checkpoint-21", output_dir / "checkpoint-21")
+    args = ["--train_data_dir", str(image_folder), *RUN_ARGS, "--resume_from_checkpoint", "latest"]
+    killed = run_training(tmp_path, output_dir, args, probes=["--kill_before_results"], check=False)
+    assert killed.returncode != 0 and (output_dir / f"checkpoint-{STEPS}").is_dir()
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "training_summary.json").exists()
+    run_training(tmp_path, output_dir, args)
+    summary = read_summary(output_dir)
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == 0
+    assert_bitwise_equal(exported_weights(run[0]), exported_weights(output_dir))
+    assert (output_dir / "samples" / f"step-{STEPS:07d}.png").is_file()
+    DDPMPipeline.from_pretrained(output_dir)
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate_adam_and_ema_settings(run, tmp_path, image_folder):
+    """checkpoint-21 resumed with a lower lr, weight decay and a capped EMA decay: the checkpoint restores
+    its optimizer's and EMA's settings, and this run's must replace them from step 22 on. Its batch size
+    and seed change the batches it trains on, which it says."""
+    output_dir = tmp_path / "changed"
+    shutil.copytree(run[0] / "checkpoint-21", output_dir / "checkpoint-21")
+    new_lr = LR / 4
+    result = run_training(tmp_path, output_dir, [
+        "--train_data_dir", str(image_folder), *RUN_ARGS, "--resume_from_checkpoint", "latest",
+        "--learning_rate", str(new_lr), "--adam_weight_decay", "0.5", "--ema_max_decay", "0.5",
+        "--train_batch_size", "2", "--seed", "7"])
+    # constant_with_warmup after its 4 warm-up steps: the lr itself
+    assert read_scalars(output_dir, "train/lr") == pytest.approx({22: new_lr, 23: new_lr, 24: new_lr})
+    assert read_scalars(output_dir, "train/ema_decay") == pytest.approx({22: 0.5, 23: 0.5, 24: 0.5})
+    adam = torch.load(output_dir / f"checkpoint-{STEPS}" / "optimizer.bin", weights_only=False)
+    assert adam["param_groups"][0]["lr"] == pytest.approx(new_lr)
+    assert adam["param_groups"][0]["weight_decay"] == 0.5
+    log = " ".join((result.stderr + result.stdout).split())
+    assert "checkpoint-21 was trained with train_batch_size 4 (this run: 2), seed 0 (this run: 7)" in log
+
+
 def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     linear = torch.nn.Linear(2, 2)

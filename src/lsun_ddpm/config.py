@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .errors import DEBUG_FLAG, InputError, did_you_mean
-from .export import check_output_folder
+from .export import check_output_folder, write_text
 from .models import PRESETS, downsampling_factor, model_config, unet_channels
 from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
 
@@ -275,8 +275,7 @@ class TrainingConfig:
     def save(self, path: str) -> None:
         """Write the resolved configuration (no secrets, no one-time flags) as YAML, reusable with --config."""
         values = {name: value for name, value in self.to_dict().items() if name not in ONE_TIME_FIELDS}
-        with open(path, "w") as file:
-            yaml.safe_dump(values, file, sort_keys=False)
+        write_text(yaml.safe_dump(values, sort_keys=False), path)  # a crash never leaves half a config
 
 
 def read_config_file(path: str) -> dict[str, Any]:

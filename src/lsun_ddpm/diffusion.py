@@ -84,6 +84,11 @@ def timestep_quarter(timesteps: torch.Tensor, num_train_timesteps: int) -> torch
     return (timesteps * 4 // num_train_timesteps).clamp(max=3)
 
 
+def quarter_bounds(quarter: int, num_train_timesteps: int) -> tuple[int, int]:
+    """The first and last t that `timestep_quarter` puts in `quarter`: 4t // T = q for ⌈qT/4⌉ ≤ t < ⌈(q+1)T/4⌉."""
+    return -(-quarter * num_train_timesteps // 4), -(-(quarter + 1) * num_train_timesteps // 4) - 1
+
+
 # ---------------------------------------------------------------- Improved DDPM: learned Σ_θ and L_vlb
 
 LEARNED_VARIANCE = "learned_range"  # the scheduler's variance_type for a U-Net that outputs [ε, v]

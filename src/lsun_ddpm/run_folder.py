@@ -32,6 +32,9 @@ RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.jso
 # run's checkpoint also holds the stream's position, which map-style data cannot take.
 RUN_DEFINING_FIELDS = ("model_preset", "model_config_name_or_path", "resolution", "ddpm_num_steps",
                        "ddpm_beta_schedule", "prediction_type", "use_ema", "streaming")
+# The settings that decide which images each optimizer step trains on (with the number of processes): a run
+# resumed with other values goes on, but not with the batches the uninterrupted run would have had.
+DATA_ORDER_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "seed", "max_train_samples")
 # What `accelerator.save_state` writes for a model and its optimizer on process 0.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_FILES = ("optimizer.bin", "random_states_0.pkl")
@@ -56,15 +59,27 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     return read_config_file(str(path)) if path.is_file() else None
 
 
-def run_differences(saved: dict[str, Any], config: TrainingConfig) -> list[str]:
-    """The run-defining settings in which a saved run differs from `config`, as "name X (this run: Y)".
+def run_differences(saved: dict[str, Any], config: TrainingConfig,
+                    fields: tuple[str, ...] = RUN_DEFINING_FIELDS) -> list[str]:
+    """The `fields` in which a saved run differs from `config`, as "name X (this run: Y)".
 
     `config.resolution` must be resolved (training sets it from the model). A field
     missing from `saved` (an older run) is not compared.
     """
     current = config.to_dict()
     return [f"{name} {saved[name]} (this run: {current[name]})"
-            for name in RUN_DEFINING_FIELDS if name in saved and saved[name] != current[name]]
+            for name in fields if name in saved and saved[name] != current[name]]
+
+
+def data_order_changes(checkpoint: Path, config: TrainingConfig, num_processes: int) -> list[str]:
+    """How resuming `checkpoint` with `config` on `num_processes` processes changes which images later steps
+    train on: the DATA_ORDER_FIELDS that differ and the process count, as phrases (empty: none)."""
+    saved = read_run_config(checkpoint) or read_run_config(checkpoint.parent)
+    changes = run_differences(saved, config, DATA_ORDER_FIELDS) if saved else []
+    saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))  # accelerate writes one per process
+    if saved_processes and saved_processes != num_processes:
+        changes.append(f"{saved_processes} processes (this run: {num_processes})")
+    return changes
 
 
 def check_output_dir(config: TrainingConfig) -> bool:
@@ -191,6 +206,8 @@ def checkpoint_to_resume(config: TrainingConfig) -> tuple[Path | None, list[str]
                              f"start a new run with --overwrite_output_dir, which moves the old one aside")
         return path, passed_over
     path = Path(config.resume_from_checkpoint)
+    if not path.is_dir() and not path.is_absolute():  # a name in --output_dir, as diffusers' scripts take it
+        path = Path(config.output_dir) / path
     if not path.is_dir():
         raise InputError(f"{flag}: no such checkpoint folder")
     problem = checkpoint_problem(path, config)
@@ -241,6 +258,18 @@ def _size(num_bytes: int) -> str:
 
 
 # ---------------------------------------------------------------- the summary
+
+
+def finished_step(output_dir: str | os.PathLike) -> int | None:
+    """The optimizer step whose results (samples, pipeline, summary) the run folder holds, or None.
+
+    The summary is written last, so a run stopped after its last checkpoint has
+    none, or one of an earlier, shorter run of the same folder.
+    """
+    try:
+        return json.loads((Path(output_dir) / SUMMARY_FILE).read_text()).get("optimizer_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_summary(output_dir: str | os.PathLike, summary: dict[str, Any]) -> None:

@@ -92,7 +92,9 @@ def train(config: TrainingConfig) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     global_step = resume_if_requested(accelerator, config, ema)
-    if global_step >= max_train_steps:
+    if global_step:  # a checkpoint brings back its own lr, Adam and EMA settings: this run's replace them
+        use_this_runs_settings(config, optimizer, lr_scheduler, ema)
+    if global_step >= max_train_steps and run_folder.finished_step(output_dir) == global_step:
         logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
                     main_process_only=True)
         return output_dir  # its summary, config and logs stay as they were
@@ -108,7 +110,9 @@ def train(config: TrainingConfig) -> Path:
 
     batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
     with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
-        for batch in batches:
+        # Not entered by a run resumed from its last checkpoint that was stopped before writing its results.
+        while global_step < max_train_steps:
+            batch = next(batches)
             image_report.add_batch(batch)
             clean_images = to_model_input(batch["pixels"], memory_format)  # fp32 under mixed precision too
             noise = torch.randn_like(clean_images)
@@ -144,15 +148,18 @@ def train(config: TrainingConfig) -> Path:
             if stop is not None:
                 progress.close()
                 end_run_early(accelerator, stop)
-            if global_step % config.save_images_steps == 0 or is_last:
+            if is_last:
+                break  # the last step's samples and pipeline are the run's results, written below
+            if global_step % config.save_images_steps == 0:
                 save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
-            if global_step % config.save_model_steps == 0 or is_last:
+            if global_step % config.save_model_steps == 0:
                 export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
             step_started = time.perf_counter()
-            if is_last:
-                break
 
     progress.close()
+    # After the last checkpoint: a run stopped in here is finished by resuming it.
+    save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
+    export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
     finish_run(accelerator, config, unet, ema, optimizer, global_step, time.perf_counter() - run_started, stats,
                image_report, nonfinite)
     return output_dir
@@ -496,10 +503,9 @@ class StepStats:
         for name, total in zip(LOSS_TERMS, term_sums):
             if name in self.terms:
                 metrics[f"train/{name}"] = total / sum(counts)
-        width = num_train_timesteps // 4
         for quarter in range(4):
             if counts[quarter] > 0:
-                low, high = quarter * width, (quarter + 1) * width - 1 if quarter < 3 else num_train_timesteps - 1
+                low, high = diffusion.quarter_bounds(quarter, num_train_timesteps)
                 metrics[f"train/loss_t{low}-{high}"] = sums[quarter] / counts[quarter]
         self._reset()
         return StepOutcome(metrics, is_finite(self.last_loss, grad_norm_value), vote_totals)
@@ -529,7 +535,32 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -
     if ema is not None:
         ema.to(accelerator.device)
     logger.info("resumed from %s", path, main_process_only=True)
+    changed = run_folder.data_order_changes(path, config, accelerator.num_processes)
+    if changed:
+        logger.warning("%s was trained with %s: training goes on, but from here on its batches are not the ones "
+                       "the run would have trained on without the change", path.name, ", ".join(changed),
+                       main_process_only=True)
     return checkpoint_step(path)
+
+
+def use_this_runs_settings(config: TrainingConfig, optimizer, lr_scheduler, ema) -> None:
+    """Give the resumed optimizer, lr schedule and EMA this run's settings.
+
+    `accelerator.load_state` restores them with their state: Adam's lr, betas,
+    ε and weight decay, the schedule's base lr, the EMA's decay settings. A
+    resumed run takes the values of its config instead (lowering
+    --learning_rate after a run diverged, say), from its next optimizer step
+    on; the schedule's shape (warm-up, length) is this run's already.
+    """
+    for group in optimizer.param_groups:
+        group.update(initial_lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                     eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+    lr_scheduler.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):  # the lr of the next step
+        group["lr"] = config.learning_rate * factor(lr_scheduler.last_epoch)
+    if ema is not None:
+        ema.decay, ema.min_decay = config.ema_max_decay, config.ema_min_decay
+        ema.use_ema_warmup, ema.inv_gamma, ema.power = config.ema_use_warmup, config.ema_inv_gamma, config.ema_power
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
