@@ -3,6 +3,7 @@
 import io
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,39 @@ def test_image_folder_of_any_depth_and_format(image_folder):
     assert {p.rsplit(".", 1)[1] for p in paths} == {"png", "jpg", "webp"}
     subset = load_image_dataset(train_data_dir=str(image_folder), max_train_samples=5)
     assert len(subset) == 5
+
+
+def listed_names(folder) -> list[str]:
+    dataset = load_image_dataset(train_data_dir=str(folder))
+    return sorted(Path(row["image"]["path"]).relative_to(folder).as_posix() for row in dataset)
+
+
+def test_file_names_are_names_not_glob_patterns(tmp_path, caplog):
+    names = ["b*.png", "b1.png", "b2.png", "photo [1].png", "photo 1.png", "what?.png"]
+    for name in [*names, "zz::chained.png"]:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with caplog.at_level(logging.WARNING):
+        assert listed_names(tmp_path) == sorted(names)  # each file once; `::` cannot be opened by 🤗 datasets
+    assert "left out 1 image(s) whose path holds '::'" in caplog.text and "zz::chained.png" in caplog.text
+
+
+def test_linked_folders_are_read_once_each(tmp_path):
+    (tmp_path / "photos" / "inner").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "inner" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "b.png")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "photos")
+    (tmp_path / "data" / "linked_again").symlink_to(tmp_path / "photos")  # the same folder twice
+    (tmp_path / "photos" / "inner" / "up").symlink_to(tmp_path / "data")  # a loop
+    assert listed_names(tmp_path / "data") == ["linked/b.png", "linked/inner/a.png"]
+
+
+def test_a_folder_is_the_same_dataset_however_it_is_spelled(image_folder, monkeypatch):
+    """`prepare` checks the source's fingerprint on resume: `DIR`, `./DIR` and `/abs/DIR` must agree."""
+    absolute = load_image_dataset(train_data_dir=str(image_folder))
+    monkeypatch.chdir(image_folder.parent)
+    relative = load_image_dataset(train_data_dir=f"./{image_folder.name}/../{image_folder.name}")
+    assert relative._fingerprint == absolute._fingerprint
 
 
 def test_dataloader_yields_full_uint8_batches(image_folder):

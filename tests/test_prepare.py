@@ -169,7 +169,8 @@ def test_training_at_another_resolution_is_refused(image_folder, tmp_path):
     assert str(error.value) == (
         f"--train_data_dir {str(tmp_path / 'prepared')!r} was prepared with resolution 16, but this run uses "
         "resolution 32: train with --resolution 16, or prepare the images again with --resolution 32")
-    with pytest.raises(InputError, match="center_crop True, but this run uses center_crop False"):
+    with pytest.raises(InputError, match="center_crop True, but this run uses center_crop False: train with "
+                       "--center_crop True, or prepare the images again with --no_center_crop$"):
         load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION, center_crop=False))
 
 

@@ -14,6 +14,7 @@ was decoded in a DataLoader worker or on another accelerate process; the run's
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -256,16 +257,38 @@ def load_local_images(folder: str, streaming: bool = False,
     if is_prepared_dataset(folder):  # training reads one (training.prepare_training_data); nothing else does
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} is a prepared dataset, which only training "
                                       "reads: give the folder of images it was prepared from")
-    files = sorted(walk_images(folder))
+    # Absolute, so the dataset (and its fingerprint, which `prepare` checks on resume) is the same however
+    # the folder is spelled.
+    files = sorted(walk_images(os.path.abspath(folder)))
+    files = leave_out_url_chains(files)
     if not files:
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return datasets.load_dataset("imagefolder", data_files={"train": files}, split="train", drop_labels=True,
-                                 drop_metadata=True, cache_dir=cache_dir, streaming=streaming)
+    # data_files are glob patterns: escaped, `photo [1].jpg` is that file, not `photo 1.jpg`.
+    return datasets.load_dataset("imagefolder", data_files={"train": [glob.escape(file) for file in files]},
+                                 split="train", drop_labels=True, drop_metadata=True, cache_dir=cache_dir,
+                                 streaming=streaming)
+
+
+def leave_out_url_chains(files: list[str]) -> list[str]:
+    """`files` without the paths 🤗 datasets cannot open: it reads `::` in a path as a chain of URLs."""
+    chained = [file for file in files if "::" in file]
+    if chained:
+        logger.warning("left out %d image(s) whose path holds '::', which 🤗 datasets reads as a chain of URLs "
+                       "(rename them to train on them): %s", len(chained), ", ".join(chained[:3]))
+    return [file for file in files if "::" not in file]
 
 
 def walk_images(root: str):
-    """Paths of the image files under `root`, at any depth."""
-    for directory, _, files in os.walk(root):
+    """Paths of the image files under `root`, at any depth, through linked folders too (each folder once)."""
+    seen = {os.path.realpath(root)}  # a link back up, or two links to one folder, would list images twice
+    for directory, subfolders, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):  # of two links to one folder, the first by name is read
+            target = os.path.realpath(os.path.join(directory, name))
+            if target not in seen:
+                seen.add(target)
+                kept.append(name)
+        subfolders[:] = kept  # os.walk descends into these only
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 yield os.path.join(directory, name)

@@ -271,7 +271,15 @@ def check_preprocessing(folder: str, recorded: dict[str, Any], preprocess: Image
         if recorded[key] != value:
             raise InputError(
                 f"--train_data_dir {folder!r} was prepared with {key} {recorded[key]}, but this run uses {key} "
-                f"{value}: train with --{key} {recorded[key]}, or prepare the images again with --{key} {value}")
+                f"{value}: train with --{key} {recorded[key]}, or prepare the images again with "
+                f"{_prepare_flag(key, value)}")
+
+
+def _prepare_flag(key: str, value: Any) -> str:
+    """`lsun-ddpm prepare`'s flag for a setting: its crop mode is a switch, not a value."""
+    if key == "center_crop":
+        return "--center_crop" if value else "--no_center_crop"
+    return f"--{key} {value}"
 
 
 def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int = 0,
