@@ -47,3 +47,26 @@ def test_figures_of_a_run_without_ema_claim_no_ema(no_ema_pipeline_folder, tmp_p
     assert labels == ["training images", "samples (raw weights, no EMA)"]
     assert not any("EMA" in caption for caption in captions)
     assert not (run / "raw_vs_ema.png").exists()
+
+
+def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_path, monkeypatch):
+    """`lsun-ddpm demo --train_data_dir MINE` trains on MINE as it is: the demo's photos (one of them named
+    like the user's file here) go only into a folder of the demo's own."""
+    from lsun_ddpm import cli, demo, training
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (32, 32), "red").save(mine / "astronaut_0.png")
+    before = {path.name: path.read_bytes() for path in mine.iterdir()}
+    trained_on = []
+
+    def train(config):
+        trained_on.append(config.train_data_dir)
+        return tmp_path / "out"
+
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
+    monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
+    cli.demo_command(["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(mine)])
+    assert trained_on == [str(mine)]
+    assert {path.name: path.read_bytes() for path in mine.iterdir()} == before

@@ -40,8 +40,12 @@ def demo_command(argv: list[str]) -> None:
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
     config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
     check_training_inputs(config)  # before the demo's photos are written into the output folder
-    count = write_demo_images(config.train_data_dir)
-    print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in {config.train_data_dir}")
+    if config.train_data_dir == demo_defaults(output_dir)["train_data_dir"]:
+        count = write_demo_images(config.train_data_dir)
+        print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in "
+              f"{config.train_data_dir}")
+    else:  # the user's own images: read, never written into
+        print(f"demo: training {config.model_preset} on the images in {config.train_data_dir}")
     output = train(config)
     save_image(overview(paper_figures(output, config)), output / "demo_overview.png")
     raw_vs_ema = " raw vs EMA weights (Fig. 1)," if config.use_ema else ""  # a run without EMA has no Fig. 1
