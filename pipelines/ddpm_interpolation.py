@@ -6,8 +6,12 @@ A diffusers community-style pipeline. It works with any `DDPMPipeline` folder
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(
-        "path/or/user/model", custom_pipeline="ddpm_interpolation.py", trust_remote_code=True)
+        "path/or/user/model", custom_pipeline="ddpm_interpolation", trust_remote_code=True)
     frames = pipe(image_a=photo_a, image_b=photo_b, t="auto", num_frames=8, method="slerp").images
+
+The name, without ".py", is this file's in the model folder or repo (`lsun-ddpm
+push` publishes it there); a name ending in ".py" is read as a path from the
+working directory instead.
 
 This file imports only the standard library, torch, diffusers and the two
 packages diffusers itself requires (numpy, Pillow), so it runs wherever

@@ -6,9 +6,12 @@ It answers just what `create_repo(...)` and `upload_folder(...)` request (repo t
     POST /api/repos/create                               create a repo (409 if it exists, as the Hub does)
     GET  /api/{type}s/{repo_id}[/revision/{rev}]         repo info (id, sha, private, siblings)
     GET  /api/{type}s/{repo_id}/refs                     branches
+    GET  /api/{type}s/{repo_id}/tree/{rev}[/{path}]      list_repo_tree / list_repo_files (one page; what
+                                                         upload_folder(delete_patterns=...) reads)
     POST /api/{type}s/{repo_id}/branch/{branch}          create a branch (409 if it exists)
     POST /api/{type}s/{repo_id}/preupload/{rev}          always answers uploadMode "regular": no LFS, no Xet
-    POST /api/{type}s/{repo_id}/commit/{rev}             NDJSON commit, file bytes base64-encoded inline
+    POST /api/{type}s/{repo_id}/commit/{rev}             NDJSON commit, file bytes base64-encoded inline;
+                                                         deletedFile / deletedFolder lines remove paths
     POST /api/spaces/{repo_id}/variables                 add_space_variable (kept in `space_variables`)
     GET  /api/whoami-v2                                  the fake user
     POST /api/validate-yaml                              README.md metadata check: always valid
@@ -62,7 +65,7 @@ URL_PREFIX_OF_TYPE = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # /api/{type}s/{repo_id}/{action}[/{rest}], matched on the still-quoted path (revisions come quoted, "/" as %2F).
 _REPO_ROUTE = re.compile(
     r"^/api/(?P<prefix>models|datasets|spaces)/(?P<repo_id>[^/]+(?:/[^/]+)??)"
-    r"(?:/(?P<action>preupload|commit|branch|revision|refs|variables)(?:/(?P<rest>.+))?)?/?$"
+    r"(?:/(?P<action>preupload|commit|branch|revision|refs|variables|tree)(?:/(?P<rest>.+))?)?/?$"
 )
 
 
@@ -227,6 +230,26 @@ class FakeHub:
                     for name in self._branches[repo_id]]
         return 200, {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
 
+    def tree(self, repo_type: str, repo_id: str, revision: str, folder: str, recursive: bool) -> tuple[int, list]:
+        """The files and folders under `folder` (all of them when `recursive`), as the Hub's tree API lists them."""
+        self._repo(repo_type, repo_id)
+        tree = self._tree(repo_id, revision)
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        paths = [path for path in tree if path.startswith(prefix)]
+        if prefix and not paths:
+            raise HubError(404, f"{folder} does not exist on {revision}", "EntryNotFound")
+        entries: dict[str, dict] = {}
+        for path in paths:
+            parts = path[len(prefix):].split("/")
+            for level in range(1, (len(parts) if recursive else 1) + 1):
+                entry = prefix + "/".join(parts[:level])
+                if level == len(parts):
+                    entries[entry] = {"type": "file", "path": entry, "size": len(tree[path]),
+                                      "oid": git_blob_sha1(tree[path])}
+                else:
+                    entries[entry] = {"type": "directory", "path": entry, "oid": git_blob_sha1(entry.encode())}
+        return 200, [entries[path] for path in sorted(entries)]
+
     def create_branch(self, repo_type: str, repo_id: str, branch: str, body: dict) -> tuple[int, dict]:
         self._repo(repo_type, repo_id)
         if branch in self._branches[repo_id]:
@@ -289,7 +312,8 @@ class FakeHub:
             action, rest = match["action"], unquote(match["rest"] or "")
             route = {("GET", None): "info", ("GET", "revision"): "info", ("GET", "refs"): "refs",
                      ("POST", "branch"): "branch", ("POST", "preupload"): "preupload",
-                     ("POST", "commit"): "commit", ("POST", "variables"): "variables"}.get((method, action), "unknown")
+                     ("POST", "commit"): "commit", ("POST", "variables"): "variables",
+                     ("GET", "tree"): "tree"}.get((method, action), "unknown")
             if action is None:
                 rest = "main"  # repo info without a revision: the default branch
             if bool(rest) != (route not in ("refs", "variables")):  # the others need a revision / branch name
@@ -322,6 +346,10 @@ class FakeHub:
             return self.repo_info(repo_type, repo_id, rest)
         if route == "refs":
             return self.refs(repo_type, repo_id)
+        if route == "tree":  # {rev}[/{path}]: the revision comes quoted ("/" as %2F), so split before unquoting
+            revision, _, folder = match["rest"].partition("/")
+            recursive = (query.get("recursive") or ["false"])[0].lower() == "true"
+            return self.tree(repo_type, repo_id, unquote(revision), unquote(folder), recursive)
         if route == "variables":  # add_space_variable: {"key", "value"[, "description"]}
             self._repo(repo_type, repo_id)
             variable = json.loads(body)

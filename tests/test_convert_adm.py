@@ -301,6 +301,37 @@ def test_out_dir_is_never_half_written_and_only_a_previous_conversion_is_replace
     assert UNet2DModel.load_config(tmp_path / "out", subfolder="unet")["dropout"] == 0.3
 
 
+def test_a_previous_conversion_holding_other_files_is_refused_and_kept(tmp_path):
+    spec = Spec()
+    checkpoint = save_checkpoint(tmp_path, spec)
+    convert_adm(checkpoint, tmp_path / "out", flags_of(spec))
+    (tmp_path / "out" / "evaluation.json").write_text('{"fid": 9.5}')  # what `lsun-ddpm evaluate` adds
+    (tmp_path / "out" / "notes").mkdir()
+    (tmp_path / "out" / "notes" / "mine.txt").write_text("keep")
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "out").rglob("*")
+              if p.is_file()}
+    with pytest.raises(InputError, match="holds a previous conversion and also evaluation.json, notes"):
+        convert_adm(checkpoint, tmp_path / "out", {**flags_of(spec), "dropout": 0.3})
+    assert {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "out").rglob("*")
+            if p.is_file()} == before
+
+
+def test_converting_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
+    spec = Spec()
+    checkpoint = save_checkpoint(tmp_path, spec)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    convert_adm(checkpoint, ".", flags_of(spec))
+    convert_adm(checkpoint, ".", {**flags_of(spec), "dropout": 0.3})  # and again: a previous conversion
+    assert Path.cwd() == here and here.stat().st_ino == inode  # the shell's folder, not a new one
+    assert sorted(p.name for p in here.iterdir()) == ["README.md", "adm_conversion.json", "model_index.json",
+                                                      "scheduler", "unet"]
+    assert UNet2DModel.load_config(".", subfolder="unet")["dropout"] == 0.3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "tiny.pt"]  # no staging folder left
+
+
 def test_the_command_end_to_end_then_sample(tmp_path):
     spec = replace(Spec(), head_channels=16)  # no flags needed: 64 channels / guided-diffusion's 4 heads
     save_checkpoint(tmp_path, spec)

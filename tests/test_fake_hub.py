@@ -122,6 +122,27 @@ def test_upload_to_a_branch(tmp_path, fake_hub):
     assert fake_hub.unknown_requests == []
 
 
+def test_upload_with_delete_patterns_deletes_only_what_matches(tmp_path, fake_hub, upload_path):
+    api = huggingface_hub.HfApi(token=TOKEN)
+    api.create_repo("me/pruned", exist_ok=True)
+    first = {".gitattributes": b"*.safetensors filter=lfs\n", "notes.md": b"mine", "unet_raw/config.json": b"{}",
+             "unet_raw/weights.safetensors": b"raw", "unet/config.json": b"{}", "sub/unet_raw/x": b"deep"}
+    for relative, data in first.items():
+        (tmp_path / "first" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "first" / relative).write_bytes(data)
+    api.upload_folder(repo_id="me/pruned", folder_path=tmp_path / "first")
+    assert {entry.path for entry in api.list_repo_tree("me/pruned")} == {".gitattributes", "notes.md", "sub",
+                                                                         "unet", "unet_raw"}
+    assert sorted(api.list_repo_files("me/pruned")) == sorted(first)
+    (tmp_path / "second" / "unet").mkdir(parents=True)
+    (tmp_path / "second" / "unet" / "config.json").write_bytes(b'{"new": 1}')
+    api.upload_folder(repo_id="me/pruned", folder_path=tmp_path / "second",
+                      delete_patterns=["unet/*", "unet_raw/*", ".gitattributes"])
+    assert fake_hub.files("me/pruned") == {".gitattributes": first[".gitattributes"], "notes.md": b"mine",
+                                           "sub/unet_raw/x": b"deep", "unet/config.json": b'{"new": 1}'}
+    assert_only_hub_traffic(fake_hub)
+
+
 def test_unknown_requests_are_recorded(fake_hub):
     with pytest.raises(HfHubHTTPError) as error:
         huggingface_hub.HfApi().list_repo_commits("me/nothing", token=TOKEN)

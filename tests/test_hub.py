@@ -11,9 +11,10 @@ import yaml
 from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 
+from adm_reference import Spec, random_adm_state_dict
 from conftest import REPO_ROOT, offline_env, read_summary, run_training
 from fake_hub import FakeHub
-from lsun_ddpm.hub import build_model_card, prepare_upload
+from lsun_ddpm.hub import build_model_card, prepare_upload, push_run, push_space
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 
@@ -192,7 +193,91 @@ def test_dry_run_refuses_a_non_empty_folder_and_a_non_run(run_folder, tmp_path):
         prepare_upload(tmp_path / "busy", tmp_path / "out", "someone/m")
 
 
+def test_an_interrupted_dry_run_leaves_nothing_and_can_be_rerun(run_folder, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelCard, "save", interrupted)  # dies after the weights were copied, before the card
+    with pytest.raises(KeyboardInterrupt):
+        prepare_upload(run_folder, tmp_path / "out" / "dry", "someone/m", figures=False)
+    assert list((tmp_path / "out").iterdir()) == []  # no DIR, no temporary sibling
+    monkeypatch.undo()
+    upload = prepare_upload(run_folder, tmp_path / "out" / "dry", "someone/m", figures=False)
+    assert (upload / "README.md").is_file() and (upload / "unet_raw").is_dir()
+
+
+@pytest.fixture()
+def converted_folder(tmp_path):
+    """A folder `convert-adm` wrote, from a tiny guided-diffusion checkpoint."""
+    import torch
+
+    from lsun_ddpm.convert_adm import convert_adm
+
+    checkpoint = tmp_path / "lsun_bedroom.pt"
+    torch.save(random_adm_state_dict(Spec()), checkpoint)
+    convert_adm(checkpoint, tmp_path / "converted", {"num_head_channels": 32, "image_size": 16})
+    return tmp_path / "converted"
+
+
+def test_a_converted_folder_is_published_with_its_own_card_and_record(converted_folder, tmp_path):
+    upload = prepare_upload(converted_folder, tmp_path / "upload", "someone/adm", figures=False)
+    assert (upload / "README.md").read_bytes() == (converted_folder / "README.md").read_bytes()
+    assert ModelCard.load(upload / "README.md").data.license == "mit"
+    assert (upload / "adm_conversion.json").read_bytes() == (converted_folder / "adm_conversion.json").read_bytes()
+
+
+def test_the_pipeline_files_usage_line_loads_a_published_folder(run_folder, tmp_path, monkeypatch):
+    import re
+
+    from diffusers import DiffusionPipeline
+
+    from lsun_ddpm.pipelines import ddpm_interpolation
+
+    documented = re.search(r'custom_pipeline="([^"]+)"', ddpm_interpolation.__doc__).group(1)
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
+    monkeypatch.chdir(tmp_path)  # as a user would run it: from anywhere but this repository
+    pipe = DiffusionPipeline.from_pretrained(str(upload), custom_pipeline=documented, trust_remote_code=True,
+                                             use_safetensors=True)
+    assert type(pipe).__name__ == "DDPMInterpolationPipeline"
+
+
 # ---------------------------------------------------------------- pushing to a (fake) Hub
+
+
+def test_a_second_push_deletes_what_it_no_longer_uploads_and_keeps_the_users_files(run_folder, tmp_path,
+                                                                                    fake_hub):
+    from huggingface_hub import HfApi
+
+    (run_folder / "evaluation.json").write_text(json.dumps({"fid": 12.5}))
+    push_run(run_folder, "someone/m", TOKEN, figures=False)
+    assert "unet_raw/config.json" in fake_hub.files("someone/m")
+    users = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "notes.md": b"mine",
+             "docs/README.md": b"mine too"}
+    for path, data in users.items():
+        HfApi(token=TOKEN).upload_file(path_or_fileobj=data, path_in_repo=path, repo_id="someone/m")
+    (run_folder / "evaluation.json").unlink()
+    push_run(run_folder, "someone/m", TOKEN, include_raw=False, figures=False)
+    expected = folder_bytes(prepare_upload(run_folder, tmp_path / "dry", "someone/m", include_raw=False,
+                                           figures=False))
+    assert "unet_raw/config.json" not in expected and "evaluation.json" not in expected
+    assert fake_hub.files("someone/m") == {**expected, **users}
+
+
+def test_a_bare_repo_name_is_the_token_users_in_the_card_and_the_space(run_folder, tmp_path, fake_hub):
+    from lsun_ddpm.cli import push_command
+
+    push_command([str(run_folder), "--hub_model_id", "tiny", "--no_figures", "--dry_run", str(tmp_path / "dry")])
+    assert 'DDPMPipeline.from_pretrained("tiny"' in (tmp_path / "dry" / "README.md").read_text()  # no request
+    assert fake_hub.requests == []
+    push_run(run_folder, "tiny", TOKEN, figures=False)
+    push_space("bedrooms", "tiny", TOKEN)
+    user = fake_hub.user
+    assert set(fake_hub.repos) == {f"{user}/tiny", f"{user}/bedrooms"}
+    card = fake_hub.files(f"{user}/tiny")["README.md"].decode()
+    assert f'DDPMPipeline.from_pretrained("{user}/tiny"' in card and 'from_pretrained("tiny"' not in card
+    assert fake_hub.space_variables[f"{user}/bedrooms"] == {"MODEL_ID": f"{user}/tiny"}
+    (tmp_path / "SPACE.md").write_bytes(fake_hub.files(f"{user}/bedrooms")["README.md"])
+    assert SpaceCard.load(tmp_path / "SPACE.md").data.models == [f"{user}/tiny"]
 
 
 def cli(env, *args, cwd=None):

@@ -86,6 +86,27 @@ def test_interpolate_rejects_bad_requests_clearly(model):
         small.interpolate(None, None, photo(), photo(), 300, False, 4, "slerp")
 
 
+def test_the_noise_level_range_is_the_models(tiny_pipeline_folder, tmp_path):
+    import json
+
+    import gradio as gr
+
+    folder = tmp_path / "short-schedule"
+    shutil.copytree(tiny_pipeline_folder, folder)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "num_train_timesteps": 100}))
+    short = SpaceModel(str(folder), bf16=False)
+    result, _ = short.interpolate(1, 2, None, None, 99, False, 2, "slerp")  # t = T-1, the noisiest step
+    assert result.noise_level == 99
+    demo = build_demo(short)
+    slider = next(block for block in demo.blocks.values()
+                  if getattr(block, "label", None) == "Noise level t (when not automatic)")
+    assert (slider.minimum, slider.maximum) == (1, 99) and 1 <= slider.value <= 99
+    with pytest.raises(gr.Error) as error:
+        handler(demo, "run_interpolate")("two seeds", 1, 2, None, None, 150, False, 2, "slerp")
+    assert "Noise level t must be a whole number from 1 to 99, got 150" in error.value.message
+
+
 # What README.md ("Publish: model repo and Space") promises of the Space.
 PROMISED = dict(queue_size=16, concurrency=1, sampler="dpmsolver++", steps=25, max_file_size="20mb",
                 max_upload_side=4096)

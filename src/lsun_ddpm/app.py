@@ -72,6 +72,12 @@ class SpaceModel:
         return self.pipeline.resolution
 
     @property
+    def max_noise_level(self) -> int:
+        """The noisiest step t the model was trained for, T-1 (its scheduler's num_train_timesteps T): the
+        interpolation pipeline takes t in [1, T-1]."""
+        return self.pipeline.scheduler.config.num_train_timesteps - 1
+
+    @property
     def display_scale(self) -> int:
         """Small models' images are shown enlarged (NEAREST) to at least 128 px."""
         return max(1, 128 // self.resolution)
@@ -90,7 +96,7 @@ class SpaceModel:
     def interpolate(self, seed_a, seed_b, image_a: Image.Image | None, image_b: Image.Image | None, t, auto_t: bool,
                     frames, method: str) -> tuple[InterpolatedPair, Image.Image]:
         frames = _check_range("Frames", frames, 2, self.limits.max_frames)
-        noise_level = "auto" if auto_t else _check_range("Noise level t", t, 1, 999)
+        noise_level = "auto" if auto_t else _check_range("Noise level t", t, 1, self.max_noise_level)
         if method not in METHODS:
             raise InputError(f"Method must be one of {', '.join(METHODS)}")
         if image_a is not None or image_b is not None:
@@ -249,7 +255,8 @@ def build_demo(model: SpaceModel):
                         image_a = photo_upload("Photo A")
                         image_b = photo_upload("Photo B")
                     auto_t = gr.Checkbox(value=True, label="Choose the noise level automatically")
-                    t = gr.Slider(1, 999, value=500, step=1, label="Noise level t (when not automatic)")
+                    t = gr.Slider(1, model.max_noise_level, value=(model.max_noise_level + 1) // 2, step=1,
+                                  label="Noise level t (when not automatic)")
                     frames = gr.Slider(2, limits.max_frames, value=8, step=1, label="Frames")
                     method = gr.Radio(list(METHODS), value="slerp", label="Method")
                     interpolate_button = gr.Button("Interpolate", variant="primary")

@@ -376,12 +376,14 @@ def push_command(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm push", description=COMMANDS["push"])
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder written by training")
-    parser.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repo")
+    parser.add_argument("--hub_model_id", required=True,
+                        help="USER/NAME of the model repo (a bare NAME: the token's user's)")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="a branch to push to (created if missing)")
     parser.add_argument("--commit_message", default="Upload DDPM pipeline")
     parser.add_argument("--hub_token", help="default: HF_TOKEN, then the `hf auth login` cache")
-    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--license", default="apache-2.0",
+                        help="the card's licence (a convert-adm folder keeps its own card, MIT)")
     parser.add_argument("--no_raw", dest="include_raw", action="store_false", help="leave out unet_raw/")
     parser.add_argument("--no_figures", dest="figures", action="store_false",
                         help="do not make an interpolation strip when the run has none")

@@ -53,6 +53,9 @@ DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 1
 NOISE_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # guided-diffusion → DDPMScheduler
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "ema", "ema_model")
 CONVERSION_FILE = "adm_conversion.json"  # marks a folder this command wrote (it may be replaced)
+# Everything a conversion writes: the DDPMPipeline folder (its model_index.json and components), the card and
+# the record. A previous conversion holding anything else (evaluation.json, a user's notes) is not replaced.
+CONVERSION_ENTRIES = frozenset({"model_index.json", "unet", "scheduler", "README.md", CONVERSION_FILE})
 CARD_TEMPLATE = Path(__file__).with_name("adm_model_card_template.md")
 LICENSE = "mit"  # guided-diffusion's code and released checkpoints
 SOURCE_URL = "https://github.com/openai/guided-diffusion"
@@ -670,13 +673,21 @@ def is_previous_conversion(folder: Path) -> bool:
 
 
 def check_conversion_output(out_dir: str | os.PathLike) -> Path:
-    """`out_dir` as a Path if a conversion may be written there: new, empty, or a previous conversion."""
+    """`out_dir` as a Path if a conversion may be written there: new, empty, or a previous conversion holding
+    nothing but what a conversion writes (it is replaced whole, so anything else there would be lost)."""
     out_dir = check_output_folder(out_dir, "OUT_DIR")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"OUT_DIR {str(out_dir)!r} is a file: give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_previous_conversion(out_dir):
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return out_dir
+    if not is_previous_conversion(out_dir):
         raise InputError(f"OUT_DIR {str(out_dir)!r} is not empty and was not written by convert-adm: give a new "
                          "or empty folder")
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in CONVERSION_ENTRIES)
+    if foreign:
+        raise InputError(f"OUT_DIR {str(out_dir)!r} holds a previous conversion and also {', '.join(foreign)}, "
+                         "which convert-adm did not write and a new conversion would delete: move them out of "
+                         "it, or give a new folder")
     return out_dir
 
 
@@ -688,7 +699,7 @@ def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[st
     at the end (`export.replace_path`), so an interrupted conversion never
     leaves a half-written OUT_DIR; a previous conversion there is replaced whole.
     """
-    out_dir = check_conversion_output(out_dir)
+    out_dir = check_conversion_output(out_dir).resolve()  # "." has no name to make a sibling's from
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.convert-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this process id
@@ -696,10 +707,24 @@ def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[st
         conversion.pipeline.save_pretrained(staging, safe_serialization=True)
         card.save(staging / "README.md")
         (staging / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        replace_path(staging, out_dir)
+        _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Put the finished conversion `staging` where `out_dir` is: the whole folder at once.
+
+    Except where `out_dir` is (or holds) the working directory, as in `convert-adm CKPT .`: renaming it away
+    would leave this process and the user's shell in a deleted folder, so the folder stays and each of its
+    entries is replaced at once instead.
+    """
+    if not Path.cwd().is_relative_to(out_dir):
+        replace_path(staging, out_dir)
+        return
+    for entry in sorted(staging.iterdir()):
+        replace_path(entry, out_dir / entry.name)
 
 
 def convert_adm(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,

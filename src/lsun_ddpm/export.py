@@ -129,18 +129,30 @@ def write_text(text: str, path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling of `path` to write into; moved onto `path` when the block ends without an error.
+    """A temporary sibling of `path` to write into (a file, or a folder the block makes); moved onto `path`
+    when the block ends without an error, and deleted when it does not.
 
-    The name carries the process id: processes writing the same file never share a temporary one.
+    The name carries the process id: processes writing the same file never share a temporary one. One left
+    by a killed process that had the same id is deleted first. `os.replace` puts a folder in place only
+    where `path` is missing or an empty folder: it never replaces one holding files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(staging)
     try:
         yield staging
         os.replace(staging, path)
     finally:
-        staging.unlink(missing_ok=True)
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Delete the file or folder `path`, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -7,6 +7,7 @@ run folder is changed by either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,24 +15,32 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .convert_adm import CONVERSION_FILE, is_previous_conversion
 from .diffusion import LEARNED_VARIANCE
 from .errors import InputError
+from .export import staged
 from .pipelines import ddpm_interpolation
 
 logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
 PIPELINE_FILE = Path(ddpm_interpolation.__file__)
-# Copied as they are, when the run has them.
+# Copied as they are, when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE).
 RUN_FILES = ("model_index.json", "training_config.yaml", "training_summary.json", "evaluation.json",
-             "sample_grid.png", "interpolation.png", "neighbours.png")
+             "sample_grid.png", "interpolation.png", "neighbours.png", CONVERSION_FILE)
 COMPONENT_FOLDERS = ("unet", "scheduler")
 RAW_FOLDER = "unet_raw"
+# What a push of a run may upload: on the repo, those the new upload lacks are deleted (`--no_raw` after a push
+# with raw weights, a run without evaluation.json); anything else there (a user's own files) is left alone.
+PUBLISHED_PATTERNS = [f"{folder}/*" for folder in (*COMPONENT_FOLDERS, RAW_FOLDER)] + [
+    *RUN_FILES, PIPELINE_FILE.name, "README.md"]
+# What a push of the Space may upload (see `prepare_space_upload`), likewise.
+SPACE_PATTERNS = ["app.py", "requirements.txt", "README.md", "lsun_ddpm/*"]
 TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "pytorch"]
 
 
@@ -250,30 +259,52 @@ def _duration(seconds: float | None) -> str:
 
 def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, repo_id: str,
                    include_raw: bool = True, figures: bool = True, license: str = "apache-2.0") -> Path:
-    """Write into `destination` exactly the files that are published for the run in `run_dir`.
+    """Write into `destination` (new or empty) exactly the files that are published for the run in `run_dir`.
 
     The pipeline folder (EMA weights, safetensors), the raw weights if asked,
     the run's config, summary and figures, an interpolation strip made now if
     the run has none, the interpolation pipeline file, and the model card.
+    A folder `convert-adm` wrote keeps its own card (MIT, the source checkpoint)
+    and its adm_conversion.json; `license` and `figures` are for cards built here.
     """
-    run_dir, destination = Path(run_dir), Path(destination)
+    run_dir = check_run_folder(run_dir)
+    converted = is_previous_conversion(run_dir)
+    with new_folder(destination) as staging:
+        for name in COMPONENT_FOLDERS + ((RAW_FOLDER,) if include_raw else ()):
+            if (run_dir / name).is_dir():
+                shutil.copytree(run_dir / name, staging / name)
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, staging / name)
+        shutil.copy2(PIPELINE_FILE, staging / PIPELINE_FILE.name)
+        if converted:
+            shutil.copy2(run_dir / "README.md", staging / "README.md")
+        else:
+            if figures and not (staging / "interpolation.png").is_file():
+                make_interpolation_figure(run_dir, staging / "interpolation.png")
+            card = build_model_card(run_dir, repo_id, license, include_raw, (staging / "interpolation.png").is_file())
+            card.save(staging / "README.md")
+    return Path(destination)
+
+
+def check_run_folder(run_dir: str | os.PathLike) -> Path:
+    """`run_dir` as a Path if it is a pipeline folder (training's or `convert-adm`'s); else FileNotFoundError."""
+    run_dir = Path(run_dir)
     if not (run_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a pipeline folder (no model_index.json): train first")
-    destination.mkdir(parents=True, exist_ok=True)
-    if any(destination.iterdir()):
+    return run_dir
+
+
+@contextlib.contextmanager
+def new_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """A folder to write `destination` in, put in place only when the block ends without an error
+    (`export.staged`): an interrupted dry run leaves no half-written folder that a rerun would refuse."""
+    destination = Path(destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise FileExistsError(f"{destination} is not empty: give a new folder")
-    for name in COMPONENT_FOLDERS + ((RAW_FOLDER,) if include_raw else ()):
-        if (run_dir / name).is_dir():
-            shutil.copytree(run_dir / name, destination / name)
-    for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, destination / name)
-    if figures and not (destination / "interpolation.png").is_file():
-        make_interpolation_figure(run_dir, destination / "interpolation.png")
-    shutil.copy2(PIPELINE_FILE, destination / PIPELINE_FILE.name)
-    card = build_model_card(run_dir, repo_id, license, include_raw, (destination / "interpolation.png").is_file())
-    card.save(destination / "README.md")
-    return destination
+    with staged(destination) as staging:
+        staging.mkdir()
+        yield staging
 
 
 def make_interpolation_figure(run_dir: Path, path: Path, seed_pairs=((0, 1), (2, 3))) -> None:
@@ -297,11 +328,16 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
     """Create (if needed) the model repo and upload the run's publishable folder; return the commit URL.
 
     Authentication is huggingface_hub's: `token`, else HF_TOKEN, else the login
-    cache. Errors never show the token and leave the run folder as it was.
+    cache. Errors never show the token and leave the run folder as it was. A
+    bare NAME is the token's user's repo, and the card names it USER/NAME.
+    Files of an earlier push that this one does not upload are deleted from the repo.
     """
+    check_run_folder(run_dir)  # before any request
+    (repo_id,) = full_repo_ids([repo_id], "model", token)
     with tempfile.TemporaryDirectory(prefix="lsun-ddpm-upload-") as staging:
         folder = prepare_upload(run_dir, Path(staging) / "upload", repo_id, include_raw, figures, license)
-        return upload_folder_to_hub(folder, repo_id, "model", token, private, revision, commit_message)
+        return upload_folder_to_hub(folder, repo_id, "model", token, private, revision, commit_message,
+                                    delete_patterns=PUBLISHED_PATTERNS)
 
 
 def _without_token(error: Exception, token: str | None) -> str:
@@ -316,18 +352,11 @@ def _without_token(error: Exception, token: str | None) -> str:
     return str(error).replace(token, "***") if token else str(error)
 
 
-def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", token: str | None = None,
-                         private: bool = False, revision: str | None = None,
-                         commit_message: str = "Upload", space_sdk: str | None = None) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+@contextlib.contextmanager
+def _reported_as_upload_error(repo_id: str, repo_type: str, token: str | None) -> Iterator[None]:
+    """Any error of the Hub requests in the block, as a HubUploadError that says what to do (token masked)."""
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
-        if revision:
-            api.create_branch(repo.repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type=repo_type,
-                                   revision=revision, commit_message=commit_message)
+        yield
     except Exception as error:
         raise HubUploadError(
             f"could not upload to the Hub {repo_type} repo {repo_id!r} ({type(error).__name__}: "
@@ -335,6 +364,40 @@ def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", t
             "Nothing local was changed; check the network and your token (`hf auth login`, HF_TOKEN or "
             "--hub_token), then push again."
         ) from None
+
+
+def full_repo_ids(repo_ids: list[str], repo_type: str = "model", token: str | None = None) -> list[str]:
+    """The ids as USER/NAME: a bare NAME is the repo `create_repo` makes under the token's user (`whoami`).
+
+    What the card's usage code and the Space's MODEL_ID must name. Asks the Hub only when an id is bare.
+    """
+    from huggingface_hub import HfApi
+
+    if all("/" in repo_id for repo_id in repo_ids):
+        return list(repo_ids)
+    with _reported_as_upload_error(repo_ids[0], repo_type, token):
+        user = HfApi(token=token).whoami()["name"]
+    return [repo_id if "/" in repo_id else f"{user}/{repo_id}" for repo_id in repo_ids]
+
+
+def upload_folder_to_hub(folder: Path, repo_id: str, repo_type: str = "model", token: str | None = None,
+                         private: bool = False, revision: str | None = None, commit_message: str = "Upload",
+                         space_sdk: str | None = None, delete_patterns: list[str] | None = None) -> str:
+    """Create (if needed) the repo and the branch `revision`, and upload `folder` in one commit; the commit URL.
+
+    `delete_patterns`: files on the repo matching them that `folder` lacks are deleted in the same commit
+    (huggingface_hub's `upload_folder`; it always keeps .gitattributes).
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with _reported_as_upload_error(repo_id, repo_type, token):
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
+        if revision:
+            api.create_branch(repo.repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type=repo_type,
+                                   revision=revision, commit_message=commit_message,
+                                   delete_patterns=delete_patterns)
     logger.info("uploaded %s to %s", folder, commit.commit_url)
     return commit.commit_url
 
@@ -350,20 +413,17 @@ def prepare_space_upload(destination: str | os.PathLike, model_id: str) -> Path:
 
     from . import space
 
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    if any(destination.iterdir()):
-        raise FileExistsError(f"{destination} is not empty: give a new folder")
     space_dir = Path(space.__file__).parent
-    for name in ("app.py", "requirements.txt"):
-        shutil.copy2(space_dir / name, destination / name)
-    card = SpaceCard.load(space_dir / "README.md")
-    card.data.models = [model_id]
-    card.save(destination / "README.md")
-    package = destination / "lsun_ddpm"
-    _copy_sources(Path(lsun_ddpm.__file__).parent, package, extra=("model_card_template.md",))
-    _copy_sources(PIPELINE_FILE.parent, package / "pipelines")
-    return destination
+    with new_folder(destination) as staging:
+        for name in ("app.py", "requirements.txt"):
+            shutil.copy2(space_dir / name, staging / name)
+        card = SpaceCard.load(space_dir / "README.md")
+        card.data.models = [model_id]
+        card.save(staging / "README.md")
+        package = staging / "lsun_ddpm"
+        _copy_sources(Path(lsun_ddpm.__file__).parent, package, extra=("model_card_template.md",))
+        _copy_sources(PIPELINE_FILE.parent, package / "pipelines")
+    return Path(destination)
 
 
 def _copy_sources(source: Path, destination: Path, extra: tuple[str, ...] = ()) -> None:
@@ -375,12 +435,17 @@ def _copy_sources(source: Path, destination: Path, extra: tuple[str, ...] = ()) 
 
 def push_space(space_id: str, model_id: str, token: str | None = None, private: bool = False,
                commit_message: str = "Upload Space") -> str:
-    """Create (if needed) the Gradio Space, upload it, and set its MODEL_ID variable; return the commit URL."""
+    """Create (if needed) the Gradio Space, upload it, and set its MODEL_ID variable; return the commit URL.
+
+    Bare names are the token's user's (`full_repo_ids`): MODEL_ID is always USER/NAME.
+    """
     from huggingface_hub import HfApi
 
+    space_id, model_id = full_repo_ids([space_id, model_id], "space", token)
     with tempfile.TemporaryDirectory(prefix="lsun-ddpm-space-") as staging:
         folder = prepare_space_upload(Path(staging) / "space", model_id)
-        url = upload_folder_to_hub(folder, space_id, "space", token, private, None, commit_message, space_sdk="gradio")
+        url = upload_folder_to_hub(folder, space_id, "space", token, private, None, commit_message,
+                                   space_sdk="gradio", delete_patterns=SPACE_PATTERNS)
     try:
         HfApi(token=token).add_space_variable(space_id, "MODEL_ID", model_id)
     except Exception as error:
