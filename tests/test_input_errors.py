@@ -109,6 +109,8 @@ CASES = {
     "demo into a file": ("cli", ["demo", "--output_dir", "a-file"], None, ["--output_dir", "'a-file' is a file"]),
     "demo resolution": ("cli", ["demo", "--output_dir", "out", "--resolution", "30"], None,
                         ["--resolution 30", "small32", "multiple of 4"]),
+    "demo too small for LPIPS": ("cli", ["demo", "--output_dir", "out", "--model_preset", "tiny16",
+                                         "--resolution", "16"], None, ["--resolution 16", "AlexNet", "31 px"]),
     "evaluate too few samples": ("cli", ["evaluate", "run", "--num_samples", "3"], None,
                                  ["--num_samples must be at least 4", "precision/recall", "got 3"]),
     "evaluate batch size 0": ("cli", ["evaluate", "run", "--batch_size", "0"], None, ["--batch_size must be at least 1, got 0"]),
@@ -136,11 +138,26 @@ CASES = {
                                                          "input_blocks.0.0.weight has 32 output channels"]),
     "convert-adm class-conditional": ("cli", ["convert-adm", "adm-classes.pt", "out"], None,
                                       ["class-conditional", "no class labels"]),
+    "sample negative seed": ("cli", ["sample", "PIPELINE", "--seed", "-1"], None, ["--seed must be at least 0, got -1"]),
+    "neighbours negative seed": ("cli", ["neighbours", "--model", "PIPELINE", "--train_data_dir", "IMAGES", "--seed",
+                                         "-2"], None, ["--seed must be at least 0, got -2"]),
+    # the tiny pipeline's scheduler has 1000 training timesteps
+    "sample more steps than timesteps": ("cli", ["sample", "PIPELINE", "--scheduler", "ddim", "--num_inference_steps",
+                                                 "1001"], None, ["1001 inference steps", "1000 timesteps"]),
+    "evaluate more steps than timesteps": ("cli", ["evaluate", "PIPELINE", "--train_data_dir", "IMAGES",
+                                                   "--num_inference_steps", "1001"], None,
+                                           ["1001 inference steps", "--num_inference_steps 1000 or fewer"]),
+    "neighbours more steps than timesteps": ("cli", ["neighbours", "--model", "PIPELINE", "--train_data_dir", "IMAGES",
+                                                     "--resolution", "32", "--random_backbone", "--scheduler", "ddpm",
+                                                     "--num_inference_steps", "1001"], None,
+                                             ["1001 inference steps (ddpm)", "1000 timesteps"]),
 }
 
 
-def with_images(argv: list[str], folder: Path) -> list[str]:
-    return [str(folder) if arg == "IMAGES" else arg for arg in argv]
+def with_images(argv: list[str], folder: Path, pipeline_folder: Path | None = None) -> list[str]:
+    """`argv` with IMAGES (and PIPELINE) replaced by the test images' (and the tiny pipeline's) folder."""
+    paths = {"IMAGES": str(folder), "PIPELINE": str(pipeline_folder)}
+    return [paths.get(arg, arg) for arg in argv]
 
 
 def make_starting_state(root: Path) -> None:
@@ -181,14 +198,15 @@ def run_as_process(entry: str, argv: list[str], cwd: Path) -> tuple[int, str, st
 
 @pytest.mark.parametrize("entry, argv, options_file, words", CASES.values(), ids=CASES.keys())
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(entry, argv, options_file, words, tmp_path,
-                                                            image_folder, monkeypatch, capsys):
+                                                            image_folder, tiny_pipeline_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LSUN_DDPM_DEBUG", raising=False)
     make_starting_state(tmp_path)
     if options_file is not None:
         (tmp_path / "options.yaml").write_text(options_file)
-    argv = with_images(argv, image_folder)
+    argv = with_images(argv, image_folder, tiny_pipeline_folder)
     before = snapshot(tmp_path)
+    before_pipeline = snapshot(tiny_pipeline_folder)
 
     if entry.endswith("-process"):
         status, out, err = run_as_process(entry, argv, tmp_path)
@@ -205,6 +223,7 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(entry, argv, option
     if not entry.endswith("-process"):
         assert err.strip() == message  # one line, nothing else
     assert snapshot(tmp_path) == before  # nothing created, nothing changed
+    assert snapshot(tiny_pipeline_folder) == before_pipeline
 
 
 def test_debug_flag_and_variable_show_the_traceback(tmp_path, image_folder, monkeypatch):

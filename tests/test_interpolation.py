@@ -131,6 +131,21 @@ def test_seeds_generate_the_endpoints_deterministically(pipeline):
     assert np.abs(same[0] - one).mean() > 0.02
 
 
+def test_the_steps_called_on_their_own_keep_no_autograd_graph(pipeline):
+    """`interpolate --seeds` calls `endpoints_from_seeds` outside `__call__`: a graph kept per U-Net call
+    would grow memory with every step (gigabytes at 128 px)."""
+    assert all(parameter.requires_grad for parameter in pipeline.unet.parameters())
+    x = torch.zeros(1, 3, 16, 16)
+    outputs = {
+        "endpoints_from_seeds": pipeline.endpoints_from_seeds((1, 2), num_inference_steps=2),
+        "ddim_invert": pipeline.ddim_invert(x, 20, num_inference_steps=2),
+        "ddim_decode": pipeline.ddim_decode(x, 20, num_inference_steps=2),
+        "ancestral_decode": pipeline.ancestral_decode(x, 20, num_inference_steps=2),
+    }
+    assert {name: out.requires_grad or out.grad_fn is not None for name, out in outputs.items()} == dict.fromkeys(
+        outputs, False)
+
+
 def test_auto_noise_level_is_larger_for_a_very_different_pair():
     alphas = make_noise_scheduler().alphas_cumprod
     image = torch.rand(1, 3, 32, 32) * 2 - 1

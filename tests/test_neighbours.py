@@ -261,6 +261,100 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
                                    **{**options, "batch_size": 4})
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_cache_of_training_images_that_changed_since_is_refused(training_folder, sample_folder, tmp_path, streaming):
+    """Added images shift every later index: the cached batches would be matched against the wrong images."""
+    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.errors import InputError
+    from lsun_ddpm.neighbours import find_neighbours
+
+    folder = tmp_path / "training"
+    folder.mkdir()
+    training = sorted(training_folder.rglob("*.png"))
+    for path in training[:9]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    data = {"train_data_dir": str(folder), "streaming": streaming}  # as the command passes them
+    samples = sorted(sample_folder.glob("*.png"))[:2]
+    options = dict(resolution=RESOLUTION, lpips_weights=str(random_backbone_file(tmp_path)), batch_size=4,
+                   num_reference=0, progress=False, feature_cache=str(tmp_path / "cache"), dataset_identity=data)
+    find_neighbours(samples, ["a", "b"], load_image_dataset(**data), **options)
+    for path in training[9:12]:
+        (folder / f"0{path.name}").write_bytes(path.read_bytes())  # sorted first: every old image moves by 3
+    changed = "num_images: cached 9, now 12" if not streaming else "images_sha256: cached"
+    with pytest.raises(InputError, match=f"training images as they were before they changed .*{changed}"):
+        find_neighbours(samples, ["a", "b"], load_image_dataset(**data), **options)
+
+
+def test_training_data_without_one_readable_image_is_one_error(sample_folder, tmp_path, capsys):
+    from lsun_ddpm import cli
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index}.png").write_text("not an image")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["neighbours", "--samples", str(sample_folder), "--train_data_dir", str(folder), "--resolution",
+                  str(RESOLUTION), "--random_backbone", "--out", str(tmp_path / "figure.png")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"lsun-ddpm neighbours: error: no readable training images in {folder} (3 skipped: ")
+    assert str(folder / "0.png") in message and not (tmp_path / "figure.png").exists()
+
+
+def test_an_unreadable_sample_is_named(training_folder, sample_folder, tmp_path):
+    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.errors import InputError
+    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.neighbours_report import read_sample_folder
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(next(sample_folder.glob("*.png")).read_bytes())
+    (folder / "half.png").write_bytes((folder / "good.png").read_bytes()[:60])  # cut off mid-file
+    names, samples = read_sample_folder(str(folder))
+    with pytest.raises(InputError, match=f"sample '{folder / 'half.png'}' is not an image that can be read"):
+        find_neighbours(samples, names, load_image_dataset(train_data_dir=str(training_folder)),
+                        resolution=RESOLUTION, random_backbone=True, num_reference=0, progress=False)
+
+
+# The smallest input each backbone takes, measured with `lpips.LPIPS(pnet_rand=True)`.
+LPIPS_MIN_RESOLUTION = {"alex": 31, "vgg": 16, "squeeze": 17}
+
+
+@pytest.mark.parametrize("net", sorted(LPIPS_MIN_RESOLUTION))
+def test_a_resolution_too_small_for_the_backbone_names_the_one_that_works(net, training_folder, sample_folder):
+    import lpips
+
+    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.errors import InputError
+    from lsun_ddpm.neighbours import find_neighbours
+
+    smallest = LPIPS_MIN_RESOLUTION[net]
+    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, smallest, smallest), torch.zeros(1, 3, smallest, smallest))  # the minimum works
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, smallest - 1, smallest - 1), torch.zeros(1, 3, smallest - 1, smallest - 1))
+    with pytest.raises(InputError, match=f"too small for LPIPS' {net} backbone: give --resolution {smallest} or more"):
+        find_neighbours(sorted(sample_folder.glob("*.png"))[:1], ["a"],
+                        load_image_dataset(train_data_dir=str(training_folder)), resolution=smallest - 1, net=net,
+                        random_backbone=True, num_reference=0, progress=False)
+
+
+def test_a_small_models_default_resolution_is_refused_before_sampling(tiny_pipeline_folder, training_folder,
+                                                                      monkeypatch, capsys):
+    from lsun_ddpm import cli, neighbours_report
+
+    monkeypatch.setattr(neighbours_report, "generate_samples", lambda *args: pytest.fail("samples were generated"))
+    with pytest.raises(SystemExit) as exit_info:  # the tiny model makes 16-px images
+        cli.main(["neighbours", "--model", str(tiny_pipeline_folder), "--train_data_dir", str(training_folder),
+                  "--random_backbone"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "lsun-ddpm neighbours: error: images of 16 px are too small for LPIPS' alex backbone: give --resolution 31 "
+        "or more (smaller images are upscaled to it), or --net vgg")
+
+
 # ---------------------------------------------------------------- inputs and errors
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import DEBUG_FLAG, INPUT_ERROR_STATUS, did_you_mean, run_command, take_debug_flag
+from .errors import DEBUG_FLAG, INPUT_ERROR_STATUS, InputError, did_you_mean, run_command, take_debug_flag
 
 COMMANDS = {
     "train": "train the DDPM (same flags as train_unconditional.py; see `lsun-ddpm train --help`)",
@@ -30,9 +30,10 @@ def train_command(argv: list[str]) -> None:
 
 
 def demo_command(argv: list[str]) -> None:
-    from .config import check_training_inputs, parse_training_config
+    from .config import check_training_inputs, parse_training_config, read_model_config
     from .demo import demo_defaults, overview, paper_figures, write_demo_images
     from .export import save_image
+    from .lpips_features import MIN_RESOLUTION
     from .training import train
 
     pre_parser = argparse.ArgumentParser(add_help=False)
@@ -40,6 +41,11 @@ def demo_command(argv: list[str]) -> None:
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
     config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
     check_training_inputs(config)  # before the demo's photos are written into the output folder
+    # Fig. 4 compares the samples under LPIPS (AlexNet): a resolution it cannot take would fail after training.
+    size = config.resolution or read_model_config(config)["sample_size"]
+    if min(size if isinstance(size, (list, tuple)) else [size]) < MIN_RESOLUTION["alex"]:
+        raise InputError(f"--resolution {size}: the demo's Fig. 4 compares images under LPIPS (AlexNet), which "
+                         f"takes {MIN_RESOLUTION['alex']} px or more; give a larger --resolution")
     if config.train_data_dir == demo_defaults(output_dir)["train_data_dir"]:
         count = write_demo_images(config.train_data_dir)
         print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in "
@@ -96,7 +102,6 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
     for either kind gives those (and the user is told); "both" has nothing to
     compare and is refused.
     """
-    from .errors import InputError
     from .sampling import has_ema_weights, recorded_training_options
 
     if has_ema_weights(recorded_training_options(model)):
@@ -111,8 +116,8 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
 def sample_command(argv: list[str]) -> None:
     from .export import check_image_output, check_output_folder, save_image
     from .performance import is_compiled
-    from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, generate, image_grid, labelled_side_by_side,
-                           load_scheduler_config, load_unet, pick_device)
+    from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate, image_grid,
+                           labelled_side_by_side, load_scheduler_config, load_unet, pick_device)
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
     _add_inference_flags(parser)
@@ -129,14 +134,16 @@ def sample_command(argv: list[str]) -> None:
     _add_compile_flags(parser)
     args = parser.parse_args(argv)
     _require_positive(parser, args, ("num_images", "batch_size", "num_inference_steps"))
+    _check_minimums(args, {"seed": 0})
     check_image_output(args.out, "--out")
     if args.out_dir:
         check_output_folder(args.out_dir, "--out_dir")
 
-    config = load_scheduler_config(args.model)  # fails fast on a model that is not there
-    has_ema, chosen = _weights_to_use(args.model, args.weights)
     plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16, args.torch_compile,
                         args.torch_compile_mode)
+    config = load_scheduler_config(args.model)  # fails fast on a model that is not there
+    check_inference_steps(plan, config)
+    has_ema, chosen = _weights_to_use(args.model, args.weights)
     device = pick_device()
     panels = []
     for weights in (("raw", "ema") if chosen == "both" else (chosen,)):
@@ -154,7 +161,6 @@ def sample_command(argv: list[str]) -> None:
 
 
 def interpolate_command(argv: list[str]) -> None:
-    from .errors import InputError
     from .export import check_image_output, save_image
     from .interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline,
                                 read_pairs, save_gif, strip)
@@ -242,6 +248,7 @@ def neighbours_command(argv: list[str]) -> None:
                         help="write neighbours.png and neighbours.json into this run folder (the card shows them)")
     args = parser.parse_args(argv)
     _require_positive(parser, args, ("num_samples", "k", "batch_size", "num_inference_steps"))
+    _check_minimums(args, {"seed": 0})  # it seeds numpy's generators, which take no negative seed
     if args.num_reference < 0 or args.dataloader_num_workers < 0 or (args.resolution is not None and args.resolution < 8):
         parser.error("--num_reference and --dataloader_num_workers must be >= 0, --resolution >= 8")
     if args.out:
@@ -269,11 +276,10 @@ def _add_data_flags(parser: argparse.ArgumentParser, streaming: bool) -> None:
 
 
 def evaluate_command(argv: list[str]) -> None:
-    from .errors import InputError
     from .evaluation import MIN_IMAGES, check_libraries
     from .evaluation_report import run_evaluate_command
     from .export import check_output_folder
-    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, load_scheduler_config
+    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, load_scheduler_config
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm evaluate", description=COMMANDS["evaluate"])
     _add_inference_flags(parser)
@@ -308,24 +314,22 @@ def evaluate_command(argv: list[str]) -> None:
     if args.samples_dir:
         check_output_folder(args.samples_dir, "--samples_dir")
     check_libraries()
-    load_scheduler_config(args.model)  # fails fast on a model that is not there
+    # fails fast on a model that is not there, and on more steps than it has timesteps
+    check_inference_steps(SamplingPlan(args.scheduler, args.num_inference_steps), load_scheduler_config(args.model))
     has_ema, weights = _weights_to_use(args.model, args.weights)
     run_evaluate_command(args, has_ema, weights)
 
 
-def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dict[str, str]) -> None:
+def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dict[str, str] | None = None) -> None:
     """An InputError (one line) for the first of these whole numbers that was given and is below its minimum."""
-    from .errors import InputError
-
     for name, minimum in minimums.items():
         value = getattr(args, name)
         if value is not None and value < minimum:
-            reason = f" ({why[name]})" if name in why else ""
+            reason = f" ({why[name]})" if why and name in why else ""
             raise InputError(f"--{name} must be at least {minimum}{reason}, got {value}")
 
 
 def _check_reference_stats_path(path: str) -> None:
-    from .errors import InputError
     from .export import check_output_folder
 
     if Path(path).is_dir():
@@ -396,7 +400,7 @@ def push_command(argv: list[str]) -> None:
         return
     url = push_run(args.output_dir, args.hub_model_id, args.hub_token, args.private, args.revision,
                    args.commit_message, args.include_raw, args.figures, args.license)
-    print(f"pushed {args.output_dir} to {args.hub_model_id}: {url}")
+    print(f"pushed {args.output_dir} to the Hub: {url}")  # the URL names the repo, USER/ included
 
 
 def push_space_command(argv: list[str]) -> None:
@@ -416,7 +420,7 @@ def push_space_command(argv: list[str]) -> None:
         print(f"wrote the Space that would be uploaded to {args.space_id} into {args.dry_run}")
         return
     url = push_space(args.space_id, args.model_id, args.hub_token, args.private)
-    print(f"pushed the Space {args.space_id} (MODEL_ID={args.model_id}): {url}")
+    print(f"pushed the Space: {url}")  # the URL names it, USER/ included
 
 
 def convert_adm_command(argv: list[str]) -> None:

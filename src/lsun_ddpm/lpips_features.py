@@ -28,6 +28,11 @@ class LpipsWeightsUnavailableError(RuntimeError):
     """The backbone's ImageNet weights can neither be downloaded nor read from a file."""
 
 
+# The smallest square input each backbone takes (measured with lpips 0.1): below it, a
+# pooling layer of the backbone has an empty output and torch raises.
+MIN_RESOLUTION = {"alex": 31, "vgg": 16, "squeeze": 17}
+
+
 # ---------------------------------------------------------------- the LPIPS network
 
 
@@ -47,6 +52,21 @@ def imagenet_weights_cached(net: str) -> bool:
     from torch.hub import get_dir
 
     return (Path(get_dir()) / "checkpoints" / torchvision_weights(net).url.rsplit("/", 1)[-1]).is_file()
+
+
+def check_lpips_resolution(net: str, resolution: int) -> None:
+    """An InputError when images of `resolution` px are too small for the backbone `net`.
+
+    The resolution defaults to the model's image size, so a small model needs one given.
+    """
+    from .errors import InputError
+
+    minimum = MIN_RESOLUTION[net]
+    if resolution < minimum:
+        others = [name for name, size in MIN_RESOLUTION.items() if size <= resolution]
+        instead = f", or --net {' or '.join(others)}" if others else ""
+        raise InputError(f"images of {resolution} px are too small for LPIPS' {net} backbone: give --resolution "
+                         f"{minimum} or more (smaller images are upscaled to it){instead}")
 
 
 def load_lpips(net: str = "alex", backbone_weights: str | None = None, random_backbone: bool = False):

@@ -16,11 +16,12 @@ is the same on one process or many.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,9 +29,10 @@ import datasets
 import numpy as np
 import torch
 
-from .data import ImagePreprocessor, UNREADABLE_IMAGE_ERRORS, describe_image_source
+from .data import REPORTED_EXAMPLES, ImagePreprocessor, UNREADABLE_IMAGE_ERRORS, describe_image_source, walk_images
 from .errors import InputError
-from .lpips_features import LpipsFeatures, load_lpips
+from .lpips_features import LpipsFeatures, check_lpips_resolution, load_lpips
+from .lsun_lmdb import LMDB_DATA_FILE, is_lmdb_export
 from .models import weights_fingerprint
 
 # The candidates scored exactly per query and batch, beyond k: covers float32
@@ -40,6 +42,8 @@ EXACT_RESCORING_SLACK = 16
 # distance (float32's epsilon is 6e-8: this leaves three orders of margin).
 FLOAT32_TOLERANCE = 1e-4
 CACHE_FORMAT = 1
+# The parts of the cache's identity that say which images the data options named when it was written.
+CONTENTS_KEYS = ("num_images", "images_sha256")
 
 
 # ---------------------------------------------------------------- running top-k
@@ -62,11 +66,12 @@ class RunningTopK:
         order = torch.sort(distances, dim=1, stable=True).indices[:, : self.k]
         self.distances, self.indices = distances.gather(1, order), indices.gather(1, order)
 
-    def kth_distance(self) -> torch.Tensor:
-        """Each query's k-th best distance so far (+inf while it has fewer than k)."""
-        if self.distances.shape[1] < self.k:
+    def kth_distance(self, k: int | None = None) -> torch.Tensor:
+        """Each query's k-th best distance so far (+inf while it has fewer than k); k: this top k's own."""
+        k = k or self.k
+        if self.distances.shape[1] < k:
             return torch.full((len(self.distances),), math.inf, dtype=torch.float64)
-        return self.distances[:, self.k - 1]
+        return self.distances[:, k - 1]
 
 
 def score_batch(queries: torch.Tensor, excluded: torch.Tensor, features: torch.Tensor, indices: torch.Tensor,
@@ -125,6 +130,7 @@ class DatasetPass:
     cache_dir: Path | None = None
     num_images: int = 0  # filled in as the pass goes
     skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)  # "file (why)" of the first few skipped
 
     def owns(self, batch: int) -> bool:
         return batch % self.num_processes == self.process_index
@@ -164,14 +170,14 @@ class DecodedBatches(torch.utils.data.Dataset):
         batch = self.batches[item]
         cached = self.plan.cache_file(batch)
         if cached is not None and cached.is_file():
-            return batch, None, None, 0
+            return batch, None, None, []
         start = batch * self.plan.batch_size
         members = list(enumerate(self.dataset[start:start + self.plan.batch_size]["image"], start))
         return (batch, *decode_batch(members, self.preprocess))
 
 
 def decoded_batches(dataset, plan: DatasetPass, preprocess: ImagePreprocessor, num_workers: int = 0):
-    """(batch number, pixels or None when cached, indices, skipped) for this process's batches, in order."""
+    """(batch number, pixels or None when cached, indices, skipped images) for this process's batches, in order."""
     if isinstance(dataset, datasets.IterableDataset):
         # A stream is read in order by every process, each keeping its own batches (reading
         # undecoded bytes is cheap next to decoding them); it is decoded here, as it arrives.
@@ -180,7 +186,7 @@ def decoded_batches(dataset, plan: DatasetPass, preprocess: ImagePreprocessor, n
             if not plan.owns(batch):
                 continue
             if cached is not None and cached.is_file():
-                yield batch, None, None, 0
+                yield batch, None, None, []
             else:
                 yield (batch, *decode_batch(members, preprocess))
         return
@@ -193,17 +199,18 @@ def _unchanged(item):
 
 
 def decode_batch(members: list[tuple[int, object]], preprocess: ImagePreprocessor
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(pixels (n, 3, H, W), their dataset indices, number of unreadable images skipped)."""
-    pixels, indices = [], []
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(pixels (n, 3, H, W), their dataset indices, "file (why)" of each unreadable image skipped)."""
+    pixels, indices, skipped = [], [], []
     for index, source in members:
         try:
             pixels.append(preprocess(source))
             indices.append(index)
         except UNREADABLE_IMAGE_ERRORS as error:
-            warnings.warn(f"skipping unreadable image {describe_image_source(source)} ({error})")
+            skipped.append(f"{describe_image_source(source)} ({error})")
+            warnings.warn(f"skipping unreadable image {skipped[-1]}")
     empty = torch.empty(0, 3, preprocess.resolution, preprocess.resolution)
-    return (torch.stack(pixels) if pixels else empty), torch.tensor(indices, dtype=torch.long), len(members) - len(pixels)
+    return (torch.stack(pixels) if pixels else empty), torch.tensor(indices, dtype=torch.long), skipped
 
 
 def featurised_batches(dataset, extractor: LpipsFeatures, preprocess: ImagePreprocessor, plan: DatasetPass,
@@ -220,17 +227,19 @@ def featurised_batches(dataset, extractor: LpipsFeatures, preprocess: ImagePrepr
         cached = plan.cache_file(batch)
         if pixels is None:
             stored = load_file(str(cached))
-            features, indices, skipped = stored["features"], stored["indices"], int(stored["skipped"])
+            features, indices, num_skipped = stored["features"], stored["indices"], int(stored["skipped"])
         else:
             features = extractor(pixels.to(device)).cpu() if len(indices) else torch.empty(0, 0)
-            if cached is not None:
+            num_skipped = len(skipped)
+            if cached is not None:  # it keeps the number skipped, not which files
                 staging = cached.with_name(f".{cached.name}.partial-{os.getpid()}")
                 save_file({"features": features.contiguous(), "indices": indices,
-                           "skipped": torch.tensor(skipped)}, str(staging))
+                           "skipped": torch.tensor(num_skipped)}, str(staging))
                 os.replace(staging, cached)
+            plan.skipped_examples = (plan.skipped_examples + skipped)[:REPORTED_EXAMPLES]
         plan.num_images += len(indices)
-        plan.skipped += skipped
-        on_batch(len(indices) + skipped)
+        plan.skipped += num_skipped
+        on_batch(len(indices) + num_skipped)
         if len(indices):
             yield features.to(device), indices
 
@@ -248,6 +257,9 @@ def prepare_feature_cache(cache_dir: str | None, identity: dict) -> Path | None:
         different = {key: (stored.get(key), value) for key, value in identity.items() if stored.get(key) != value}
         if different:
             described = ", ".join(f"{key}: cached {old!r}, now {new!r}" for key, (old, new) in different.items())
+            if set(different) <= set(CONTENTS_KEYS):
+                raise InputError(f"--feature_cache {cache_dir!r} holds features of the training images as they "
+                                 f"were before they changed ({described}); give a new folder or delete this one")
             raise InputError(f"--feature_cache {cache_dir!r} holds features of another set-up ({described}); "
                              "give a new folder or the same options")
     else:
@@ -255,6 +267,30 @@ def prepare_feature_cache(cache_dir: str | None, identity: dict) -> Path | None:
         staging.write_text(json.dumps(identity, indent=2))
         os.replace(staging, meta)
     return folder
+
+
+def dataset_contents(dataset, train_data_dir: str | None) -> dict:
+    """The cache identity's `CONTENTS_KEYS`: how many images `dataset` holds and a hash of what they are.
+
+    The options that name the data stay the same when images are added to
+    its folder or changed: cached batches would then be matched against
+    shifted indices. A 🤗 map-style dataset has its fingerprint (a hash of its
+    source files with their modification times, or of the Hub revision); a
+    stream has none (nor a length), so a local folder's files are hashed here.
+    """
+    if not isinstance(dataset, datasets.IterableDataset):
+        return {"num_images": len(dataset), "images_sha256": dataset._fingerprint}
+    return {"num_images": None, "images_sha256": files_sha256(train_data_dir) if train_data_dir else None}
+
+
+def files_sha256(folder: str) -> str:
+    """A hash of the image files below `folder` (an LMDB export: its data file): relative names, sizes, mtimes."""
+    files = [os.path.join(folder, LMDB_DATA_FILE)] if is_lmdb_export(folder) else sorted(walk_images(folder))
+    digest = hashlib.sha256()
+    for path in files:
+        status = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- the search
@@ -270,6 +306,7 @@ class SearchResult:
     reference_indices: list[int]  # the dataset indices of the reference queries
     num_searched: int  # training images compared (unreadable ones excluded)
     num_skipped: int
+    skipped_examples: list[str]  # "file (why)" of a few of the skipped images
 
 
 def search(sample_features: torch.Tensor, reference_features: torch.Tensor, reference_indices: list[int],
@@ -282,15 +319,16 @@ def search(sample_features: torch.Tensor, reference_features: torch.Tensor, refe
     best = RunningTopK(len(queries), k)
     for features, indices in featurised_batches(dataset, extractor, preprocess, plan, device, on_batch, num_workers):
         best.add(*score_batch(queries, excluded, features, indices, best))
-    shares = gather([(best.distances, best.indices, plan.num_images, plan.skipped)])
+    shares = gather([(best.distances, best.indices, plan.num_images, plan.skipped, plan.skipped_examples)])
     merged = RunningTopK(len(queries), k)
-    for distances, indices, _, _ in shares:
+    for distances, indices, *_ in shares:
         merged.add(distances, indices)
     n = len(sample_features)
     return SearchResult(
         sample_distances=merged.distances[:n], sample_indices=merged.indices[:n],
-        reference_distances=merged.distances[n:, 0], reference_indices=list(reference_indices),
+        reference_distances=merged.kth_distance(1)[n:], reference_indices=list(reference_indices),
         num_searched=sum(share[2] for share in shares), num_skipped=sum(share[3] for share in shares),
+        skipped_examples=[example for share in shares for example in share[4]][:REPORTED_EXAMPLES],
     )
 
 
@@ -320,6 +358,19 @@ def fetch_images(dataset, indices: list[int]) -> dict[int, object]:
             if len(found) == len(wanted):
                 break
     return found
+
+
+def preprocess_samples(samples: list, names: list[str], preprocess: ImagePreprocessor) -> torch.Tensor:
+    """The samples as one (n, 3, H, W) stack; an InputError names the first one that cannot be read."""
+    pixels = []
+    for sample, name in zip(samples, names):
+        try:
+            pixels.append(preprocess(sample))
+        except UNREADABLE_IMAGE_ERRORS as error:
+            where = os.fspath(sample) if isinstance(sample, (str, os.PathLike)) else name
+            raise InputError(f"sample {where!r} is not an image that can be read ({error}); remove or replace it") \
+                from None
+    return torch.stack(pixels)
 
 
 def featurise(images: torch.Tensor, extractor: LpipsFeatures, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -396,20 +447,22 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
 
     # The pruning bound assumes true float32 products: no TF32 or bf16 reduced-precision matmuls.
     torch.set_float32_matmul_precision("highest")
+    check_lpips_resolution(net, resolution)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     num_processes = accelerator.num_processes if accelerator is not None else 1
+    preprocess = ImagePreprocessor(resolution, center_crop=True, random_flip=False)
+    pixels = preprocess_samples(samples, sample_names, preprocess)
     lpips_model = load_lpips(net, lpips_weights, random_backbone)
     extractor = LpipsFeatures(lpips_model).to(device)
-    preprocess = ImagePreprocessor(resolution, center_crop=True, random_flip=False)
 
-    pixels = torch.stack([preprocess(sample) for sample in samples])
     sample_features = featurise(pixels, extractor, batch_size, device)
     reference_indices = choose_reference_indices(dataset, num_reference, seed)
     reference_pixels, reference_indices = _decode_indices(dataset, reference_indices, preprocess)
     reference_features = featurise(reference_pixels, extractor, batch_size, device)
 
     identity = {"net": net, "backbone_sha256": weights_fingerprint(lpips_model.state_dict().values())[:16], "resolution": resolution,
-                "batch_size": batch_size, "dataset": dataset_identity or {}}
+                "batch_size": batch_size, "dataset": dataset_identity or {},
+                **dataset_contents(dataset, (dataset_identity or {}).get("train_data_dir"))}
     plan = DatasetPass(batch_size, accelerator.process_index if accelerator else 0, num_processes,
                        prepare_feature_cache(feature_cache, identity))
     total = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
@@ -419,6 +472,8 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
         result = search(sample_features, reference_features, reference_indices, dataset, extractor, preprocess,
                         k, plan, device, bar.update, gather_object if num_processes > 1 else (lambda x: x),
                         num_workers)
+    if result.num_searched == 0:
+        raise no_readable_images(result, dataset_identity or {})
 
     found = sorted({int(i) for i in result.sample_indices.flatten().tolist() if i >= 0})
     sources = fetch_images(dataset, found)
@@ -429,6 +484,14 @@ def find_neighbours(samples: list, sample_names: list[str], dataset, *, resoluti
         "randomly initialised" if random_backbone else "ImageNet")
     settings = {"net": net, "backbone": backbone, "resolution": resolution, "k": k}
     return NeighbourReport(list(sample_names), pixels, result, labels, thumbnails, verdict, settings)
+
+
+def no_readable_images(result: SearchResult, data: dict) -> InputError:
+    """The error for training data that held no image that could be read: where, how many, a few of them."""
+    where = data.get("train_data_dir") or data.get("dataset_name") or "the training data"
+    examples = "; ".join(result.skipped_examples)
+    return InputError(f"no readable training images in {where} ({result.num_skipped} skipped"
+                      f"{': ' + examples if examples else ''}); check the folder or dataset")
 
 
 def _decode_indices(dataset, indices: list[int], preprocess: ImagePreprocessor) -> tuple[torch.Tensor, list[int]]:

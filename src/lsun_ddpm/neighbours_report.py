@@ -136,10 +136,12 @@ def run_neighbours_command(args) -> None:
     from accelerate import Accelerator
 
     from .data import load_image_dataset
+    from .lpips_features import check_lpips_resolution
 
     accelerator = Accelerator()
     data = data_options(args)
     resolution = args.resolution or model_resolution(args.model or args.run_dir) or 128
+    check_lpips_resolution(args.net, resolution)  # find_neighbours checks it too, but only after the samples are made
     if args.model:
         names, samples = generate_samples(args, accelerator)
     else:
@@ -227,11 +229,12 @@ def generate_samples(args, accelerator) -> tuple[list[str], list[Image.Image]]:
     """
     from accelerate.utils import gather_object
 
-    from .sampling import SamplingPlan, generate, load_scheduler_config, load_unet
+    from .sampling import SamplingPlan, check_inference_steps, generate, load_scheduler_config, load_unet
 
-    unet = load_unet(args.model, args.weights).to(accelerator.device)
     config = load_scheduler_config(args.model)
     plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    check_inference_steps(plan, config)  # before the weights are loaded
+    unet = load_unet(args.model, args.weights).to(accelerator.device)
     with accelerator.split_between_processes(list(range(args.num_samples))) as mine:
         images = generate(unet, config, len(mine), args.seed, plan, first_index=mine[0]) if mine else []
     shares = gather_object([images]) if accelerator.num_processes > 1 else [images]

@@ -17,6 +17,7 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InputError
 from .performance import compile_in_place, fast_precision_available
 from .pipelines.ddpm_interpolation import scheduler_model_output
 
@@ -164,6 +165,19 @@ class SamplingPlan:
     @property
     def steps(self) -> int:
         return self.num_inference_steps or SCHEDULERS[self.scheduler][2]
+
+
+def check_inference_steps(plan: SamplingPlan, scheduler_config: dict) -> None:
+    """An InputError, before any weights are loaded, for more steps than the model has timesteps.
+
+    diffusers' DDPM and DDIM schedulers refuse them only once sampling starts;
+    the multistep solvers would step through repeated timesteps.
+    """
+    num_train_timesteps = scheduler_config.get("num_train_timesteps", 1000)
+    if plan.steps > num_train_timesteps:
+        raise InputError(f"{plan.steps} inference steps ({plan.scheduler}) are more than the {num_train_timesteps} "
+                         f"timesteps the model was trained with: give --num_inference_steps {num_train_timesteps} "
+                         "or fewer")
 
 
 @torch.no_grad()
