@@ -104,14 +104,24 @@ def to_rgb(image: PIL.Image.Image, resolution: int | None = None) -> PIL.Image.I
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = PIL.ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_GREY_MODES:
-        sixteen_bit = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
-        image = PIL.Image.fromarray(np.round(sixteen_bit / 257).astype(np.uint8))  # 65535 / 257 = 255
+        image = eight_bit_grey(image)
     elif image.mode == "F":
         raise ValueError("floating-point image (mode F): convert it to 8 or 16 bits per channel")
     if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
         image = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("RGB")
+
+
+def eight_bit_grey(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit grey image scaled to 8 bits (65535 → 255); its transparent value (a PNG's tRNS), if it
+    names one, becomes an alpha channel ("LA"), since after scaling other values would share it."""
+    values = np.asarray(image, dtype=np.float64)
+    grey = PIL.Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8))  # 65535 / 257 = 255
+    if "transparency" not in image.info:
+        return grey
+    alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
+    return PIL.Image.merge("LA", (grey, PIL.Image.fromarray(alpha)))
 
 
 def open_rgb(source, resolution: int | None = None) -> PIL.Image.Image:

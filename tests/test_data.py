@@ -120,6 +120,13 @@ def test_transparent_pixels_become_white():
     assert torch.all(x == 1)
 
 
+def test_the_transparent_value_of_a_16_bit_grey_png_becomes_white(tmp_path):
+    """tRNS names one 16-bit value transparent: 1000 is drawn white, 30000 stays grey (30000 / 257 → 117)."""
+    Image.fromarray(np.array([[1000, 30000]], dtype=np.uint16)).save(tmp_path / "grey.png", transparency=1000)
+    pixels = np.asarray(open_rgb(tmp_path / "grey.png"))
+    assert pixels.tolist() == [[[255, 255, 255], [117, 117, 117]]]
+
+
 def test_jpeg_is_decoded_at_reduced_size_but_not_below_the_resolution():
     buffer = io.BytesIO()
     halves_image(512, 384).save(buffer, format="JPEG")
