@@ -108,8 +108,10 @@ def test_interrupted_prepare_resumes_without_redoing_complete_shards(image_folde
     with pytest.raises(InputError, match="unfinished prepared dataset"):
         load_prepared_images(str(output), ImagePreprocessor(RESOLUTION))
 
-    # a half-written shard left behind (as by a killed process) must not be read
+    assert not list((output / "shards").glob(".*"))  # the interrupted shard's partial file was removed
+    # half-written shards left behind (as by a killed process, and by its orphaned worker) must not be read
     (output / "shards" / ".shard-00001.arrow.partial").write_bytes(b"half a shard")
+    (output / "shards" / ".shard-00001.arrow.partial-4242").write_bytes(b"another half")
     written = []
     original_write_shard = prepare.write_shard
     monkeypatch.setattr(prepare, "resized_record", original)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import sys
@@ -187,16 +188,35 @@ def write_missing_shards(jobs: list[ShardJob], num_proc: int) -> None:
             for job in missing:
                 bar.update(write_shard(job))
             return
-        # spawn: a forked copy of a process holding torch's and tqdm's threads can deadlock
-        with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        with worker_pool(num_proc) as pool:
             for done in pool.imap_unordered(write_shard, missing):
                 bar.update(done)
+
+
+def worker_pool(num_proc: int) -> multiprocessing.pool.Pool:
+    """`num_proc` worker processes, started (spawn) with Ctrl-C ignored.
+
+    Spawned, because a forked copy of a process holding torch's and tqdm's
+    threads can deadlock. Ctrl-C reaches the whole process group: this process
+    alone acts on it (leaving the pool stops the workers), with one message
+    instead of a traceback from every worker. A worker inherits the ignored
+    signal from the moment it starts, while it is still importing.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(num_proc)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_shard(job: ShardJob) -> int:
     """Resize images [start, stop) into the job's shard; return how many source images it covered."""
     final = shard_path(job.folder, job.index)
-    partial = final.with_name(f".{final.name}.partial")
+    # Half-written attempts at this shard (a killed run's, or its orphaned worker's, which may still be writing):
+    # each has its process id in its name, so this attempt never writes into one of them.
+    for stale in final.parent.glob(f".{final.name}.partial*"):
+        stale.unlink(missing_ok=True)
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
     notes: list[Note] = []
     images = 0
     writer = datasets.arrow_writer.ArrowWriter(features=FEATURES, path=str(partial))
@@ -207,8 +227,11 @@ def write_shard(job: ShardJob) -> int:
                 writer.write(record)
                 images += 1
         writer.finalize()
-    finally:
+    except BaseException:  # Ctrl-C, a full disk: no half shard is left behind
         writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
     write_text(json.dumps(shard_counts(images, notes)), final.with_suffix(".json"))
     os.replace(partial, final)  # the shard is complete only now
     return job.stop - job.start
