@@ -29,9 +29,9 @@ category would be written twice.
 
 Resumable and interruptible: the source is cut into fixed runs of
 `shard_size` images; shard i always holds run i. A shard is written under a
-temporary name (`.shard-00000.arrow.partial`), its counts beside it
+temporary name (`.shard-00000.arrow.partial-<pid>`), its counts beside it
 (`shard-00000.json`), and renamed when complete: a shard's final name means it
-is whole, and a rerun skips it (and writes a missing shard's partial file anew). A rerun must have the same plan (source
+is whole, and a rerun skips it (and writes a missing shard anew, removing any partial file of it first). A rerun must have the same plan (source
 fingerprint, image count, preprocessing, shard size), recorded in
 `prepared_dataset.json` before the first shard; otherwise it is refused. The
 dataset is usable only once the file says `"complete": true`, which is written
