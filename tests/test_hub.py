@@ -221,7 +221,10 @@ def converted_folder(tmp_path):
 
 def test_a_converted_folder_is_published_with_its_own_card_and_record(converted_folder, tmp_path):
     upload = prepare_upload(converted_folder, tmp_path / "upload", "someone/adm", figures=False)
-    assert (upload / "README.md").read_bytes() == (converted_folder / "README.md").read_bytes()
+    local_card = (converted_folder / "README.md").read_text()
+    assert 'DDPMPipeline.from_pretrained("path/to/this/folder")' in local_card
+    # the same card, whose usage code now loads the repo
+    assert (upload / "README.md").read_text() == local_card.replace("path/to/this/folder", "someone/adm")
     assert ModelCard.load(upload / "README.md").data.license == "mit"
     assert (upload / "adm_conversion.json").read_bytes() == (converted_folder / "adm_conversion.json").read_bytes()
 

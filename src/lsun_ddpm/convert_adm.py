@@ -57,6 +57,8 @@ CONVERSION_FILE = "adm_conversion.json"  # marks a folder this command wrote (it
 # the record. A previous conversion holding anything else (evaluation.json, a user's notes) is not replaced.
 CONVERSION_ENTRIES = frozenset({"model_index.json", "unet", "scheduler", "README.md", CONVERSION_FILE})
 CARD_TEMPLATE = Path(__file__).with_name("adm_model_card_template.md")
+# What the card's usage code loads until the folder is pushed; `lsun-ddpm push` puts the repo id there.
+CARD_MODEL_ID = "path/to/this/folder"
 LICENSE = "mit"  # guided-diffusion's code and released checkpoints
 SOURCE_URL = "https://github.com/openai/guided-diffusion"
 DOWNLOAD_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{name}"
@@ -656,7 +658,7 @@ def build_adm_model_card(source_name: str, sha256: str, flags: dict[str, Any], i
     known = source_name in PUBLISHED_RESULTS
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE.read_text(), title=f"guided-diffusion `{source_name}` for diffusers",
-        source_name=source_name, sha256=sha256, download_url=DOWNLOAD_URL.format(name=source_name) if known else None,
+        model_id=CARD_MODEL_ID, source_name=source_name, sha256=sha256, download_url=DOWNLOAD_URL.format(name=source_name) if known else None,
         source_url=SOURCE_URL, paper_url=PAPER_URL, command_line=flags_command_line(flags),
         inferred=", ".join(f"`--{n}`" for n in inferred) or "none", published=published,
         metrics=[(label, getattr(published, key)) for key, label in metrics.items()

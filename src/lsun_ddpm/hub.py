@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert_adm import CONVERSION_FILE, is_previous_conversion
+from .convert_adm import CARD_MODEL_ID, CONVERSION_FILE, is_previous_conversion
 from .diffusion import LEARNED_VARIANCE
 from .errors import InputError
 from .export import staged
@@ -277,8 +277,9 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
         shutil.copy2(PIPELINE_FILE, staging / PIPELINE_FILE.name)
-        if converted:
-            shutil.copy2(run_dir / "README.md", staging / "README.md")
+        if converted:  # its own card, loading it from the repo
+            card = (run_dir / "README.md").read_text().replace(CARD_MODEL_ID, repo_id)
+            (staging / "README.md").write_text(card)
         else:
             if figures and not (staging / "interpolation.png").is_file():
                 make_interpolation_figure(run_dir, staging / "interpolation.png")
