@@ -13,7 +13,7 @@ from PIL import Image
 from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
                             PreprocessedStream, augmentation_generator, decode_notes, encode_notes,
                             load_image_dataset, make_dataloader, make_training_dataset, resize_shorter_side,
-                            summarise_image_reports, to_model_input)
+                            summarise_image_reports, to_model_input, walk_images)
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
@@ -176,6 +176,25 @@ def test_a_folder_is_the_same_dataset_however_it_is_spelled(image_folder, monkey
     monkeypatch.chdir(image_folder.parent)
     relative = load_image_dataset(train_data_dir=f"./{image_folder.name}/../{image_folder.name}")
     assert relative._fingerprint == absolute._fingerprint
+
+
+def streamed_paths(dataset, workers: int) -> list[str]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda item: item)
+    return [item["image"]["path"] for item in loader]
+
+
+def test_a_streamed_folder_is_a_shard_a_file_shared_out_among_workers(image_folder):
+    stream = load_image_dataset(train_data_dir=str(image_folder), streaming=True)
+    assert stream.num_shards == 32  # so two DataLoader workers each read half of the files
+    assert sorted(streamed_paths(stream, workers=2)) == sorted(walk_images(str(image_folder)))
+
+
+def test_max_train_samples_of_a_streamed_folder_are_its_first_images_whatever_the_workers(image_folder):
+    first_five = sorted(walk_images(str(image_folder)))[:5]
+    assert [row["image"]["path"] for row in load_image_dataset(train_data_dir=str(image_folder),
+                                                               max_train_samples=5)] == first_five
+    stream = load_image_dataset(train_data_dir=str(image_folder), streaming=True, max_train_samples=5)
+    assert sorted(streamed_paths(stream, workers=2)) == first_five
 
 
 def test_dataloader_yields_full_uint8_batches(image_folder):

@@ -49,6 +49,17 @@ def test_lmdb_gives_the_same_tensors_as_the_same_images_in_a_folder(image_folder
     assert torch.equal(sorted_images(torch.cat([batch["pixels"] for batch in batches])), expected)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_max_train_samples_of_an_lmdb_are_its_first_records_whatever_the_workers(tmp_path, streaming):
+    """640 records (64 shards of 10 when streamed), the first 100 of them read by 4 DataLoader workers."""
+    keys = [f"{index:04d}".encode() for index in range(640)]
+    folder = write_lmdb(tmp_path / "lmdb", {key: key for key in keys})
+    records = load_image_dataset(train_data_dir=str(folder), streaming=streaming, max_train_samples=100)
+    loader = torch.utils.data.DataLoader(records, batch_size=None, num_workers=4 if streaming else 0,
+                                         collate_fn=lambda item: item)
+    assert sorted(item["image"]["bytes"] for item in loader) == keys[:100]
+
+
 def encoded(image, format="WEBP") -> bytes:
     import io
 

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
@@ -206,14 +206,14 @@ def load_image_dataset(
     is every image below it, at any depth.
     """
     if train_data_dir is not None:
-        dataset = load_local_images(train_data_dir, streaming, cache_dir)
+        dataset = load_local_images(train_data_dir, streaming, cache_dir, max_train_samples)
         image_column = "image"
     elif dataset_name is not None:
         check_hub_dataset_reachable(dataset_name)
         try:
-            dataset = datasets.load_dataset(
+            dataset = first_images(datasets.load_dataset(
                 dataset_name, dataset_config_name, split="train", streaming=streaming, cache_dir=cache_dir
-            )
+            ), max_train_samples)
         except ConnectionError as error:
             raise DatasetUnavailableError(
                 f"could not load {dataset_name!r}: {error}. Use --train_data_dir DIR for local images."
@@ -229,18 +229,30 @@ def load_image_dataset(
     dataset = dataset.select_columns([image_column])
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
-    dataset = dataset.cast_column("image", datasets.Image(decode=False))
-    if max_train_samples is not None:
-        if streaming:
-            dataset = dataset.take(max_train_samples)
-        else:
-            dataset = dataset.select(range(min(max_train_samples, len(dataset))))
-    return dataset
+    return dataset.cast_column("image", datasets.Image(decode=False))
 
 
-def load_local_images(folder: str, streaming: bool = False,
-                      cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
-    """An LSUN LMDB export, or every image below `folder` whatever its sub-folders are called.
+def first_images(dataset: datasets.Dataset | datasets.IterableDataset, count: int | None):
+    """The first `count` images of `dataset` (all of them for None).
+
+    A stream's are the first `count` only without DataLoader workers: 🤗 datasets
+    splits `take` among the workers' shards.
+    """
+    if count is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
+
+
+# The one column of every training dataset: images left undecoded ({"bytes", "path"} dicts).
+UNDECODED_IMAGES = datasets.Features({"image": datasets.Image(decode=False)})
+
+
+def load_local_images(folder: str, streaming: bool = False, cache_dir: str | None = None,
+                      max_train_samples: int | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """An LSUN LMDB export, or every image below `folder` whatever its sub-folders are called (the first
+    `max_train_samples` of them, if given).
 
     The files are listed explicitly (`data_files`): given only the folder,
     🤗 datasets' `imagefolder` would read sub-folders named train/, test/ or val/
@@ -251,7 +263,7 @@ def load_local_images(folder: str, streaming: bool = False,
     from .lsun_lmdb import is_lmdb_export, load_lmdb_dataset  # it imports this module
 
     if is_lmdb_export(folder):
-        return load_lmdb_dataset(folder, streaming, cache_dir)
+        return load_lmdb_dataset(folder, streaming, cache_dir, max_train_samples)
     from .prepare import is_prepared_dataset
 
     if is_prepared_dataset(folder):  # training reads one (training.prepare_training_data); nothing else does
@@ -263,10 +275,22 @@ def load_local_images(folder: str, streaming: bool = False,
     files = leave_out_url_chains(files)
     if not files:
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if streaming:
+        # Each file a shard: DataLoader workers share out shards, and the stream's shuffle permutes them, where
+        # `imagefolder` streams the whole list as one shard (one worker, and only the shuffle buffer's mixing).
+        # The first files are the first images whatever the workers, which `take` would not be.
+        return datasets.IterableDataset.from_generator(undecoded_images, features=UNDECODED_IMAGES,
+                                                       gen_kwargs={"files": files[:max_train_samples]})
     # data_files are glob patterns: escaped, `photo [1].jpg` is that file, not `photo 1.jpg`.
-    return datasets.load_dataset("imagefolder", data_files={"train": [glob.escape(file) for file in files]},
-                                 split="train", drop_labels=True, drop_metadata=True, cache_dir=cache_dir,
-                                 streaming=streaming)
+    return first_images(datasets.load_dataset(
+        "imagefolder", data_files={"train": [glob.escape(file) for file in files]}, split="train", drop_labels=True,
+        drop_metadata=True, cache_dir=cache_dir), max_train_samples)
+
+
+def undecoded_images(files: list[str]) -> Iterator[dict]:
+    """The `image` column of `files`, as 🤗 datasets' Image feature holds an image it has not read."""
+    for file in files:
+        yield {"image": {"path": file, "bytes": None}}
 
 
 def leave_out_url_chains(files: list[str]) -> list[str]:

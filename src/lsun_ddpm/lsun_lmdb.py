@@ -8,6 +8,7 @@ everything after it are unchanged. `lmdb` is an optional dependency
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -16,13 +17,12 @@ from typing import Iterator
 
 import datasets
 
-from .data import DatasetUnavailableError
+from .data import UNDECODED_IMAGES, DatasetUnavailableError
 
 LMDB_DATA_FILE = "data.mdb"
 # Runs of consecutive keys read as separate shards: DataLoader workers (and 🤗 datasets'
 # stream shuffling) share out shards, so a stream of one shard would be decoded by one worker.
 NUM_SHARDS = 64
-FEATURES = datasets.Features({"image": datasets.Image(decode=False)})
 
 
 def is_lmdb_export(folder: str) -> bool:
@@ -84,12 +84,19 @@ def read_records(folder: str, fingerprint: tuple, shards: list[tuple[bytes, byte
 
 
 def split_into_shards(folder: str, entries: int) -> list[tuple[bytes, bytes | None]]:
-    """Up to NUM_SHARDS runs of consecutive keys, as (first key, first key of the next run or None)."""
+    """The first `entries` keys in up to NUM_SHARDS runs of consecutive keys, as (first key, the key after the
+    run or None). Runs, not `take`: 🤗 datasets splits a `take` among DataLoader workers' shards, so the
+    images would be the first ones of each worker's shards, not the first `entries`."""
     every = math.ceil(entries / NUM_SHARDS)
+    firsts, stop = [], None
     with shared_environment(folder) as environment, environment.begin() as transaction:
         keys = transaction.cursor().iternext(keys=True, values=False)
-        firsts = [bytes(key) for index, key in enumerate(keys) if index % every == 0]
-    return list(zip(firsts, firsts[1:] + [None]))
+        for index, key in enumerate(itertools.islice(keys, entries + 1)):
+            if index == entries:
+                stop = bytes(key)  # the first key left out
+            elif index % every == 0:
+                firsts.append(bytes(key))
+    return list(zip(firsts, firsts[1:] + [stop]))
 
 
 def count_records(folder: str) -> int:
@@ -97,9 +104,10 @@ def count_records(folder: str) -> int:
         return environment.stat()["entries"]
 
 
-def load_lmdb_dataset(folder: str, streaming: bool = False,
-                      cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
-    """The LMDB at `folder` as a dataset with one column, `image` ({"bytes", "path"} dicts).
+def load_lmdb_dataset(folder: str, streaming: bool = False, cache_dir: str | None = None,
+                      max_records: int | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """The LMDB at `folder` (its first `max_records` records, if given) as a dataset with one column,
+    `image` ({"bytes", "path"} dicts).
 
     Map-style, the records are copied once into 🤗 datasets' cache (as much disk
     as the LMDB; later runs reuse the copy); streaming reads the LMDB directly.
@@ -110,7 +118,7 @@ def load_lmdb_dataset(folder: str, streaming: bool = False,
         raise DatasetUnavailableError(f"--train_data_dir {folder!r} is an LMDB with no records: point it at a filled LSUN export")
     stat = os.stat(os.path.join(folder, LMDB_DATA_FILE))
     gen_kwargs = {"folder": folder, "fingerprint": (entries, stat.st_size, stat.st_mtime_ns),
-                  "shards": split_into_shards(folder, entries)}
+                  "shards": split_into_shards(folder, min(entries, max_records or entries))}
     if streaming:
-        return datasets.IterableDataset.from_generator(read_records, features=FEATURES, gen_kwargs=gen_kwargs)
-    return datasets.Dataset.from_generator(read_records, features=FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+        return datasets.IterableDataset.from_generator(read_records, features=UNDECODED_IMAGES, gen_kwargs=gen_kwargs)
+    return datasets.Dataset.from_generator(read_records, features=UNDECODED_IMAGES, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
