@@ -204,6 +204,23 @@ def test_training_from_a_prepared_dataset(image_folder, tmp_path):
     assert "was prepared with resolution 16, but this run uses resolution 32" in refused.stderr
 
 
+def test_prepare_under_a_multi_process_launch_is_refused(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch and torchrun set it
+    with pytest.raises(InputError, match="without `accelerate launch`"):
+        prepare_folder(image_folder, tmp_path / "prepared", shard_size=16)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_run_without_a_seed_flips_prepared_images_as_with_seed_0(image_folder, tmp_path):
+    """--seed is optional in training (None), as in diffusers' script; decoded images then use seed 0."""
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=16)
+    flipping = ImagePreprocessor(RESOLUTION, random_flip=True)
+    unseeded = load_prepared_images(str(tmp_path / "prepared"), flipping, seed=None)
+    seeded = load_prepared_images(str(tmp_path / "prepared"), flipping, seed=0)
+    for index in range(len(seeded)):
+        assert torch.equal(unseeded[index]["pixels"], seeded[index]["pixels"])
+
+
 def test_commands_other_than_training_refuse_a_prepared_folder_clearly(image_folder, tmp_path):
     prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
     with pytest.raises(InputError, match="is a prepared dataset, which only training reads"):

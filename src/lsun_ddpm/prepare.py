@@ -112,6 +112,9 @@ def prepare_dataset(source: SourceOptions, preprocess: ImagePreprocessor, output
         raise ValueError("the flip is drawn per epoch in training; prepare with random_flip=False")
     if num_proc < 1 or shard_size < 1:
         raise InputError(f"--num_proc and --shard_size must be at least 1, got {num_proc} and {shard_size}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each launched process would write every shard
+        raise InputError("prepare runs as one process with --num_proc workers: start it without `accelerate "
+                         "launch` (or torchrun)")
     dataset = load_image_dataset(source.dataset_name, source.dataset_config_name, source.train_data_dir,
                                  source.image_column, False, source.cache_dir, source.max_train_samples)
     folder = Path(output_dir)
@@ -305,9 +308,10 @@ def _prepare_flag(key: str, value: Any) -> str:
     return f"--{key} {value}"
 
 
-def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int = 0,
+def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int | None = 0,
                          max_train_samples: int | None = None) -> "PreparedImages":
-    """The training dataset of a prepared folder, checked against the run's preprocessing."""
+    """The training dataset of a prepared folder, checked against the run's preprocessing; its crops and flips
+    are drawn from `seed` (0 if None), as `data.make_training_dataset` draws them from decoded images."""
     metadata = read_prepared_metadata(folder)
     check_preprocessing(folder, metadata["preprocessing"], preprocess)
     table = datasets.concatenate_datasets([
@@ -317,7 +321,7 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int =
         table = table.select(range(min(max_train_samples, len(table))))
     logger.info("prepared dataset %s: %d images (%d skipped and %d upscaled when it was prepared)", folder,
                 len(table), metadata["images_skipped"], metadata["images_upscaled"])
-    return PreparedImages(table, preprocess, seed)
+    return PreparedImages(table, preprocess, seed or 0)
 
 
 class PreparedImages(AugmentedImages):
