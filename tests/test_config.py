@@ -115,5 +115,53 @@ def test_saved_config_has_no_token_and_round_trips(tmp_path):
     assert isinstance(yaml.safe_load(text), dict)
 
 
+def test_a_saved_config_reused_for_a_new_run_neither_resumes_nor_pushes_into_the_old_one(tmp_path):
+    old = parse_training_config(["--output_dir", "runs/bedroom-a", "--push_to_hub",
+                                 "--resume_from_checkpoint", "checkpoint-6"])
+    assert old.hub_model_id == "bedroom-a"  # by default the output folder's name
+    old.save(tmp_path / "config.yaml")
+    new = parse_training_config(["--config", str(tmp_path / "config.yaml"), "--output_dir", "runs/bedroom-b"])
+    assert new.resume_from_checkpoint is None and new.hub_model_id == "bedroom-b"
+    chosen = parse_training_config(["--output_dir", "runs/a", "--push_to_hub", "--hub_model_id", "me/bedrooms"])
+    chosen.save(tmp_path / "chosen.yaml")
+    again = parse_training_config(["--config", str(tmp_path / "chosen.yaml"), "--output_dir", "runs/b"])
+    assert again.hub_model_id == "me/bedrooms"  # a repo the user named stays
+
+
+def test_num_epochs_on_the_command_line_wins_over_a_files_step_count(tmp_path):
+    """diffusers' script has --num_epochs only: given, it sets the length even where the file sets steps."""
+    (tmp_path / "config.yaml").write_text("max_train_steps: 100000\nnum_epochs: 1\n")
+    by_epochs = parse_training_config(["--config", str(tmp_path / "config.yaml"), "--num_epochs", "3"])
+    assert by_epochs.max_train_steps is None and by_epochs.num_epochs == 3
+    both = parse_training_config(["--config", str(tmp_path / "config.yaml"), "--num-epochs", "3",
+                                  "--max_train_steps", "7"])
+    assert both.max_train_steps == 7
+    assert parse_training_config(["--config", str(tmp_path / "config.yaml")]).max_train_steps == 100000
+
+
+def test_the_lr_schedules_are_those_diffusers_script_offers():
+    with pytest.raises(InputError, match="--lr_scheduler"):
+        parse_training_config(["--lr_scheduler", "piecewise_constant"])  # it needs step rules no option gives
+    for name in ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"):
+        assert parse_training_config(["--lr_scheduler", name]).lr_scheduler == name
+
+
+def test_a_config_that_is_a_folder_or_missing_is_one_sentence(tmp_path):
+    with pytest.raises(InputError, match="--config .*: is a directory"):
+        parse_training_config(["--config", str(tmp_path)])
+    with pytest.raises(InputError, match="--config .*: no such file or directory"):
+        parse_training_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_wandb_logging_without_wandb_installed_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    config = parse_training_config(["--logger", "wandb", "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(InputError, match="--logger wandb needs the wandb package"):
+        check_training_inputs(config)
+
+
 def test_every_option_has_a_default():
     assert TrainingConfig().output_dir

@@ -1,5 +1,7 @@
 """The demo's overview figure: captions measured with their font, never cut and never on a figure."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,3 +72,18 @@ def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_p
     cli.demo_command(["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(mine)])
     assert trained_on == [str(mine)]
     assert {path.name: path.read_bytes() for path in mine.iterdir()} == before
+
+
+def test_the_demo_takes_the_dashed_output_flag_as_training_does(tmp_path, monkeypatch):
+    """`--output-dir` (argparse's other spelling, which the training parser takes) puts the demo's photos
+    in that run's folder too, not in the default demo-run/."""
+    from lsun_ddpm import cli, demo, training
+
+    trained = []
+    monkeypatch.setattr(training, "train", lambda config: trained.append(config) or Path(config.output_dir))
+    monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
+    monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
+    monkeypatch.chdir(tmp_path)
+    cli.demo_command(["--output-dir", "mine"])
+    assert trained[0].output_dir == "mine" and Path(trained[0].train_data_dir) == Path("mine") / "data"
+    assert list(Path("mine/data").glob("*.png")) and not Path("demo-run").exists()

@@ -37,7 +37,7 @@ def demo_command(argv: list[str]) -> None:
     from .training import train
 
     pre_parser = argparse.ArgumentParser(add_help=False)
-    pre_parser.add_argument("--output_dir", default="demo-run")
+    pre_parser.add_argument("--output_dir", "--output-dir", default="demo-run")  # as the training parser takes it
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
     config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
     check_training_inputs(config)  # before the demo's photos are written into the output folder

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -29,7 +32,9 @@ from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
-LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)  # what diffusers' get_scheduler accepts
+# What diffusers' get_scheduler accepts, but for the piecewise-constant schedule, whose step rules
+# (as in diffusers' script) no option gives.
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType if kind is not SchedulerType.PIECEWISE_CONSTANT)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")  # DDPMScheduler's
 # (options, test, what the test requires): checked when set (None means "not given").
 VALUE_RANGES = (
@@ -47,9 +52,9 @@ VALUE_RANGES = (
     (("ema_max_decay", "ema_min_decay"), lambda value: 0 <= value <= 1, "must be between 0 and 1"),
     (("seed",), lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1 (NumPy's range)"),
 )
-# Fields that act on this invocation only: a saved config reused with --config must not
-# move the run it came from aside.
-ONE_TIME_FIELDS = ("overwrite_output_dir",)
+# Fields that act on this invocation only: a saved config reused with --config must not move the run it came
+# from aside, nor resume a checkpoint named for it.
+ONE_TIME_FIELDS = ("overwrite_output_dir", "resume_from_checkpoint")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -262,8 +267,11 @@ class TrainingConfig:
         if self.hub_model_id is not None:
             check_repo_id(self.hub_model_id, "--hub_model_id")
         elif self.push_to_hub:
-            name = os.path.basename(os.path.normpath(self.output_dir))
-            self.hub_model_id = check_repo_id(name, "--hub_model_id (by default the --output_dir folder's name)")
+            self.hub_model_id = check_repo_id(self._default_hub_model_id(),
+                                              "--hub_model_id (by default the --output_dir folder's name)")
+
+    def _default_hub_model_id(self) -> str:
+        return os.path.basename(os.path.normpath(self.output_dir))
 
     def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -275,17 +283,22 @@ class TrainingConfig:
     def save(self, path: str) -> None:
         """Write the resolved configuration (no secrets, no one-time flags) as YAML, reusable with --config."""
         values = {name: value for name, value in self.to_dict().items() if name not in ONE_TIME_FIELDS}
+        if values["hub_model_id"] == self._default_hub_model_id():  # reused for another --output_dir, it follows it
+            values["hub_model_id"] = None
         write_text(yaml.safe_dump(values, sort_keys=False), path)  # a crash never leaves half a config
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     """A YAML or JSON file of TrainingConfig fields; unknown keys are an error."""
-    with open(path) as file:
-        try:
-            values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise InputError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                             f"{' '.join(str(error).split())}") from None
+    try:
+        text = Path(path).read_text()
+    except OSError as error:  # missing, a folder, unreadable
+        raise InputError(f"--config {path}: {error.strerror.lower()}") from None
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise InputError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{' '.join(str(error).split())}") from None
     values = values or {}
     if not isinstance(values, dict):
         raise InputError(f"{path}: expected a mapping of option names to values")
@@ -330,6 +343,10 @@ def parse_training_config(argv: list[str] | None = None, defaults: dict[str, Any
     parser.set_defaults(**(defaults or {}))
     if config_file:
         parser.set_defaults(**_typed_defaults(read_config_file(config_file), config_file))
+    given = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in (sys.argv[1:] if argv is None else argv)
+             if arg.startswith("--")}
+    if "num_epochs" in given and "max_train_steps" not in given:  # diffusers' script knows only --num_epochs:
+        parser.set_defaults(max_train_steps=None)  # it wins over a file's (or a command's) step count
     # Unknown flags first: HfArgumentParser would build (and check) the config before reporting them.
     _check_known_arguments(parser, parser.parse_known_args(argv)[1])
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
@@ -422,6 +439,8 @@ def check_training_inputs(config: TrainingConfig) -> None:
     an unset --learn_sigma is resolved from the model. Nothing is created or written."""
     check_output_folder(config.output_dir, "--output_dir")
     check_output_folder(os.path.join(config.output_dir, config.logging_dir), "--logging_dir")
+    if config.logger == "wandb" and importlib.util.find_spec("wandb") is None:  # accelerate would only warn
+        raise InputError("--logger wandb needs the wandb package (pip install wandb), or use --logger tensorboard")
     unet = read_model_config(config)
     check_resolution(config, unet)
     resolve_learn_sigma(config, unet)
