@@ -180,6 +180,43 @@ def test_a_non_image_upload_is_one_clear_sentence(model, tmp_path):
         model.interpolate(None, None, Image.open(truncated), photo(), 300, False, 2, "slerp")
 
 
+def test_generating_and_interpolating_share_one_queue_of_one(model):
+    """The README promises one request running at a time: a limit of 1 per event would allow one of each."""
+    fns = [fn for fn in build_demo(model).fns.values() if fn.name in ("run_generate", "run_interpolate")]
+    assert len(fns) == 2
+    assert len({fn.concurrency_id for fn in fns}) == 1 and {fn.concurrency_limit for fn in fns} == {1}
+
+
+def test_an_upload_over_the_pixel_limit_is_refused_from_its_header(model, tmp_path, monkeypatch):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    demo = build_demo(model)
+    upload = next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Photo A")
+    side = PROMISED["max_upload_side"]
+    Image.new("L", (side + 1, side)).save(tmp_path / "large.png")  # a few kB of PNG, 16.8 megapixels
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda image: decoded.append(image))
+    with pytest.raises(gr.Error) as error:
+        upload.preprocess(ImageData(path=str(tmp_path / "large.png"), orig_name="large.png"))
+    assert f"Photo A: large.png is {side + 1}×{side}; the limit is 16.7772 megapixels" in error.value.message
+    assert decoded == []  # refused before gradio decoded a pixel
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses what it takes for a decompression bomb
+    photo(size=(100, 100)).save(tmp_path / "bomb.png")  # 10,000 pixels: over twice the 1,000 allowed
+    with pytest.raises(gr.Error, match="bomb.png has far more than the limit"):
+        upload.preprocess(ImageData(path=str(tmp_path / "bomb.png"), orig_name="bomb.png"))
+
+
+@pytest.mark.parametrize("seed", [float("nan"), float("inf")])
+def test_a_seed_that_is_no_number_is_one_clear_sentence(model, seed):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as error:
+        handler(build_demo(model), "run_generate")(1, "dpmsolver++", 2, seed)
+    assert f"Seed must be a whole number from 0 to {2**32 - 1}, got {seed}" in error.value.message
+
+
 def test_two_photos_with_nothing_uploaded_is_an_error_not_seeds(model):
     import gradio as gr
 

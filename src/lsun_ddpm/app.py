@@ -47,8 +47,13 @@ class Limits:
     concurrency: int = 1
 
 
+# The queue both requests that run the model wait in.
+MODEL_QUEUE = "model"
+
+
 def _check_range(name: str, value, low: int, high: int) -> int:
-    if value is None or int(value) != value or not low <= int(value) <= high:
+    # Not finite (NaN, inf: the API takes any number) fails the comparison before int() could raise.
+    if value is None or not low <= value <= high or int(value) != value:
         raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
 
@@ -112,7 +117,7 @@ class SpaceModel:
         data later."""
         if image is None:
             raise InputError(f"Upload both photos (photo {label} is missing), or clear both to use seeds")
-        if image.width * image.height > self.limits.max_upload_pixels:  # checked before the pixels are decoded
+        if image.width * image.height > self.limits.max_upload_pixels:  # an image given directly (uploads: photo_upload)
             raise InputError(f"Photo {label} is {image.width}×{image.height}; the limit is "
                              f"{self.limits.max_upload_pixels / 10**6:g} megapixels")
         try:
@@ -148,13 +153,14 @@ def cached_file(component, name: str, write: Callable[[Path], None]) -> str:
         return component.move_resource_to_block_cache(path)
 
 
-def photo_upload(label: str):
-    """An image upload whose unreadable files are reported in one sentence.
+def photo_upload(label: str, max_pixels: int):
+    """An image upload whose unreadable or too large files are reported in one sentence.
 
     gradio decodes an upload before the app sees it and turns a failure into
     a generic "error" toast, so this component's decoding reports it as a
-    `gr.Error` instead. (Wrapped on the instance: a subclass of a gradio
-    component makes gradio write a .pyi file beside this module.)
+    `gr.Error` instead; and a photo of more than `max_pixels` is refused from
+    its header, before its pixels take memory. (Wrapped on the instance: a
+    subclass of a gradio component makes gradio write a .pyi file beside this module.)
     """
     import gradio as gr
 
@@ -162,12 +168,21 @@ def photo_upload(label: str):
     decode = upload.preprocess
 
     def preprocess(payload):
+        if payload is None:
+            return None
+        name = payload.orig_name or "the uploaded file"
         try:
-            return decode(payload)
+            with Image.open(payload.path) as header:  # reads the size, not the pixels
+                width, height = header.size
+            if width * height <= max_pixels:
+                return decode(payload)
+        except Image.DecompressionBombError:  # a size PIL itself refuses to open
+            raise gr.Error(f"{label}: {name} has far more than the limit of {max_pixels / 10**6:g} megapixels") \
+                from None
         except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-            name = getattr(payload, "orig_name", None) or "the uploaded file"
             raise gr.Error(f"{label}: {name} is not an image this app can read ({type(error).__name__}); "
                            "upload a PNG, JPEG or WebP photo") from None
+        raise gr.Error(f"{label}: {name} is {width}×{height}; the limit is {max_pixels / 10**6:g} megapixels")
 
     upload.preprocess = preprocess
     return upload
@@ -242,8 +257,9 @@ def build_demo(model: SpaceModel):
                 with gr.Column(scale=2):
                     gallery = gr.Gallery(label="Samples", columns=4, object_fit="contain", elem_id="samples")
                     download = gr.File(label="Download the grid")
+            # One model: generating and interpolating share one limit (`MODEL_QUEUE`), not one each.
             generate_button.click(run_generate, [num_images, sampler, steps, seed], [gallery, download],
-                                  concurrency_limit=limits.concurrency)
+                                  concurrency_limit=limits.concurrency, concurrency_id=MODEL_QUEUE)
         with gr.Tab("Interpolate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -252,8 +268,8 @@ def build_demo(model: SpaceModel):
                         seed_a = gr.Number(value=1, precision=0, label="Seed A")
                         seed_b = gr.Number(value=2, precision=0, label="Seed B")
                     with gr.Row():
-                        image_a = photo_upload("Photo A")
-                        image_b = photo_upload("Photo B")
+                        image_a = photo_upload("Photo A", limits.max_upload_pixels)
+                        image_b = photo_upload("Photo B", limits.max_upload_pixels)
                     auto_t = gr.Checkbox(value=True, label="Choose the noise level automatically")
                     t = gr.Slider(1, model.max_noise_level, value=(model.max_noise_level + 1) // 2, step=1,
                                   label="Noise level t (when not automatic)")
@@ -266,7 +282,8 @@ def build_demo(model: SpaceModel):
                     chosen_t = gr.Markdown()
             interpolate_button.click(run_interpolate,
                                      [source, seed_a, seed_b, image_a, image_b, t, auto_t, frames, method],
-                                     [strip_view, gif_view, chosen_t], concurrency_limit=limits.concurrency)
+                                     [strip_view, gif_view, chosen_t], concurrency_limit=limits.concurrency,
+                                     concurrency_id=MODEL_QUEUE)
         with gr.Tab("About"):
             gr.Markdown(about_markdown(model))
             neighbours = find_neighbours_figure(model.model_id)
