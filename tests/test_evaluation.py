@@ -410,6 +410,23 @@ def test_evaluate_writes_the_numbers_of_its_samples_and_reference_set(evaluated,
     assert Path(summary["reference"]["file"]).is_file() and "evaluate 2/2: samples" in result.stderr
 
 
+def test_the_note_counts_the_reference_images_that_were_read():
+    """A reference set of all 10 images, one unreadable: the card must not claim all 10."""
+    from types import SimpleNamespace
+
+    from lsun_ddpm.evaluation_report import evaluation_note
+
+    settings = {"num_samples": 50_000, "weights": "ema", "scheduler": "ddpm", "num_inference_steps": 1000, "seed": 0,
+                "precision_of_sampling": "bf16"}
+    identity = {"num_reference": 10, "dataset_size": 10, "resolution": 16, "data": {"train_data_dir": "photos"}}
+    extractor = SimpleNamespace(info=SimpleNamespace(description="the FID network"))
+    note = evaluation_note({"kid_subset_size": 9}, settings, identity, extractor, num_reference=9, num_skipped=1)
+    assert "against the 9 readable images of the 10 of the training data (local folder photos)" in note
+    assert "all 10" not in note
+    note = evaluation_note({"kid_subset_size": 9}, settings, identity, extractor, num_reference=10)
+    assert "against all 10 images of the training data" in note
+
+
 def test_push_dry_run_puts_the_numbers_into_the_model_index(evaluated, tiny_pipeline_folder, tmp_path):
     import shutil
 

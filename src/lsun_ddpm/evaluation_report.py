@@ -125,7 +125,7 @@ def evaluation_summary(metrics: dict, settings: dict, reference: ReferenceStats,
     identity = reference.identity
     summary = {
         **{key: _finite(metrics[key]) for key in ("fid", "kid", "kid_std", "precision", "recall")},
-        "note": evaluation_note(metrics, settings, identity, extractor),
+        "note": evaluation_note(metrics, settings, identity, extractor, len(reference.features), reference.num_skipped),
         **settings,
         "reference": {"file": str(reference_file), "num_images": len(reference.features),
                       "num_unreadable_skipped": reference.num_skipped, "data": identity.get("data"),
@@ -142,10 +142,15 @@ def evaluation_summary(metrics: dict, settings: dict, reference: ReferenceStats,
     return summary
 
 
-def evaluation_note(metrics: dict, settings: dict, identity: dict, extractor: InceptionFeatures) -> str:
-    """What was measured, in sentences for the model card: sampler, samples, reference set, feature extractor."""
-    count, size = identity["num_reference"], identity["dataset_size"]
-    chosen = f"{count:,} random images of the {size:,}" if count < size else f"all {count:,} images"
+def evaluation_note(metrics: dict, settings: dict, identity: dict, extractor: InceptionFeatures,
+                    num_reference: int, num_skipped: int = 0) -> str:
+    """What was measured, in sentences for the model card: sampler, samples, reference set (`num_reference`
+    images read, `num_skipped` unreadable ones left out), feature extractor."""
+    size = identity["dataset_size"]
+    if identity["num_reference"] < size:
+        chosen = f"{num_reference:,} random images of the {size:,}"
+    else:
+        chosen = f"the {num_reference:,} readable images of the {size:,}" if num_skipped else f"all {size:,} images"
     text = (f"Measured with `lsun-ddpm evaluate`: {settings['num_samples']:,} samples from the {WEIGHT_NAMES[settings['weights']]} "
             f"weights ({settings['scheduler']}, {settings['num_inference_steps']} steps, seed {settings['seed']}, "
             f"{settings['precision_of_sampling']}) against {chosen} of the training data ({data_name(identity)}) "
