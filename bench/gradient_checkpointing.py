@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import time
 import torch
 
 from lsun_ddpm.models import PRESETS, build_model
-from lsun_ddpm.performance import fast_precision_available
+from lsun_ddpm.performance import fast_precision_available, peak_memory_bytes
 
 MIB = 2**20
-
-
-def peak_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def measure(preset: str, batch_size: int, checkpointing: bool, steps: int) -> dict:
@@ -49,7 +42,7 @@ def measure(preset: str, batch_size: int, checkpointing: bool, steps: int) -> di
     t = torch.randint(0, 1000, (batch_size,), device=device)
     if bf16:
         x = x.contiguous(memory_format=torch.channels_last)
-    baseline = peak_bytes()
+    baseline = peak_memory_bytes(device)
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocates Adam's moments
         if device.type == "cuda":
@@ -67,7 +60,7 @@ def measure(preset: str, batch_size: int, checkpointing: bool, steps: int) -> di
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
             "precision": "bf16 + channels_last" if bf16 else "fp32",
             "seconds_per_step": min(timings[1:]),
-            "peak_mib": peak_bytes() / MIB, "peak_above_model_mib": (peak_bytes() - baseline) / MIB}
+            "peak_mib": peak_memory_bytes(device) / MIB, "peak_above_model_mib": (peak_memory_bytes(device) - baseline) / MIB}
 
 
 def main() -> None:

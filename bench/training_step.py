@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 from lsun_ddpm.models import PRESETS, build_model
-from lsun_ddpm.performance import keep_freed_host_memory
+from lsun_ddpm.performance import keep_freed_host_memory, peak_memory_bytes
 
 MIB = 2**20
 SETTINGS = ("diffusers-baseline", "fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
@@ -60,7 +59,7 @@ def measure(setting: str, preset: str, batch_size: int, steps: int, images: Path
     kept = setting != "diffusers-baseline" and keep_freed and keep_freed_host_memory(device)
     step, model = (baseline_step if setting == "diffusers-baseline" else project_step)(setting, preset, batch_size,
                                                                                       device, images)
-    baseline_memory = peak_bytes(device)
+    baseline_memory = peak_memory_bytes(device)
     timings = []
     for _ in range(steps + 1):
         synchronize(device)
@@ -72,7 +71,7 @@ def measure(setting: str, preset: str, batch_size: int, steps: int, images: Path
     return {"setting": setting, "preset": preset, "batch_size": batch_size, "device": device_name(device),
             "seconds_per_step": seconds, "images_per_second": batch_size / seconds,
             "first_step_seconds": timings[0], "step_timings": timings, "host_memory_kept": kept,
-            "peak_mib": peak_bytes(device) / MIB, "peak_above_model_mib": (peak_bytes(device) - baseline_memory) / MIB,
+            "peak_mib": peak_memory_bytes(device) / MIB, "peak_above_model_mib": (peak_memory_bytes(device) - baseline_memory) / MIB,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -215,12 +214,6 @@ def _timed(function) -> float:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def synchronize(device: torch.device) -> None:

@@ -190,3 +190,17 @@ def test_commands_that_run_a_network_keep_freed_host_memory_on_the_cpu(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cli.main([command])
     assert kept == ([torch.device("cpu")] if keeps else [])
+
+
+def test_the_peak_memory_of_a_fresh_process_is_its_own_not_its_launchers(tmp_path):
+    """The benchmarks measure each setting in a process they start: its peak must not be the launcher's.
+    Here the launcher first holds 2 GiB; the child, which allocates nothing, stays far below that."""
+    import subprocess
+    import sys
+
+    held = torch.ones(2**29)  # 2 GiB of float32, every page touched
+    child = subprocess.run([sys.executable, "-c", "import torch\nfrom lsun_ddpm.performance import "
+                            "peak_memory_bytes\nprint(peak_memory_bytes(torch.device('cpu')))"],
+                           capture_output=True, text=True, check=True)
+    del held
+    assert 50 * 2**20 < int(child.stdout) < 2**30

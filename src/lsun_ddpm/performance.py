@@ -135,3 +135,21 @@ def glibc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held (for the benchmarks): on CUDA the caching allocator's peak, else the
+    resident set's high-water mark, VmHWM. Not `ru_maxrss`: an exec'd process inherits its parent's, so each
+    setting measured in a fresh process would report the larger of its own peak and its launcher's."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
