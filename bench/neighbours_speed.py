@@ -143,8 +143,9 @@ def main() -> None:
         extractor(batch[:1])
     backbone_flops = counter.get_total_flops()
     gpu_seconds_per_image = (backbone_flops + 2 * args.num_queries * features.shape[1]) / (args.gpu_tflops * 1e12)
-    decode_images_per_s = (args.decode_workers / decode_per_image) if not math.isnan(decode_per_image) else math.nan
-    gpu_images_per_s = min(1 / gpu_seconds_per_image, decode_images_per_s)
+    # Without --train_data_dir nothing was decoded, so no GPU rate can be projected: decoding bounds it.
+    decoded = not math.isnan(decode_per_image)
+    gpu_images_per_s = min(1 / gpu_seconds_per_image, args.decode_workers / decode_per_image) if decoded else None
     results = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "lpips": getattr(lpips, "__version__", "?"), "net": args.net, "resolution": args.resolution,
@@ -153,14 +154,14 @@ def main() -> None:
         "speedup": loop_seconds / search_seconds, "same_neighbours": bool(same_neighbours),
         "max_relative_distance_error": float(relative.max()),
         "max_absolute_error_exact_copies": float(error[copies].max()) if copies.any() else None,
-        "decode_s_per_image": decode_per_image, "features_s_per_image": per_image_features,
+        "decode_s_per_image": decode_per_image if decoded else None, "features_s_per_image": per_image_features,
         "matmul_gflop_per_s": matmul_flops / matmul_seconds / 1e9,
         "matmul_s_per_image_1064_queries": matmul_per_image,
         "feature_gflop_per_image": backbone_flops / 1e9,
         "assumed_gpu_tflops": args.gpu_tflops, "assumed_decode_workers_per_gpu": args.decode_workers,
         "projected_gpu_images_per_s": gpu_images_per_s,
-        "projected_lsun_minutes_1_gpu": LSUN_BEDROOMS / gpu_images_per_s / 60,
-        "projected_lsun_minutes_8_gpus": LSUN_BEDROOMS / gpu_images_per_s / 60 / 8,
+        "projected_lsun_minutes_1_gpu": LSUN_BEDROOMS / gpu_images_per_s / 60 if decoded else None,
+        "projected_lsun_minutes_8_gpus": LSUN_BEDROOMS / gpu_images_per_s / 60 / 8 if decoded else None,
         # one process, decoding in series with the features (no --dataloader_num_workers)
         "projected_lsun_hours_this_device": LSUN_BEDROOMS * (per_image_features + matmul_per_image
                                                              + np.nan_to_num(decode_per_image)) / 3600,
@@ -176,13 +177,15 @@ def main() -> None:
     print(f"per image: decode+preprocess {decode_per_image * 1e3:.2f} ms (one core), backbone features "
           f"{per_image_features * 1e3:.2f} ms, matrix product vs 1,064 queries {matmul_per_image * 1e3:.3f} ms "
           f"({results['matmul_gflop_per_s']:.0f} GFLOP/s)")
+    gpu = (f"one GPU at {args.gpu_tflops:g} TFLOP/s with {args.decode_workers} decoding cores: "
+           f"{gpu_images_per_s:,.0f} img/s, {results['projected_lsun_minutes_1_gpu']:.0f} min; 8 GPUs: "
+           f"{results['projected_lsun_minutes_8_gpus']:.0f} min" if decoded
+           else "GPU: not projected (give --train_data_dir: decoding real photos bounds it)")
     print(f"features: {backbone_flops / 1e9:.2f} GFLOP per image; projected for {LSUN_BEDROOMS:,} images with "
-          f"{args.num_queries} queries: this device {results['projected_lsun_hours_this_device']:.1f} h; one GPU at "
-          f"{args.gpu_tflops:g} TFLOP/s with {args.decode_workers} decoding cores: {gpu_images_per_s:,.0f} img/s, "
-          f"{results['projected_lsun_minutes_1_gpu']:.0f} min; 8 GPUs: {results['projected_lsun_minutes_8_gpus']:.0f} min")
+          f"{args.num_queries} queries: this device {results['projected_lsun_hours_this_device']:.1f} h; {gpu}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump(results, file, indent=2)
+            json.dump(results, file, indent=2, allow_nan=False)  # strict JSON: unknown figures are null
 
 
 if __name__ == "__main__":
