@@ -55,6 +55,27 @@ def evaluate(run_dir: Path, steps: int, args: argparse.Namespace, work_dir: Path
     return json.loads((out / "evaluation.json").read_text())
 
 
+# The arguments the runs and evaluations kept in --work_dir were made with (--steps only adds evaluations).
+REUSED_ARGUMENTS = ("train_data_dir", "model_preset", "max_train_steps", "batch_size", "learning_rate", "num_samples",
+                    "num_reference", "inception_weights")
+
+
+def check_reusable(work_dir: Path, args: argparse.Namespace) -> None:
+    """Record the arguments in a new --work_dir; refuse one whose runs were made with others (a rerun reuses
+    finished runs and evaluations, which would then be reported under settings they were not made with)."""
+    wanted = {name: getattr(args, name) for name in REUSED_ARGUMENTS}
+    wanted["train_data_dir"] = str(Path(args.train_data_dir).resolve())
+    record = work_dir / "arguments.json"
+    if not record.is_file():
+        record.write_text(json.dumps(wanted, indent=2) + "\n")
+        return
+    made_with = json.loads(record.read_text())
+    different = [f"--{name} {made_with.get(name)} (now {value})" for name, value in wanted.items()
+                 if made_with.get(name) != value]
+    if different:
+        sys.exit(f"--work_dir {work_dir} holds runs made with {', '.join(different)}: give a new --work_dir")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_data_dir", required=True, help="a folder of real images (e.g. LSUN bedrooms)")
@@ -72,6 +93,7 @@ def main() -> None:
 
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    check_reusable(work_dir, args)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     for name, extra in VARIANTS.items():
