@@ -249,6 +249,19 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_adam_and_ema_settings(r
     assert "checkpoint-21 was trained with train_batch_size 4 (this run: 2), seed 0 (this run: 7)" in log
 
 
+def test_wandb_gets_the_sample_grids_as_diffusers_script_logs_its_samples(tmp_path, image_folder):
+    """Offline (no account, no network): wandb keeps what was logged in its run folder."""
+    pytest.importorskip("wandb", reason="wandb is not installed (it is no dependency of lsun_ddpm)")
+    output_dir = tmp_path / "out"
+    run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), "--max_train_steps", "2",
+                                        "--save_images_steps", "1", "--logger", "wandb"],
+                 extra_env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    logged = sorted(path.name.split("_")[1] for path in tmp_path.glob("wandb/offline-run-*/files/media/images/"
+                                                                         "samples/ema_*.png"))
+    assert logged == ["1", "2"]  # one grid per --save_images_steps, at its step
+
+
 def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     linear = torch.nn.Linear(2, 2)

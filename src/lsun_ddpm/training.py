@@ -595,10 +595,19 @@ def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: Tra
         grid = image_grid(images)
         save_image(grid, Path(config.output_dir) / "samples" / f"step-{step:07d}.png")
         save_image(grid, Path(config.output_dir) / GRID_FILE)
-        if config.logger == "tensorboard":
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("samples/ema", np.asarray(grid), step, dataformats="HWC")
+        log_grid(accelerator, config.logger, grid, step)
     accelerator.wait_for_everyone()
+
+
+def log_grid(accelerator: Accelerator, logger_name: str, grid, step: int) -> None:
+    """The sample grid into the run's tracker, as diffusers' script logs its samples (main process)."""
+    if logger_name == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples/ema", np.asarray(grid), step, dataformats="HWC")
+    elif logger_name == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples/ema": wandb.Image(grid)}, step=step)
 
 
 def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, scheduler, output_dir: Path) -> None:
