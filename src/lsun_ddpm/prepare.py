@@ -231,10 +231,10 @@ def write_shard(job: ShardJob) -> int:
                 images += 1
         writer.finalize()
     except BaseException:  # Ctrl-C, a full disk: no half shard is left behind
-        writer.close()
         partial.unlink(missing_ok=True)
         raise
-    writer.close()
+    finally:
+        writer.close()
     write_text(json.dumps(shard_counts(images, notes)), final.with_suffix(".json"))
     os.replace(partial, final)  # the shard is complete only now
     return job.stop - job.start

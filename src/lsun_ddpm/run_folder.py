@@ -74,7 +74,7 @@ def run_differences(saved: dict[str, Any], config: TrainingConfig,
 def data_order_changes(checkpoint: Path, config: TrainingConfig, num_processes: int) -> list[str]:
     """How resuming `checkpoint` with `config` on `num_processes` processes changes which images later steps
     train on: the DATA_ORDER_FIELDS that differ and the process count, as phrases (empty: none)."""
-    saved = read_run_config(checkpoint) or read_run_config(checkpoint.parent)
+    saved = checkpoint_run_config(checkpoint)
     changes = run_differences(saved, config, DATA_ORDER_FIELDS) if saved else []
     saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))  # accelerate writes one per process
     if saved_processes and saved_processes != num_processes:
@@ -169,11 +169,16 @@ def checkpoint_problem(path: Path, config: TrainingConfig) -> str | None:
     missing = [name for name in STATE_FILES if not (path / name).is_file()]
     if missing:
         return f"it holds no {missing[0]}"
-    saved = read_run_config(path) or read_run_config(path.parent)
+    saved = checkpoint_run_config(path)
     differences = run_differences(saved, config) if saved else []
     if differences:
         return f"it was trained with {', '.join(differences)}"
     return None
+
+
+def checkpoint_run_config(path: Path) -> dict[str, Any] | None:
+    """The config of the run a checkpoint belongs to: its own copy, else its run folder's (an older run)."""
+    return read_run_config(path) or read_run_config(path.parent)
 
 
 def latest_checkpoint(config: TrainingConfig) -> tuple[Path | None, list[str]]:
