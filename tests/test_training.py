@@ -230,15 +230,18 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_results_when_resumed(
 
 def test_a_resumed_run_trains_with_its_own_learning_rate_adam_and_ema_settings(run, tmp_path, image_folder):
     """checkpoint-21 resumed with a lower lr, weight decay and a capped EMA decay: the checkpoint restores
-    its optimizer's and EMA's settings, and this run's must replace them from step 22 on. Its batch size
-    and seed change the batches it trains on, which it says."""
+    its optimizer's and EMA's settings, and this run's must replace them from step 22 on. Its batch size,
+    accumulation and seed change the batches it trains on, which it says; every one of its steps is a
+    whole group of 4 micro-batches (accelerate's restored counter, 21 × 2 = 42, would end the first after 2)."""
     output_dir = tmp_path / "changed"
     shutil.copytree(run[0] / "checkpoint-21", output_dir / "checkpoint-21")
     new_lr = LR / 4
     result = run_training(tmp_path, output_dir, [
         "--train_data_dir", str(image_folder), *RUN_ARGS, "--resume_from_checkpoint", "latest",
         "--learning_rate", str(new_lr), "--adam_weight_decay", "0.5", "--ema_max_decay", "0.5",
-        "--train_batch_size", "2", "--seed", "7"])
+        "--train_batch_size", "2", "--gradient_accumulation_steps", "4", "--seed", "7"])
+    summary = read_summary(output_dir)
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == (STEPS - 21) * 4
     # constant_with_warmup after its 4 warm-up steps: the lr itself
     assert read_scalars(output_dir, "train/lr") == pytest.approx({22: new_lr, 23: new_lr, 24: new_lr})
     assert read_scalars(output_dir, "train/ema_decay") == pytest.approx({22: 0.5, 23: 0.5, 24: 0.5})
@@ -246,7 +249,8 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_adam_and_ema_settings(r
     assert adam["param_groups"][0]["lr"] == pytest.approx(new_lr)
     assert adam["param_groups"][0]["weight_decay"] == 0.5
     log = " ".join((result.stderr + result.stdout).split())
-    assert "checkpoint-21 was trained with train_batch_size 4 (this run: 2), seed 0 (this run: 7)" in log
+    assert ("checkpoint-21 was trained with train_batch_size 4 (this run: 2), gradient_accumulation_steps 2 "
+            "(this run: 4), seed 0 (this run: 7)") in log
 
 
 def test_wandb_gets_the_sample_grids_as_diffusers_script_logs_its_samples(tmp_path, image_folder):

@@ -534,13 +534,18 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -
                          f"({config.model_preset}); resume it with the model it was trained with") from None
     if ema is not None:
         ema.to(accelerator.device)
+    step = checkpoint_step(path)
+    # accelerate restores its micro-batch counter, which counts in the checkpoint's accumulation: under
+    # another --gradient_accumulation_steps the first group would end early. A checkpoint is taken at the
+    # end of a group, so this run's groups start from a whole number of them.
+    accelerator.step = step * config.gradient_accumulation_steps
     logger.info("resumed from %s", path, main_process_only=True)
     changed = run_folder.data_order_changes(path, config, accelerator.num_processes)
     if changed:
         logger.warning("%s was trained with %s: training goes on, but from here on its batches are not the ones "
                        "the run would have trained on without the change", path.name, ", ".join(changed),
                        main_process_only=True)
-    return checkpoint_step(path)
+    return step
 
 
 def use_this_runs_settings(config: TrainingConfig, optimizer, lr_scheduler, ema) -> None:
