@@ -253,6 +253,15 @@ def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Comple
     return result
 
 
+def run_cli_launched(tmp_path: Path, num_processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch -m lsun_ddpm.cli ARGS` on the CPU, `num_processes` processes (`accelerate_launch`)."""
+    result = run_process_tree([*accelerate_launch(num_processes), "-m", "lsun_ddpm.cli", *args],
+                              offline_env(tmp_path), tmp_path, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"launched lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
 @pytest.fixture(scope="session")
 def no_ema_pipeline_folder(tmp_path_factory) -> Path:
     """A folder like a `--no_use_ema` run writes: the raw weights in unet/, no unet_raw/, and a config saying so."""

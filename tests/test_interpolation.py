@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from conftest import REPO_ROOT, SingleImageOracle, make_image, random_tiny_unet, run_cli
+from conftest import REPO_ROOT, SingleImageOracle, make_image, random_tiny_unet, run_cli, run_cli_launched
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import (DDPMInterpolationPipeline, auto_noise_level, ddim_step,
@@ -242,6 +242,24 @@ def test_interpolate_cli_pairs_file_gives_one_row_per_pair(tmp_path, tiny_pipeli
     run_cli(tmp_path, "interpolate", str(tiny_pipeline_folder), "--pairs", "pairs.txt", "--t", "300",
             "--frames", "3", "--method", "ddim", "--num_inference_steps", "3", "--out", "rows.png")
     assert Image.open(tmp_path / "rows.png").size == ((3 + 2) * 16 + 8, 2 * 16 + 4)
+
+
+def test_two_launched_processes_interpolate_each_pair_once_as_one_process_does(tmp_path, tiny_pipeline_folder):
+    """Under `accelerate launch`, 3 pairs over 2 processes: each process interpolates its share, with the noise
+    of each pair's own index; the strip is the one a single process writes."""
+    for folder in (tmp_path / "single", tmp_path / "launched"):
+        folder.mkdir()
+        (folder / "pairs.txt").write_text("1 2\n3 4\n5 6\n")
+    args = ["interpolate", str(tiny_pipeline_folder), "--pairs", "pairs.txt", "--t", "300", "--frames", "3",
+            "--num_inference_steps", "3", "--no_bf16", "--out", "rows.png"]
+    run_cli(tmp_path / "single", *args)
+    result = run_cli_launched(tmp_path / "launched", 2, *args)
+    assert result.stdout.count("wrote rows.png") == 1
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("pair ")) == [
+        f"pair {i}/3: t = 300" for i in (1, 2, 3)]
+    alone, shared = (np.asarray(Image.open(tmp_path / name / "rows.png"), np.int16) for name in ("single", "launched"))
+    assert alone.shape == shared.shape == (3 * 16 + 2 * 4, (3 + 2) * 16 + 8, 3)
+    assert np.abs(shared - alone).max() <= 1
 
 
 def test_interpolate_cli_rejects_bad_input_clearly(tmp_path, tiny_pipeline_folder):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SingleImageOracle, dark_pixels, random_tiny_unet, rendered_ink, run_cli
+from conftest import SingleImageOracle, dark_pixels, random_tiny_unet, rendered_ink, run_cli, run_cli_launched
 from lsun_ddpm import sampling
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, denoise, generate, grid_shape, make_scheduler
@@ -173,6 +173,27 @@ def test_sample_cli_both_weights_puts_raw_beside_ema(tmp_path, tiny_pipeline_fol
     assert figure.width > 64 and figure.height > 32
     raw, ema = (np.asarray(Image.open(tmp_path / "images" / w / "00000.png"), np.int16) for w in ("raw", "ema"))
     assert np.abs(raw - ema).max() > 0  # same seed, different weights
+
+
+def test_two_launched_processes_sample_each_image_once_as_one_process_does(tmp_path, tiny_pipeline_folder):
+    """Under `accelerate launch`, 5 images over 2 processes: each process samples its share, the grid and the
+    PNGs are the 5 images a single process samples (one grid, written once), not 10."""
+    args = ["sample", str(tiny_pipeline_folder), "--num_images", "5", "--batch_size", "2", "--num_inference_steps",
+            "3", "--no_bf16", "--out", "grid.png", "--out_dir", "images"]
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    single.mkdir(), launched.mkdir()
+    run_cli(single, *args)
+    result = run_cli_launched(launched, 2, *args)
+    assert result.stdout.count("wrote grid.png") == 1 and "2 processes" in result.stdout
+    names = [f"{i:05d}.png" for i in range(5)]
+    for folder in (single, launched):
+        assert sorted(p.name for p in (folder / "images").iterdir()) == names
+    alone, shared = (np.asarray(Image.open(folder / "grid.png"), np.int16) for folder in (single, launched))
+    assert alone.shape == shared.shape == (16, 5 * 16, 3)
+    assert np.abs(shared - alone).max() <= 1 and alone.std() > 10  # the same images, not a flat field
+    for name in names:
+        a, b = (np.asarray(Image.open(folder / "images" / name), np.int16) for folder in (single, launched))
+        assert np.abs(a - b).max() <= 1, name
 
 
 def test_sample_cli_without_network_names_the_problem(tmp_path):

@@ -77,14 +77,19 @@ def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
 
 
-def _progress_bar(description: str):
+def _progress_bar(description: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     def start(total: int):
-        bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, disable=not enabled)
         return lambda: bar.update(1)
 
     return start
+
+
+def _share_note(state) -> str:
+    """What the main process's progress bar counts under a multi-process launch."""
+    return f" (process 0's share of {state.num_processes})" if state.num_processes > 1 else ""
 
 
 def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -114,10 +119,13 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
 
 
 def sample_command(argv: list[str]) -> None:
+    from accelerate.utils import gather_object
+
     from .export import check_image_output, check_output_folder, save_image
     from .performance import is_compiled
     from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate, image_grid,
-                           labelled_side_by_side, load_scheduler_config, load_unet, pick_device)
+                           labelled_side_by_side, launched_process, load_scheduler_config, load_unet,
+                           this_process_share)
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
     _add_inference_flags(parser)
@@ -144,28 +152,39 @@ def sample_command(argv: list[str]) -> None:
     config = load_scheduler_config(args.model)  # fails fast on a model that is not there
     check_inference_steps(plan, config)
     has_ema, chosen = _weights_to_use(args.model, args.weights)
-    device = pick_device()
+    # Under `accelerate launch` each process samples its share of the images, on its own device; image i
+    # depends only on (seed, i), so the result is the one a single process gives.
+    state = launched_process()
+    share = this_process_share(args.num_images)
     panels = []
     for weights in (("raw", "ema") if chosen == "both" else (chosen,)):
-        unet = load_unet(args.model, weights, has_ema).to(device)
-        images = generate(unet, config, args.num_images, args.seed, plan, _progress_bar(f"sample ({weights})"))
-        panels.append((weights, image_grid(images)))
+        unet = load_unet(args.model, weights, has_ema).to(state.device)
+        images = generate(unet, config, len(share), args.seed, plan,
+                          _progress_bar(f"sample ({weights}){_share_note(state)}", state.is_main_process),
+                          first_index=share.start)
         if args.out_dir:
             folder = Path(args.out_dir) / weights if args.weights == "both" else Path(args.out_dir)
-            for index, image in enumerate(images):
+            for index, image in zip(share, images):
                 save_image(image, folder / f"{index:05d}.png")
-    grid = panels[0][1] if len(panels) == 1 else labelled_side_by_side([("raw", panels[0][1]), ("EMA", panels[1][1])])
+        panels.append((weights, gather_object(images)))  # every process's share, in index order
+    if not state.is_main_process:
+        return
+    grids = [image_grid(images) for _, images in panels]
+    grid = grids[0] if len(grids) == 1 else labelled_side_by_side([("raw", grids[0]), ("EMA", grids[1])])
     save_image(grid, args.out)
+    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     print(f"wrote {args.out} ({args.num_images} images, {chosen} weights, {plan.scheduler}, {plan.steps} steps, "
-          f"seed {args.seed}{', compiled U-Net' if is_compiled(unet) else ''})")
+          f"seed {args.seed}{', compiled U-Net' if is_compiled(unet) else ''}{processes})")
 
 
 def interpolate_command(argv: list[str]) -> None:
     from .export import check_image_output, save_image
     from .interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline,
                                 read_pairs, save_gif, strip)
+    from accelerate.utils import gather_object
+
     from .pipelines.ddpm_interpolation import METHODS
-    from .sampling import load_scheduler_config
+    from .sampling import launched_process, load_scheduler_config, this_process_share
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm interpolate", description=COMMANDS["interpolate"])
     _add_inference_flags(parser)
@@ -202,11 +221,17 @@ def interpolate_command(argv: list[str]) -> None:
     if t != "auto" and not 1 <= t < num_train_timesteps:
         parser.error(f"--t must be 'auto' or a timestep from 1 to {num_train_timesteps - 1}, got {t}")
     has_ema, _ = _weights_to_use(args.model, args.weights)
-    pipeline = load_interpolation_pipeline(args.model, args.weights, has_ema=has_ema)
+    state = launched_process()  # under `accelerate launch`, each process interpolates its share of the pairs
+    share = this_process_share(len(pairs))
+    pipeline = load_interpolation_pipeline(args.model, args.weights, state.device, has_ema=has_ema)
     results = interpolate_pairs(
-        pipeline, pairs, t, args.frames, args.method, args.num_inference_steps, args.seed, args.bf16,
-        on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
+        pipeline, pairs[share.start:share.stop], t, args.frames, args.method, args.num_inference_steps, args.seed,
+        args.bf16, on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
+        first_index=share.start,
     )
+    results = gather_object(results)  # every process's pairs, in order
+    if not state.is_main_process:
+        return
     save_image(strip(results), args.out)
     if args.gif:
         save_gif(results, args.gif)

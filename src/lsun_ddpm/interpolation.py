@@ -97,12 +97,12 @@ def _seed_or_path(item: str, base: Path) -> str | int:
 
 def interpolate_pairs(pipeline: DDPMInterpolationPipeline, pairs: list[Pair], t: int | str = 500,
                       num_frames: int = 8, method: str = "slerp", num_inference_steps: int = 50, seed: int = 0,
-                      bf16: bool = True, on_pair: Callable[[int, int], None] = lambda i, t: None
-                      ) -> list[InterpolatedPair]:
-    """Interpolate each pair; the q-sample/ancestral noise of pair i is seeded by (seed + i)."""
+                      bf16: bool = True, on_pair: Callable[[int, int], None] = lambda i, t: None,
+                      first_index: int = 0) -> list[InterpolatedPair]:
+    """Interpolate each pair; the q-sample/ancestral noise of pair i is seeded by (seed + first_index + i)."""
     results = []
     with inference_precision(pipeline.unet, bf16):
-        for index, pair in enumerate(pairs):
+        for index, pair in enumerate(pairs, start=first_index):
             a, b = _endpoint_tensors(pipeline, pair, num_inference_steps)
             output = pipeline(image_a=a, image_b=b, t=t, num_frames=num_frames, method=method,
                               num_inference_steps=num_inference_steps,

@@ -145,6 +145,24 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def launched_process():
+    """accelerate's state of this process: its index, the process count and its device under `accelerate
+    launch`; one process otherwise. `PartialState` told ACCELERATE_USE_CPU, as an `Accelerator` tells it:
+    without it, processes launched on CPUs would each take themselves for the only one."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def this_process_share(num_items: int) -> range:
+    """The items of `range(num_items)` this process does: under `accelerate launch`, its contiguous share
+    (accelerate's `split_between_processes`, so gathering the shares in process order keeps the order);
+    otherwise all of them."""
+    with launched_process().split_between_processes(list(range(num_items))) as share:
+        return range(share[0], share[-1] + 1) if share else range(0)
+
+
 # ---------------------------------------------------------------- sampling
 
 
