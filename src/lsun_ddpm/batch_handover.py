@@ -3,9 +3,11 @@
 torch's DataLoader sends every tensor a worker returns through a new
 shared-memory segment, whose file descriptor the training process fetches from
 the worker over a socket and maps again, batch after batch. On this project's
-CPU that hand-over, not the data, capped a worker at about 5,500 images per
-second at micro-batch 8 and cost the training thread 120–150 µs per image
-(docs/performance.md), more than reading a prepared dataset itself.
+CPU that hand-over, not the data, capped a worker at about 5,600–6,000 images
+per second at micro-batch 8, even with batches that cost nothing to make, and
+cost the training thread 110–280 µs per image, more than reading a prepared
+dataset itself; through the slots below, 15,500–17,800 images per second and
+half the training thread's time (docs/performance.md).
 
 `BatchSlots` is made in the training process before the workers start
 (`make_dataloader`): `prefetch_factor + 1` slots per worker, each the size of
