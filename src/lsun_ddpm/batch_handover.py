@@ -81,9 +81,8 @@ class BatchSlots:
         if int(self.tickets[slot]) != ticket:
             raise BatchOverwritten(
                 "a DataLoader worker wrote over a batch before the training process took it (each worker has "
-                f"{self.slots_per_worker} batch slots, one more than the DataLoader's prefetch_factor; two "
-                "iterators of one DataLoader at once share them): iterate one at a time, or use "
-                "--dataloader_num_workers 0")
+                f"{self.slots_per_worker} batch slots, which two iterators of one DataLoader at once would "
+                "share): iterate one at a time, or use --dataloader_num_workers 0")
         return pixels
 
 
