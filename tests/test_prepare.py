@@ -1,9 +1,11 @@
 """`lsun-ddpm prepare` and training from a prepared dataset."""
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -76,6 +78,36 @@ def test_training_dataloader_hands_over_whole_prepared_batches(image_folder, tmp
                and batch["pixels"].dtype == torch.uint8 for batch in batches)
     got = sorted(bytes(image.numpy()) for batch in batches for image in batch["pixels"])
     assert got == sorted(bytes(image.numpy()) for image in decoded_tensors(image_folder, preprocess, 1))
+
+
+def test_max_train_samples_of_a_prepared_dataset_are_its_first_images(image_folder, tmp_path):
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=5)
+    preprocess = ImagePreprocessor(RESOLUTION, random_flip=True)
+    first = load_prepared_images(str(tmp_path / "prepared"), preprocess, seed=3, max_train_samples=7)
+    assert len(first) == 7
+    batch = first.__getitems__(list(range(7)))["pixels"]
+    for got, expected in zip(batch, decoded_tensors(image_folder, preprocess, epoch=0)[:7]):
+        assert torch.equal(got, expected)
+    with pytest.raises(IndexError):
+        first.__getitems__([7])
+
+
+def test_a_prepared_dataset_pickles_as_its_files_not_its_pixels(image_folder, tmp_path):
+    """A spawned DataLoader worker gets the dataset pickled: the pixels must stay in the files it maps."""
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    preprocess = ImagePreprocessor(RESOLUTION, random_flip=True)
+    pickled = pickle.dumps(load_prepared_images(str(tmp_path / "prepared"), preprocess, seed=3))
+    assert len(pickled) < 32 * RESOLUTION * RESOLUTION * 3 / 4
+    unpickled = pickle.loads(pickled)
+    for index, expected in enumerate(decoded_tensors(image_folder, preprocess, epoch=0)):
+        assert torch.equal(unpickled[index]["pixels"], expected)
+
+
+@pytest.mark.parametrize("binary_type", [pa.binary(), pa.large_binary()])
+def test_binary_views_of_a_sliced_arrow_array(binary_type):
+    array = pa.array([b"ab", b"cde", b"", b"fghi", b"j"], type=binary_type).slice(1, 3)
+    offsets, data = prepare.binary_views(array)
+    assert [bytes(data[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)] == [b"cde", b"", b"fghi"]
 
 
 def test_records_are_uint8_pixels_with_their_source(image_folder, tmp_path):

@@ -41,6 +41,7 @@ result does not depend on how many there were.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import multiprocessing
@@ -54,6 +55,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .data import (REPORTED_EXAMPLES, SKIPPED, UPSCALED, AugmentedImages, ImagePreprocessor, ImageReport, Note,
@@ -314,11 +316,12 @@ def load_prepared_images(folder: str, preprocess: ImagePreprocessor, seed: int |
     are drawn from `seed` (0 if None), as `data.make_training_dataset` draws them from decoded images."""
     metadata = read_prepared_metadata(folder)
     check_preprocessing(folder, metadata["preprocessing"], preprocess)
-    table = datasets.concatenate_datasets([
-        datasets.Dataset.from_file(str(Path(folder, SHARDS_FOLDER, shard["file"]))) for shard in metadata["shards"]
+    table = datasets.table.concat_tables([
+        datasets.table.MemoryMappedTable.from_file(str(Path(folder, SHARDS_FOLDER, shard["file"])))
+        for shard in metadata["shards"]
     ])
     if max_train_samples is not None:
-        table = table.select(range(min(max_train_samples, len(table))))
+        table = table.slice(0, min(max_train_samples, len(table)))
     logger.info("prepared dataset %s: %d images (%d skipped and %d upscaled when it was prepared)", folder,
                 len(table), metadata["images_skipped"], metadata["images_upscaled"])
     return PreparedImages(table, preprocess, seed or 0)
@@ -330,26 +333,68 @@ class PreparedImages(AugmentedImages):
 
     The Arrow files are memory-mapped, so DataLoader workers share the page
     cache instead of each holding a copy. A batch is read whole
-    (`__getitems__`, which the DataLoader calls with a batch's indices): one
-    Arrow read of its pixels, one copy of them into the batch, and the random
-    flip (and, with `--no_center_crop`, the random crop) drawn per image from
-    `augmentation_generator(seed, epoch, index)` as in `data.PreprocessedImages`.
-    Read item by item and collated, a batch took 1.5–2 times as long. A
-    DataLoader worker hands the batch over through a batch slot
-    (`batch_handover`), which costs the training process about a third less
-    than reading the batch itself (docs/performance.md): one worker is enough.
+    (`__getitems__`, which the DataLoader calls with a batch's indices): its
+    images are views of the mapped files (`PixelColumn`), copied once, into
+    the batch, and the random flip (and, with `--no_center_crop`, the random
+    crop) is drawn per image from `augmentation_generator(seed, epoch, index)`
+    as in `data.PreprocessedImages`. A DataLoader worker hands the batch over
+    through a batch slot (`batch_handover`), which costs the training process
+    less than reading the batch itself (docs/performance.md): one worker is
+    enough.
     """
 
-    def __init__(self, dataset: datasets.Dataset, preprocess: ImagePreprocessor, seed: int = 0):
-        super().__init__(dataset, preprocess, seed)
-        self.images = dataset.select_columns(["pixels", "height", "width"])  # a batch's read skips `source`
+    def __init__(self, table: datasets.table.Table, preprocess: ImagePreprocessor, seed: int = 0):
+        super().__init__(datasets.Dataset(table), preprocess, seed)
+        self.pixels = PixelColumn(table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"pixels": self.__getitems__([index])["pixels"][0]}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        records = self.images[indices]
-        images = [np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3)
-                  for pixels, height, width in zip(records["pixels"], records["height"], records["width"])]
+        images = [self.pixels.image(index) for index in indices]
         generators = [augmentation_generator(self.seed, self.epoch, index) for index in indices]
         return {"pixels": self.preprocess.augment_batch(images, generators)}
+
+
+class PixelColumn:
+    """The images of a prepared dataset as read-only numpy views of its memory-mapped Arrow files.
+
+    🤗 datasets' own batch read (`dataset[indices]`) copies each image out of
+    the page cache into a Python `bytes` and formats the batch: 200-250 µs of
+    a DataLoader worker's time for eight 128-px images, more than the rest of
+    the batch's making. A view costs about a microsecond. Pickled (to a spawned
+    DataLoader worker) as its table, which 🤗 datasets pickles as the files'
+    paths (and the slice taken of them), never as the pixels.
+    """
+
+    def __init__(self, table: datasets.table.Table):
+        self.table = table
+        self.starts, self.batches = [], []
+        start = 0
+        for batch in table.to_batches():
+            self.starts.append(start)
+            self.batches.append((*binary_views(batch.column("pixels")), batch.column("height").to_numpy(),
+                                 batch.column("width").to_numpy()))
+            start += len(batch)
+        self.length = start
+
+    def image(self, index: int) -> np.ndarray:
+        """Image `index`, uint8 (height, width, 3), a view of the mapped file."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"image {index} of a prepared dataset of {self.length}")
+        batch = bisect.bisect_right(self.starts, index) - 1
+        row = index - self.starts[batch]
+        offsets, values, heights, widths = self.batches[batch]
+        return values[offsets[row]:offsets[row + 1]].reshape(heights[row], widths[row], 3)
+
+    def __reduce__(self):
+        return PixelColumn, (self.table,)
+
+
+def binary_views(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A binary Arrow array as numpy views: its values' offsets (one more than its length: value i is
+    `data[offsets[i]:offsets[i + 1]]`) and the data buffer they index, which a slice of an array shares."""
+    validity, offsets, data = array.buffers()
+    offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=offset_type)[array.offset:array.offset + len(array) + 1]
+    return offsets, np.frombuffer(data, dtype=np.uint8)
