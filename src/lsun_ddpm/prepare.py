@@ -3,7 +3,7 @@
 A prepared dataset is a folder:
 
     prepared_dataset.json   what it was made from and with (source, resolution, crop mode, counts)
-    shards/shard-00000.arrow ...   Arrow files, memory-mapped by 🤗 datasets (`Dataset.from_file`)
+    shards/shard-00000.arrow ...   Arrow files, memory-mapped by 🤗 datasets (`MemoryMappedTable.from_file`)
 
 Each record is one image after the deterministic part of training's
 preprocessing (`ImagePreprocessor.resize`: RGB, shorter side to the
