@@ -691,7 +691,7 @@ def make_dataloader(
     `ImagePreprocessor` as `preprocess`: its images' size is known) come from
     them through shared-memory slots made here, once (`batch_handover`), unless
     `batch_slots` is False: then through torch's new shared-memory segment per
-    batch, which on this project's CPU gave a prepared dataset 2.1–2.3× fewer
+    batch, which on this project's CPU gave a prepared dataset 2.3–2.8× fewer
     images/s through one worker and cost the training process twice the CPU per
     image on every path (docs/performance.md).
     """
