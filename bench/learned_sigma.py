@@ -108,7 +108,8 @@ def main() -> None:
           f"{args.num_samples} samples per row ({started})")
     print(f"{'variant':<26} {'DDPM steps':>10} {'FID':>8} {'KID x1e3':>14} {'precision':>9} {'recall':>7}")
     for row in rows:
-        kid = f"{1e3 * row['kid']:.2f} ± {1e3 * row['kid_std']:.2f}"
+        spread = "" if row["kid_std"] is None else f" ± {1e3 * row['kid_std']:.2f}"  # None: a single subset
+        kid = f"{1e3 * row['kid']:.2f}{spread}"
         print(f"{row['variant']:<26} {row['ddpm_steps']:>10} {row['fid']:>8.2f} {kid:>14} "
               f"{row['precision']:>9.3f} {row['recall']:>7.3f}")
     if args.json:

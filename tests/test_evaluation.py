@@ -77,7 +77,7 @@ def test_kid_is_the_unbiased_polynomial_mmd():
     x, y = rng.standard_normal((60, 5)), rng.standard_normal((60, 5)) + 0.3
     # one subset holding every image: the statistic of the whole sets, whatever the order drawn
     kid, std, size = kernel_distance(torch.from_numpy(x), torch.from_numpy(y), subsets=1, subset_size=60)
-    assert size == 60 and std == 0
+    assert size == 60 and std is None  # one subset: no spread
     assert kid == pytest.approx(polynomial_mmd(x, y, unbiased=True), rel=1e-9)
 
 
@@ -420,11 +420,36 @@ def test_the_note_counts_the_reference_images_that_were_read():
                 "precision_of_sampling": "bf16"}
     identity = {"num_reference": 10, "dataset_size": 10, "resolution": 16, "data": {"train_data_dir": "photos"}}
     extractor = SimpleNamespace(info=SimpleNamespace(description="the FID network"))
-    note = evaluation_note({"kid_subset_size": 9}, settings, identity, extractor, num_reference=9, num_skipped=1)
+    metrics = {"kid": 0.01, "kid_std": 0.001, "kid_subset_size": 9}
+    note = evaluation_note(metrics, settings, identity, extractor, num_reference=9, num_skipped=1)
     assert "against the 9 readable images of the 10 of the training data (local folder photos)" in note
     assert "all 10" not in note
-    note = evaluation_note({"kid_subset_size": 9}, settings, identity, extractor, num_reference=10)
+    note = evaluation_note(metrics, settings, identity, extractor, num_reference=10)
     assert "against all 10 images of the training data" in note
+    assert "KID: mean ± standard deviation over 100 subsets of 9" in note
+
+
+def test_kid_of_one_subset_is_given_without_a_spread():
+    """64 samples against 64 images: every KID subset is the same one, so there is no spread to show."""
+    from types import SimpleNamespace
+
+    from lsun_ddpm.evaluation import kernel_distance
+    from lsun_ddpm.evaluation_report import evaluation_note, kid_text
+
+    rng = np.random.default_rng(5)
+    x, y = torch.from_numpy(rng.standard_normal((64, 4))), torch.from_numpy(rng.standard_normal((64, 4)) + 0.5)
+    kid, std, size = kernel_distance(x, y, subsets=100)
+    assert std is None and size == 64 and kid == pytest.approx(polynomial_mmd(x.numpy(), y.numpy(), unbiased=True))
+    assert kernel_distance(x, y[:60], subsets=100)[1] > 0  # 60 of 64 real images per subset: they vary
+    metrics = {"kid": kid, "kid_std": None, "kid_subset_size": size}
+    assert kid_text(metrics) == f"{kid:.4g} (one subset: no spread)"
+    settings = {"num_samples": 64, "weights": "ema", "scheduler": "ddpm", "num_inference_steps": 1000, "seed": 0,
+                "precision_of_sampling": "fp32"}
+    identity = {"num_reference": 64, "dataset_size": 64, "resolution": 16, "data": {"train_data_dir": "photos"}}
+    extractor = SimpleNamespace(info=SimpleNamespace(description="the FID network"))
+    note = evaluation_note(metrics, settings, identity, extractor, num_reference=64)
+    assert "KID: from one subset (64 samples against 64 reference images, all there are), so its spread is " \
+           "undefined and none is given" in note and "±" not in note
 
 
 def test_push_dry_run_puts_the_numbers_into_the_model_index(evaluated, tiny_pipeline_folder, tmp_path):

@@ -74,11 +74,14 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = KID_SUBSETS,
-                    subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float, int]:
+                    subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float | None, int]:
     """(KID mean, its standard deviation over `subsets` random subsets, the subset size used), by torchmetrics.
 
     The subset size is at most the size of either set; the subsets are drawn
-    from torch's RNG, seeded here, so the value is reproducible.
+    from torch's RNG, seeded here, so the value is reproducible. When every
+    subset is the same one (a single subset, or subsets holding all of both
+    sets, as with 64 samples against 64 images) there is no spread to give:
+    the standard deviation is None, not a rounding error's 1e-16.
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -92,7 +95,8 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = KID_S
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return float(mean), float(std), size
+    one_subset = subsets == 1 or size == len(real) == len(fake)
+    return float(mean), None if one_subset else float(std), size
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PRC_NEIGHBOURS) -> tuple[float, float]:

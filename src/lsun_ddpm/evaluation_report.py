@@ -62,7 +62,7 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
         path = Path(args.run_dir) / "evaluation.json"
         write_json(summary, path)
         print(summary["note"])
-        print(f"FID {metrics['fid']:.4g}, KID {metrics['kid']:.4g} ± {metrics['kid_std']:.2g}, "
+        print(f"FID {metrics['fid']:.4g}, KID {kid_text(metrics)}, "
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}; wrote {path}"
               + (f" (reference statistics: {reference_file})" if computed else ""))
     accelerator.wait_for_everyone()
@@ -156,13 +156,28 @@ def evaluation_note(metrics: dict, settings: dict, identity: dict, extractor: In
             f"{settings['precision_of_sampling']}) against {chosen} of the training data ({data_name(identity)}) "
             f"at {identity['resolution']} px ({identity.get('preprocessing', PREPROCESSING)}). Images resized to 299 px "
             f"(TensorFlow-1 bilinear) for the feature network: {extractor.info.description}. "
-            f"KID: mean ± standard deviation over {KID_SUBSETS} subsets of {metrics['kid_subset_size']:,}; "
-            f"precision and recall: k = {PRC_NEIGHBOURS} nearest neighbours.")
+            f"{kid_method(metrics)}; precision and recall: k = {PRC_NEIGHBOURS} nearest neighbours.")
     if settings["num_samples"] < CUSTOMARY_SAMPLES:
         text += (f" FID is biased upwards with fewer samples than the customary {CUSTOMARY_SAMPLES:,}: compare it only "
                  f"with FIDs of {settings['num_samples']:,} samples.")
     return text + (" Published LSUN-bedroom FIDs are measured at 256 px against other reference sets, so they are "
                    "no yardstick for these numbers.")
+
+
+def kid_text(metrics: dict) -> str:
+    """KID as printed: "0.0123 ± 0.0004", or without a spread when it has none (see `kernel_distance`)."""
+    if metrics["kid_std"] is None:
+        return f"{metrics['kid']:.4g} (one subset: no spread)"
+    return f"{metrics['kid']:.4g} ± {metrics['kid_std']:.2g}"
+
+
+def kid_method(metrics: dict) -> str:
+    """How KID was computed, in words for the note."""
+    size = metrics["kid_subset_size"]
+    if metrics["kid_std"] is None:
+        return (f"KID: from one subset ({size:,} samples against {size:,} reference images, all there are), so its "
+                "spread is undefined and none is given; more samples give one")
+    return f"KID: mean ± standard deviation over {KID_SUBSETS} subsets of {size:,}"
 
 
 def data_name(identity: dict) -> str:

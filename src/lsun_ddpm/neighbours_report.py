@@ -59,9 +59,9 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     write_text(json.dumps(data, indent=2, allow_nan=False), path)
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: an undefined number (no reference images) is written as null."""
-    return float(value) if math.isfinite(value) else None
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN: an undefined number (no reference images, no spread) is written as null."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def neighbours_figure(report: NeighbourReport, min_cell: int = 96, max_rows: int | None = None) -> Image.Image:
