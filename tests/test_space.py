@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, make_image, offline_env
+from fake_hub import without_offline_variables
 from lsun_ddpm import app
 from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, main, offline_theme
 
@@ -257,6 +258,36 @@ def test_about_text_and_title_describe_the_actual_data_and_weights(no_ema_pipeli
     config = build_demo(space).get_config_file()
     assert config["title"] == "DDPM: images from a local image folder"
     assert not any("LSUN" in str(component["props"].get("value")) for component in config["components"])
+
+
+def test_the_about_tab_names_a_card_only_where_there_is_one(tiny_pipeline_folder, tmp_path):
+    from lsun_ddpm.app import model_card_link
+
+    assert "no model card yet" in model_card_link(str(tiny_pipeline_folder))  # a run folder before `push`
+    assert "README.md" not in model_card_link(str(tiny_pipeline_folder))
+    shutil.copytree(tiny_pipeline_folder, tmp_path / "pushed")
+    (tmp_path / "pushed" / "README.md").write_text("---\nlicense: mit\n---\n")
+    assert model_card_link(str(tmp_path / "pushed")) == "a local folder (`pushed`); its model card is its README.md"
+    assert model_card_link("me/model") == "[me/model](https://huggingface.co/me/model)"
+
+
+@pytest.mark.parametrize("model_id, words", [
+    ("/path/that/does/not/exist", "/path/that/does/not/exist: no such folder; pass a pipeline folder"),
+    ("CHECKPOINT", "is a training checkpoint (the state training resumes from), not a pipeline folder: pass its run "
+                   "folder"),
+])
+def test_a_model_id_that_is_no_pipeline_is_one_line_without_asking_the_hub(tmp_path, model_id, words):
+    checkpoint = tmp_path / "run" / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.bin").write_bytes(b"state")
+    model_id = str(checkpoint) if model_id == "CHECKPOINT" else model_id
+    # Online, with the Hub at a closed local port: a lookup would end in a connection error, not this line.
+    env = without_offline_variables(offline_env(tmp_path, MODEL_ID=model_id)) | {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "space" / "app.py")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"MODEL_ID={model_id}: ") and words in lines[0]
 
 
 # ---------------------------------------------------------------- the page in a browser

@@ -28,8 +28,8 @@ from .interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_inte
                             save_gif, strip)
 from .performance import keep_freed_host_memory
 from .pipelines.ddpm_interpolation import METHODS
-from .sampling import (SamplingPlan, generate, has_ema_weights, image_grid, load_scheduler_config, pick_device,
-                       recorded_training_options)
+from .sampling import (ModelUnavailableError, SamplingPlan, check_model_source, generate, has_ema_weights,
+                       image_grid, load_scheduler_config, pick_device, recorded_training_options)
 
 SAMPLERS = ("dpmsolver++", "unipc", "ddim", "ddpm")
 # gradio's delete_cache (frequency, age) in seconds: every 10 minutes, the files served more than an hour ago
@@ -65,6 +65,7 @@ class SpaceModel:
         self.model_id = model_id
         self.limits = limits
         self.bf16 = bf16
+        check_model_source(model_id)  # a local path that is no pipeline is one sentence, with no Hub lookup
         run_config = recorded_training_options(model_id)
         self.training_data = training_data(run_config)
         self.has_ema = has_ema_weights(run_config)  # without EMA, unet/ holds the raw weights: those are served
@@ -189,9 +190,14 @@ def photo_upload(label: str, max_pixels: int):
 
 
 def model_card_link(model_id: str) -> str:
-    if Path(model_id).is_dir():
-        return f"a local folder (`{Path(model_id).name}`); its model card is its README.md"
-    return f"[{model_id}](https://huggingface.co/{model_id})"
+    """Where the model's card is: its Hub page, a local folder's README.md, or (a run not yet pushed) none."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return f"[{model_id}](https://huggingface.co/{model_id})"
+    if (folder / "README.md").is_file():
+        return f"a local folder (`{folder.name}`); its model card is its README.md"
+    return (f"a local run folder (`{folder.name}`); it has no model card yet: `lsun-ddpm push` writes one "
+            "(`--dry_run DIR` shows it without uploading)")
 
 
 def about_markdown(model: SpaceModel) -> str:
@@ -319,6 +325,10 @@ def main() -> None:
     if not model_id:
         raise SystemExit("set MODEL_ID to a Hub model repo id or a local pipeline folder")
     keep_freed_host_memory(pick_device())  # a CPU Space: a batch's activations are reused, not re-mapped each step
-    demo = build_demo(SpaceModel(model_id))
+    try:
+        model = SpaceModel(model_id)
+    except ModelUnavailableError as error:  # one line, not the Hub client's traceback
+        raise SystemExit(f"MODEL_ID={model_id}: {error}") from None
+    demo = build_demo(model)
     # server name and port: gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself.
     demo.launch(theme=offline_theme(), ssr_mode=False, max_file_size="20mb", footer_links=["gradio"])

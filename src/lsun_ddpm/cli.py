@@ -77,16 +77,6 @@ def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
 
 
-def _progress_bar(description: str, enabled: bool = True):
-    from tqdm.auto import tqdm
-
-    def start(total: int):
-        bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, disable=not enabled)
-        return lambda: bar.update(1)
-
-    return start
-
-
 def _share_note(state) -> str:
     """What the main process's progress bar counts under a multi-process launch."""
     return f" (process 0's share of {state.num_processes})" if state.num_processes > 1 else ""
@@ -124,7 +114,7 @@ def sample_command(argv: list[str]) -> None:
     from .export import check_image_output, check_output_folder, save_image
     from .performance import is_compiled
     from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate, image_grid,
-                           labelled_side_by_side, launched_process, load_scheduler_config, load_unet,
+                           labelled_side_by_side, launched_process, load_scheduler_config, load_unet, progress_bar,
                            this_process_share)
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
@@ -160,7 +150,7 @@ def sample_command(argv: list[str]) -> None:
     for weights in (("raw", "ema") if chosen == "both" else (chosen,)):
         unet = load_unet(args.model, weights, has_ema).to(state.device)
         images = generate(unet, config, len(share), args.seed, plan,
-                          _progress_bar(f"sample ({weights}){_share_note(state)}", state.is_main_process),
+                          progress_bar(f"sample ({weights}){_share_note(state)}", state.is_main_process),
                           first_index=share.start)
         if args.out_dir:
             folder = Path(args.out_dir) / weights if args.weights == "both" else Path(args.out_dir)
@@ -448,14 +438,28 @@ def push_space_command(argv: list[str]) -> None:
     print(f"pushed the Space: {url}")  # the URL names it, USER/ included
 
 
+CONVERT_ADM_EPILOG = """\
+example (guided-diffusion's LSUN bedroom model, FID 1.90 at 256 px):
+  curl -LO {url}
+  lsun-ddpm convert-adm lsun_bedroom.pt adm-lsun-bedroom-256 \\
+    --attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 \\
+    --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 \\
+    --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True \\
+    --use_scale_shift_norm True
+  lsun-ddpm sample adm-lsun-bedroom-256
+
+Paste guided-diffusion's MODEL_FLAGS and DIFFUSION_FLAGS as they are; what the tensors fix is checked
+against them. --use_fp16 and --use_checkpoint are accepted and change nothing: the weights are written
+in fp32, as the checkpoint stores them. See docs/adm.md."""
+
+
 def convert_adm_command(argv: list[str]) -> None:
-    from .convert_adm import add_adm_flags, convert_adm, flags_command_line, given_adm_flags
+    from .convert_adm import DOWNLOAD_URL, add_adm_flags, convert_adm, flags_command_line, given_adm_flags
 
     parser = argparse.ArgumentParser(
         prog="lsun-ddpm convert-adm", description=COMMANDS["convert-adm"],
-        epilog="Paste guided-diffusion's MODEL_FLAGS and DIFFUSION_FLAGS as they are; what the tensors fix is "
-               "checked against them. --use_fp16 and --use_checkpoint are accepted and change nothing: the "
-               "weights are written in fp32, as the checkpoint stores them. See docs/adm.md.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CONVERT_ADM_EPILOG.format(url=DOWNLOAD_URL.format(name="lsun_bedroom.pt")))
     parser.add_argument("checkpoint", metavar="CHECKPOINT.pt", help="guided-diffusion's .pt (loaded as tensors only)")
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="the pipeline folder to write: new, empty, or a previous conversion (replaced)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
+from .export import CHECKPOINT_PATTERN
 from .performance import compile_in_place, fast_precision_available
 from .pipelines.ddpm_interpolation import scheduler_model_output
 
@@ -40,6 +42,38 @@ RUN_CONFIG_FILE = "training_config.yaml"
 
 class ModelUnavailableError(RuntimeError):
     """The model folder or Hub repo cannot be loaded."""
+
+
+MODEL_HINT = "pass a pipeline folder written by training or convert-adm, or a Hub repo id (USER/NAME)"
+
+
+def looks_local(model: str) -> bool:
+    """Whether `model` is written as a path rather than a Hub repo id (NAME or USER/NAME): absolute, starting
+    with . or ~, or with more than one separator."""
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def check_model_source(model: str) -> None:
+    """A ModelUnavailableError that says what to pass instead, for a MODEL that is a local file or folder
+    but no pipeline (a training checkpoint, say), or a path that does not exist; a Hub id is left to the Hub.
+
+    A path is never looked up on the Hub: that would only add a connection error to the real problem.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "scheduler" / "scheduler_config.json").is_file():
+            return
+        if CHECKPOINT_PATTERN.match(path.name) or (path / "optimizer.bin").is_file():
+            raise ModelUnavailableError(
+                f"{model} is a training checkpoint (the state training resumes from), not a pipeline folder: pass "
+                f"its run folder, {path.parent}, whose unet/ holds the EMA weights of the last export "
+                "(--weights raw: the raw ones)")
+        raise ModelUnavailableError(f"{model} is a folder but no pipeline folder (it has no model_index.json): "
+                                    f"{MODEL_HINT}")
+    if path.exists():
+        raise ModelUnavailableError(f"{model} is a file, not a pipeline folder: {MODEL_HINT}")
+    if looks_local(model):
+        raise ModelUnavailableError(f"{model}: no such folder; {MODEL_HINT}")
 
 
 # ---------------------------------------------------------------- loading
@@ -88,6 +122,7 @@ def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> 
     A run trained without EMA (`has_ema` False; by default read from the
     run's `training_config.yaml`) has only `unet/`, its raw weights.
     """
+    check_model_source(model)
     has_ema = has_ema_weights(recorded_training_options(model)) if has_ema is None else has_ema
     subfolder = weights_subfolder(weights, has_ema)
     try:
@@ -102,6 +137,7 @@ def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> 
 
 
 def load_scheduler_config(model: str) -> dict:
+    check_model_source(model)
     try:
         return dict(DDPMScheduler.load_config(model, subfolder="scheduler"))
     except (OSError, ValueError) as error:
@@ -220,6 +256,17 @@ def denoise(unet: UNet2DModel, scheduler, noise: torch.Tensor, num_inference_ste
         latents = scheduler.step(model_output, t, latents, **extra).prev_sample
         on_step()
     return latents.clamp(-1, 1)
+
+
+def progress_bar(description: str, enabled: bool = True, leave: bool = True) -> Callable[[int], Callable[[], None]]:
+    """A `progress` for `generate`: given the total number of U-Net steps, a tqdm bar and its step function."""
+    from tqdm.auto import tqdm
+
+    def start(total: int) -> Callable[[], None]:
+        bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, disable=not enabled, leave=leave)
+        return lambda: bar.update(1)
+
+    return start
 
 
 def generate(unet: UNet2DModel, scheduler_config: dict, num_images: int, seed: int = 0,
