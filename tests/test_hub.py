@@ -73,6 +73,21 @@ def test_card_body_tells_the_run(run_folder):
         assert fact in text, fact
 
 
+def test_card_gives_a_resumed_runs_whole_wall_time_and_its_jobs(run_folder):
+    summary = json.loads((run_folder / "training_summary.json").read_text())
+    segments = [{"first_step": a, "last_step": b, "wall_time_seconds": t} for a, b, t in
+                ((0, 500, 3000.0), (500, 1000, 3000.0), (1000, 1234, 1384.0))]
+    (run_folder / "training_summary.json").write_text(json.dumps(summary | {"segments": segments}))
+    text = build_model_card(run_folder, "someone/m").text
+    assert "| wall time | 2 h 3 min, over 3 jobs (the run was resumed 2 times) |" in text
+
+
+def test_a_kid_without_spread_is_shown_without_one(run_folder):
+    (run_folder / "evaluation.json").write_text(json.dumps({"fid": 80.5, "kid": 0.07, "kid_std": None}))
+    text = build_model_card(run_folder, "someone/m").text
+    assert "| KID | 0.07 |" in text and "±" not in text
+
+
 def test_card_of_a_fine_tuned_learned_variance_run_says_so(run_folder):
     plain = build_model_card(run_folder, "someone/ddpm-bedroom").text
     assert "simple loss" in plain and "hybrid loss" not in plain and "fine-tuned from" not in plain
@@ -175,6 +190,36 @@ def test_dry_run_writes_exactly_the_publishable_files(run_folder, tmp_path):
         assert (upload / name).read_bytes() == (run_folder / name).read_bytes()
     assert (upload / "ddpm_interpolation.py").read_text() == (REPO_ROOT / "pipelines" / "ddpm_interpolation.py").read_text()
     assert digest(run_folder) == before  # the run folder is never changed
+
+
+def test_nothing_uploaded_carries_a_local_path(run_folder, tmp_path):
+    """The user's home folder and folder names stay local: paths inside the run folder become relative to it,
+    others their last component; Hub ids stay as they are."""
+    home = tmp_path / "home" / "alice"
+    (home / "photos" / "bedrooms").mkdir(parents=True)
+    config = yaml.safe_load((run_folder / "training_config.yaml").read_text())
+    (run_folder / "training_config.yaml").write_text(yaml.safe_dump(config | {
+        "dataset_name": "pcuenq/lsun-bedrooms", "train_data_dir": str(home / "photos" / "bedrooms"),
+        "output_dir": str(run_folder), "cache_dir": str(run_folder / "hf-cache"), "logging_dir": "logs"}))
+    (run_folder / "evaluation.json").write_text(json.dumps({
+        "fid": 12.5, "kid": 0.007, "model": str(run_folder), "note": "measured",
+        "reference": {"file": str(home / ".cache" / "lsun_ddpm" / "reference.npz"),
+                      "data": {"train_data_dir": str(home / "photos" / "bedrooms"), "dataset_name": None}}}))
+    before = digest(run_folder)
+
+    upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
+
+    text = b"".join(folder_bytes(upload).values())
+    assert str(tmp_path).encode() not in text and b"alice" not in text
+    published = yaml.safe_load((upload / "training_config.yaml").read_text())
+    assert (published["train_data_dir"], published["output_dir"], published["cache_dir"]) == ("bedrooms", ".",
+                                                                                              "hf-cache")
+    assert published["dataset_name"] == "pcuenq/lsun-bedrooms" and published["logging_dir"] == "logs"
+    evaluation = json.loads((upload / "evaluation.json").read_text())
+    assert evaluation["model"] == "." and evaluation["reference"]["file"] == "reference.npz"
+    assert evaluation["reference"]["data"]["train_data_dir"] == "bedrooms" and evaluation["fid"] == 12.5
+    assert "a local image folder" in (upload / "README.md").read_text()
+    assert digest(run_folder) == before
 
 
 def test_dry_run_makes_an_interpolation_strip_and_can_leave_out_raw_weights(run_folder, tmp_path):

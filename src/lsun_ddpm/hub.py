@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
 PIPELINE_FILE = Path(ddpm_interpolation.__file__)
-# Copied as they are, when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE).
+# Copied when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE); those of
+# PATH_BEARING_FILES with their local paths made publishable (`publishable_paths`).
 RUN_FILES = ("model_index.json", "training_config.yaml", "training_summary.json", "evaluation.json",
              "sample_grid.png", "interpolation.png", "neighbours.png", CONVERSION_FILE)
+PATH_BEARING_FILES = ("training_config.yaml", "evaluation.json")
 COMPONENT_FOLDERS = ("unet", "scheduler")
 RAW_FOLDER = "unet_raw"
 # What a push of a run may upload: on the repo, those the new upload lacks are deleted (`--no_raw` after a push
@@ -219,7 +221,7 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "ema_decay_now": f"{summary['ema_decay']:.5f}" if summary.get("ema_decay") else None,
         "precision": summary.get("mixed_precision", config.get("mixed_precision") or "fp32"),
         "hardware": summary.get("hardware") or summary.get("device", "unknown"),
-        "wall_time": _duration(summary.get("wall_time_seconds")),
+        "wall_time": _wall_time(summary),
         "final_loss": f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "unknown",
         "has_raw": use_ema and include_raw and (run_dir / RAW_FOLDER).is_dir(),
         "evaluation": _evaluation_rows(evaluation),
@@ -245,6 +247,14 @@ def _effective_batch(config: dict[str, Any], summary: dict[str, Any]) -> str:
     processes = summary.get("num_processes", 1)
     total = summary.get("effective_batch_size")
     return f"{total} (micro-batch {micro} × accumulation {accumulation} × {processes} process(es))"
+
+
+def _wall_time(summary: dict[str, Any]) -> str:
+    """The whole run's training time, and in how many jobs when it was resumed."""
+    segments = len(summary.get("segments") or [])
+    resumed = (f", over {segments} jobs (the run was resumed {segments - 1} time{'s' if segments > 2 else ''})"
+               if segments > 1 else "")
+    return _duration(summary.get("wall_time_seconds")) + resumed
 
 
 def _duration(seconds: float | None) -> str:
@@ -274,7 +284,9 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
             if (run_dir / name).is_dir():
                 shutil.copytree(run_dir / name, staging / name)
         for name in RUN_FILES:
-            if (run_dir / name).is_file():
+            if (run_dir / name).is_file() and name in PATH_BEARING_FILES:
+                copy_without_local_paths(run_dir / name, staging / name, run_dir)
+            elif (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
         shutil.copy2(PIPELINE_FILE, staging / PIPELINE_FILE.name)
         if converted:  # its own card, loading it from the repo
@@ -286,6 +298,47 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
             card = build_model_card(run_dir, repo_id, license, include_raw, (staging / "interpolation.png").is_file())
             card.save(staging / "README.md")
     return Path(destination)
+
+
+def copy_without_local_paths(source: Path, destination: Path, run_dir: Path) -> None:
+    """Copy a run's YAML or JSON record with its local paths made publishable (see `publishable_paths`);
+    byte for byte when it holds none."""
+    is_json = source.suffix == ".json"
+    record = _read_json(source) if is_json else _read_yaml(source)
+    publishable = publishable_paths(record, run_dir)
+    if publishable == record:
+        shutil.copy2(source, destination)
+    elif is_json:
+        destination.write_text(json.dumps(publishable, indent=2) + "\n")
+    else:
+        destination.write_text(yaml.safe_dump(publishable, sort_keys=False))
+
+
+def publishable_paths(value: Any, run_dir: Path) -> Any:
+    """`value` (a run's config or evaluation record) with every local path in it made safe to publish:
+    relative to the run folder when inside it, else only its last component. A user's home folder and
+    folder names stay on their machine; Hub ids and other text are kept.
+
+    A text is a local path when it is absolute, or names something that exists
+    here (relative to the working folder).
+    """
+    if isinstance(value, dict):
+        return {key: publishable_paths(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [publishable_paths(item, run_dir) for item in value]
+    if not isinstance(value, str) or not _is_local_path(value):
+        return value
+    path, root = Path(value).resolve(), run_dir.resolve()
+    if path == root or root in path.parents:
+        return path.relative_to(root).as_posix() or "."
+    return path.name
+
+
+def _is_local_path(text: str) -> bool:
+    try:
+        return bool(text) and (os.path.isabs(text) or Path(text).exists())
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a path of this machine
+        return False
 
 
 def check_run_folder(run_dir: str | os.PathLike) -> Path:
