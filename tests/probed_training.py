@@ -1,7 +1,8 @@
 """The training script with probes that a test cannot place from outside; run it under `accelerate launch`.
 
     probed_training.py [--kill_while_saving STEP] [--kill_before_results] [--save_replicas] [--nan_loss_at_steps S,S...]
-                       [--signal_at_step STEP SIGNAL [--signal_rank R]] TRAINING OPTIONS...
+                       [--signal_at_step STEP SIGNAL [--signal_rank R]] [--unreadable_data_at_step STEP]
+                       TRAINING OPTIONS...
 
 --kill_while_saving STEP  SIGKILL this process while it saves checkpoint STEP: the model, optimizer and
                           RNG states are written, the EMA and lr schedule (saved after them) and the
@@ -17,6 +18,9 @@
                           send SIGNAL (e.g. SIGTERM) to this process at the first micro-batch of
                           optimizer step STEP, in the middle of its accumulation group.
 --signal_rank R           only the process with index R sends itself the signal (default: every one).
+--unreadable_data_at_step STEP
+                          raise the error of 100 unreadable images in a row at the first micro-batch of
+                          optimizer step STEP, as bad data found in the middle of the data set would.
 """
 
 import argparse
@@ -68,11 +72,11 @@ def save_replicas() -> None:
 
 def on_each_micro_batch(probe) -> None:
     """Call `probe(accelerator, step, first_of_step, noise) -> noise` before each micro-batch of the loop."""
-    resume_if_requested, train_micro_batch = training.resume_if_requested, training.train_micro_batch
+    resume, train_micro_batch = training.resume, training.train_micro_batch
     position = {"start": 0, "micro_batches": 0}
 
-    def resume_and_remember(accelerator, config, ema):
-        position["start"] = resume_if_requested(accelerator, config, ema)
+    def resume_and_remember(accelerator, config, checkpoint, ema):
+        position["start"] = resume(accelerator, config, checkpoint, ema)
         return position["start"]
 
     def probed_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs):
@@ -83,7 +87,7 @@ def on_each_micro_batch(probe) -> None:
         noise = probe(accelerator, step, first_of_step, noise)
         return train_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs)
 
-    training.resume_if_requested = resume_and_remember
+    training.resume = resume_and_remember
     training.train_micro_batch = probed_micro_batch
 
 
@@ -103,6 +107,17 @@ def signal_at_step(step: int, signal_name: str, rank: int | None):
     return send
 
 
+def unreadable_data_at_step(step: int):
+    from lsun_ddpm.data import DatasetUnavailableError
+
+    def refuse(accelerator, current_step, first_of_step, noise):
+        if current_step == step and first_of_step:
+            raise DatasetUnavailableError(f"100 unreadable images in a row (probe, at step {step})")
+        return noise
+
+    return refuse
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill_while_saving", type=int)
@@ -111,12 +126,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--nan_loss_at_steps", type=lambda text: {int(step) for step in text.split(",")})
     parser.add_argument("--signal_at_step", nargs=2, metavar=("STEP", "SIGNAL"))
     parser.add_argument("--signal_rank", type=int)
+    parser.add_argument("--unreadable_data_at_step", type=int)
     probes, training_argv = parser.parse_known_args(argv)
     if probes.nan_loss_at_steps:
         on_each_micro_batch(nan_loss_at_steps(probes.nan_loss_at_steps))
     if probes.signal_at_step:
         step, signal_name = probes.signal_at_step
         on_each_micro_batch(signal_at_step(int(step), signal_name, probes.signal_rank))
+    if probes.unreadable_data_at_step is not None:
+        on_each_micro_batch(unreadable_data_at_step(probes.unreadable_data_at_step))
     if probes.kill_while_saving is not None:
         kill_while_saving(probes.kill_while_saving)
     if probes.kill_before_results:

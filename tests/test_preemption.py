@@ -63,7 +63,8 @@ def test_a_stop_signal_saves_the_step_exits_with_its_status_and_resume_is_exact(
 
     succeeded(run_probed(tmp_path, output_dir, NAN_AT_STEP_5, data + RUN_ARGS + ["--resume_from_checkpoint", "latest"]))
     resumed, reference = read_summary(output_dir), read_summary(uninterrupted)
-    assert resumed["micro_batches_per_process"] == (STEPS - 3) * 2  # it did start from step 3
+    assert resumed["segments"][-1]["micro_batches_per_process"] == (STEPS - 3) * 2  # it did start from step 3
+    assert resumed["micro_batches_per_process"] == reference["micro_batches_per_process"] == STEPS * 2
     assert resumed["optimizer_steps"] == reference["optimizer_steps"] == STEPS
     assert resumed["adam_step"] == reference["adam_step"] == STEPS - 1  # step 5 was skipped in both
     assert resumed["nonfinite_steps"] == reference["nonfinite_steps"] == 1

@@ -3,6 +3,8 @@ checkpoint of this run; the summary is strict JSON; short disk space is said bef
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +12,11 @@ import pytest
 import torch
 
 from lsun_ddpm import run_folder
-from lsun_ddpm.config import TrainingConfig
+from lsun_ddpm.config import TrainingConfig, parse_training_config
 from lsun_ddpm.errors import InputError
 
-from conftest import TINY_RUN, read_summary, run_script_directly, run_training
+from conftest import (PROBED_SCRIPT, TINY_RUN, TRAIN_SCRIPT, offline_env, read_scalars, read_summary,
+                      run_script_directly, run_training)
 
 # What accelerate's save_state writes for a model and its Adam on process 0 (plus our lr schedule).
 STATE_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
@@ -24,19 +27,23 @@ def tiny_config(output_dir: Path, **options) -> TrainingConfig:
     return TrainingConfig(model_preset="tiny16", resolution=16, output_dir=str(output_dir), **options)
 
 
-def fake_checkpoint(folder: Path, config: TrainingConfig | None, files=STATE_FILES) -> Path:
+def fake_checkpoint(folder: Path, config: TrainingConfig | None, files=STATE_FILES, run_id: str | None = None) -> Path:
     folder.mkdir(parents=True)
     for name in files:
         (folder / name).write_bytes(f"{folder.name}/{name}".encode())
     if config is not None:
         config.save(str(folder / "training_config.yaml"))
+    if run_id is not None:
+        (folder / "run_identity.json").write_text(json.dumps({"run_id": run_id}))
     return folder
 
 
-def fake_run(output_dir: Path, config: TrainingConfig) -> Path:
-    """A folder laid out as a finished run with two checkpoints leaves it."""
-    fake_checkpoint(output_dir / "checkpoint-2", config)
-    fake_checkpoint(output_dir / "checkpoint-4", config)
+def fake_run(output_dir: Path, config: TrainingConfig, run_id: str | None = None) -> Path:
+    """A folder laid out as a finished run with two checkpoints leaves it (with an identity if `run_id`)."""
+    fake_checkpoint(output_dir / "checkpoint-2", config, run_id=run_id)
+    fake_checkpoint(output_dir / "checkpoint-4", config, run_id=run_id)
+    if run_id is not None:
+        (output_dir / "run_identity.json").write_text(json.dumps({"run_id": run_id}))
     config.save(str(output_dir / "training_config.yaml"))
     (output_dir / "logs" / "train_unconditional").mkdir(parents=True)
     (output_dir / "logs" / "train_unconditional" / "events.out.tfevents.1.old").write_bytes(b"old events")
@@ -214,6 +221,104 @@ def test_a_checkpoint_named_without_its_folder_is_looked_for_in_the_output_dir(t
         run_folder.checkpoint_to_resume(config)
 
 
+# ---------------------------------------------------------------- no mixing by path
+
+
+def test_a_checkpoint_of_another_run_given_by_path_is_refused_into_a_folder_holding_a_run(tmp_path):
+    """The folder holds checkpoints of one run; a checkpoint of another run with the same settings is given."""
+    mixed = fake_run(tmp_path / "run_mix2", tiny_config(tmp_path / "run_mix2"), run_id="first-run")
+    other = fake_run(tmp_path / "run_b", tiny_config(tmp_path / "run_b"), run_id="second-run") / "checkpoint-2"
+    before = snapshot(mixed)
+    config = tiny_config(mixed, resume_from_checkpoint=str(other))
+    with pytest.raises(InputError) as refused:
+        run_folder.checkpoint_to_resume(config)
+    assert str(refused.value) == (
+        f"--resume_from_checkpoint {other} cannot be resumed into {mixed}: it belongs to another run than the one "
+        f"in {mixed}; resume it into its own run folder ({other.parent}), or into a new, empty --output_dir to "
+        f"continue a copy of that run there")
+    assert snapshot(mixed) == before
+
+
+def test_a_checkpoint_resumes_by_path_into_its_own_folder_or_an_empty_one(tmp_path):
+    run_b = fake_run(tmp_path / "run_b", tiny_config(tmp_path / "run_b"), run_id="second-run")
+    own = tiny_config(run_b, resume_from_checkpoint=str(run_b / "checkpoint-2"))
+    assert run_folder.checkpoint_to_resume(own) == (run_b / "checkpoint-2", [])
+    (tmp_path / "copy").mkdir()
+    elsewhere = tiny_config(tmp_path / "copy", resume_from_checkpoint=str(run_b / "checkpoint-2"))
+    assert run_folder.checkpoint_to_resume(elsewhere) == (run_b / "checkpoint-2", [])
+    fake_checkpoint(tmp_path / "copy" / "checkpoint-9", tiny_config(tmp_path), run_id="second-run")
+    (tmp_path / "copy" / "run_identity.json").write_text(json.dumps({"run_id": "second-run"}))
+    assert run_folder.checkpoint_to_resume(elsewhere) == (run_b / "checkpoint-2", [])  # a copy of the same run
+
+
+def test_latest_passes_over_a_checkpoint_of_another_run_in_the_folder(tmp_path):
+    output_dir = fake_run(tmp_path / "out", tiny_config(tmp_path / "out"), run_id="ours")
+    fake_checkpoint(output_dir / "checkpoint-6", tiny_config(tmp_path), run_id="theirs")
+    path, passed_over = run_folder.checkpoint_to_resume(tiny_config(output_dir, resume_from_checkpoint="latest"))
+    assert path == output_dir / "checkpoint-4"
+    assert passed_over == [f"checkpoint-6 (it belongs to another run than the one in {output_dir}; resume it "
+                           f"into its own run folder ({output_dir}), or into a new, empty --output_dir to continue "
+                           "a copy of that run there)"]
+
+
+def test_runs_written_before_identities_are_judged_by_where_the_checkpoint_lies(tmp_path):
+    old = fake_run(tmp_path / "old", tiny_config(tmp_path / "old"))  # no run_identity.json anywhere
+    assert run_folder.checkpoint_to_resume(tiny_config(old, resume_from_checkpoint=str(old / "checkpoint-2")))[0]
+    other = fake_run(tmp_path / "other", tiny_config(tmp_path / "other"))
+    with pytest.raises(InputError, match="belongs to another run"):
+        run_folder.checkpoint_to_resume(tiny_config(other, resume_from_checkpoint=str(old / "checkpoint-2")))
+
+
+# ---------------------------------------------------------------- the lr schedule on resume
+
+
+def resumed_config(output_dir: Path, argv: list[str]) -> TrainingConfig:
+    """A config as the command line gives it, resolved as training resolves it."""
+    config = parse_training_config(["--model_preset", "tiny16", "--output_dir", str(output_dir),
+                                    "--resume_from_checkpoint", "latest", *argv])
+    config.resolution = 16
+    return config
+
+
+def test_a_resumed_run_keeps_its_saved_lr_schedule_unless_the_command_gives_one(tmp_path):
+    saved = tiny_config(tmp_path / "out", lr_warmup_steps=10, learning_rate=1e-3, lr_scheduler="cosine",
+                        max_train_steps=200)
+    fake_run(tmp_path / "out", saved)
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+
+    silent = resumed_config(tmp_path / "out", [])  # nothing given: every default differs from the run's
+    line = run_folder.resolve_lr_schedule(checkpoint, silent)
+    assert (silent.lr_scheduler, silent.lr_warmup_steps, silent.learning_rate, silent.max_train_steps) == (
+        "cosine", 10, 1e-3, 200)
+    assert line == ("the run resumed from checkpoint-4 keeps its saved lr_scheduler cosine (this command's default: "
+                    "constant_with_warmup), lr_warmup_steps 10 (this command's default: 500), learning_rate 0.001 "
+                    "(this command's default: 0.0003), the run's length, 200 steps (this command's default: 1 "
+                    "epoch(s)); give an option to change it")
+
+    given = resumed_config(tmp_path / "out", ["--lr_warmup_steps", "100", "--max_train_steps", "400"])
+    line = run_folder.resolve_lr_schedule(checkpoint, given)
+    assert (given.lr_scheduler, given.lr_warmup_steps, given.learning_rate, given.max_train_steps) == (
+        "cosine", 100, 1e-3, 400)
+    assert line.endswith("; it changes its lr schedule as given: lr_warmup_steps 100 (the run's: 10), a length of "
+                         "400 steps (the run's: 200 steps), over which the cosine schedule decays; the learning rate "
+                         "follows the new schedule from this step on")
+
+    same = resumed_config(tmp_path / "out", ["--config", str(checkpoint / "training_config.yaml")])
+    assert run_folder.resolve_lr_schedule(checkpoint, same) is None
+
+    (tmp_path / "options.yaml").write_text("lr_warmup_steps: 20\n")  # a --config file's values are given too
+    from_file = resumed_config(tmp_path / "out", ["--config", str(tmp_path / "options.yaml")])
+    line = run_folder.resolve_lr_schedule(checkpoint, from_file)
+    assert from_file.lr_warmup_steps == 20 and "changes its lr schedule as given: lr_warmup_steps 20" in line
+
+
+def test_a_longer_constant_schedule_is_no_change_of_schedule(tmp_path):
+    fake_run(tmp_path / "out", tiny_config(tmp_path / "out", lr_warmup_steps=10, max_train_steps=200))
+    longer = resumed_config(tmp_path / "out", ["--lr_warmup_steps", "10", "--max_train_steps", "400"])
+    assert run_folder.resolve_lr_schedule(tmp_path / "out" / "checkpoint-4", longer) is None
+    assert longer.max_train_steps == 400
+
+
 def test_changes_to_the_batches_on_resume_are_named(tmp_path):
     saved = tiny_config(tmp_path / "out", seed=3, gradient_accumulation_steps=4)
     checkpoint = fake_checkpoint(tmp_path / "out" / "checkpoint-2", saved,
@@ -334,6 +439,132 @@ def test_overwrite_output_dir_moves_the_old_run_aside_logs_included(finished_run
     assert read_summary(output_dir)["optimizer_steps"] == 4
 
 
+def broken_images(folder: Path, count: int = 100) -> Path:
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"{index:03d}.png").write_bytes(b"not an image at all")
+    return folder
+
+
+def aborted_attempt(output_dir: Path) -> Path:
+    """What a run stopped before its first checkpoint leaves: its config, identity and logs."""
+    output_dir.mkdir()
+    tiny_config(output_dir).save(str(output_dir / "training_config.yaml"))
+    (output_dir / "run_identity.json").write_text(json.dumps({"run_id": "aborted"}))
+    (output_dir / "logs" / "train_unconditional").mkdir(parents=True)
+    (output_dir / "logs" / "train_unconditional" / "events.out.tfevents.1").write_bytes(b"events")
+    return output_dir
+
+
+# (how the folder is set up, the extra options, words of the one-line error)
+REFUSALS = {
+    "unreadable data, new folder": ("none", ["--broken"], "100 unreadable images in a row"),
+    "unreadable data, resuming a finished run": ("finished", ["--broken", "--resume_from_checkpoint", "latest",
+                                                               "--max_train_steps", "6"],
+                                                 "100 unreadable images in a row"),
+    "unreadable data, restarting an aborted attempt": ("aborted", ["--broken", "--resume_from_checkpoint", "latest"],
+                                                       "100 unreadable images in a row"),
+    "unreadable data, overwriting": ("finished", ["--broken", "--overwrite_output_dir"],
+                                     "100 unreadable images in a row"),
+    "missing data": ("none", ["--train_data_dir", "nowhere"], "nowhere"),
+    "a folder holding a run": ("finished", [], "already holds a training run"),
+    "another run's settings": ("finished", ["--resume_from_checkpoint", "latest", "--model_preset", "small32"],
+                               "cannot resume the run"),
+    "another run's checkpoint": ("finished", ["--resume_from_checkpoint", "OTHER"], "belongs to another run"),
+    # bad data met in the middle of the data, before the job's first checkpoint: what it wrote is undone
+    "unreadable data at step 2 of a new run": ("none", ["--unreadable_data_at_step", "2"],
+                                               "100 unreadable images in a row"),
+    "unreadable data at step 5 of a resumed run": ("finished", ["--unreadable_data_at_step", "5",
+                                                                "--resume_from_checkpoint", "latest",
+                                                                "--max_train_steps", "6"],
+                                                   "100 unreadable images in a row"),
+}
+
+
+def train_probed(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """The training script as one process (`python train_unconditional.py`), with tests/probed_training.py's
+    probes when `args` holds one."""
+    probes = args[:2] if args[:1] == ["--unreadable_data_at_step"] else []
+    script = [str(PROBED_SCRIPT), *probes] if probes else [str(TRAIN_SCRIPT)]
+    return subprocess.run([sys.executable, *script, *args[len(probes):]], env=offline_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup, extra, words", REFUSALS.values(), ids=REFUSALS.keys())
+def test_a_refused_run_writes_nothing(finished_run, tmp_path, image_folder, setup, extra, words):
+    """Exit status 2 means nothing was written: every refusal of training leaves every file as it was."""
+    output_dir = tmp_path / "out"
+    if setup == "finished":
+        shutil.copytree(finished_run, output_dir)
+    elif setup == "aborted":
+        aborted_attempt(output_dir)
+    other = fake_run(tmp_path / "other", tiny_config(tmp_path / "other"), run_id="another") / "checkpoint-2"
+    data = str(broken_images(tmp_path / "broken")) if "--broken" in extra else str(image_folder)
+    extra = [{"OTHER": str(other), "nowhere": str(tmp_path / "nowhere")}.get(arg, arg) for arg in extra
+             if arg != "--broken"]
+    before = every_path(tmp_path)
+
+    probes = extra[:2] if extra[:1] == ["--unreadable_data_at_step"] else []
+    result = train_probed(tmp_path, [*probes, *TINY_RUN, "--train_data_dir", data, "--output_dir", str(output_dir),
+                                     *ARGS, *extra[len(probes):]])
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("train_unconditional.py: error: ")
+    assert words in result.stderr.strip().splitlines()[-1]
+    assert every_path(tmp_path) == before
+
+
+def every_path(root: Path) -> dict[str, tuple[str, bytes | None]]:
+    """Every file and folder under `root` (its 🤗 cache aside): kind and bytes."""
+    return {str(path.relative_to(root)): ("folder", None) if path.is_dir() else ("file", path.read_bytes())
+            for path in sorted(root.rglob("*")) if path.relative_to(root).parts[0] != "hf_home"}
+
+
+@pytest.mark.slow
+def test_bad_data_after_the_jobs_first_checkpoint_keeps_what_it_trained(tmp_path, image_folder):
+    """From its first checkpoint on a job's files are progress, which a later input error does not undo."""
+    output_dir = tmp_path / "out"
+    result = train_probed(tmp_path, ["--unreadable_data_at_step", "3", *TINY_RUN, "--train_data_dir",
+                                     str(image_folder), "--output_dir", str(output_dir), *ARGS])
+    assert result.returncode == 2 and "100 unreadable images in a row" in result.stderr
+    assert [path.name for path in output_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (output_dir / "training_config.yaml").is_file() and (output_dir / "run_identity.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_schedule_and_its_summary_gives_whole_run_totals(tmp_path, image_folder):
+    """Trained 3 steps with a 10-step warm-up, then resumed to 6 without the warm-up flag: steps 4-6 follow the
+    10-step warm-up, not the default 500; the summary counts all 6 steps in two segments."""
+    output_dir, lr = tmp_path / "out", 2e-3
+    common = ["--model_preset", "tiny16", "--mixed_precision", "no", "--train_batch_size", "4", "--seed", "0",
+              "--learning_rate", str(lr), "--gradient_accumulation_steps", "2", "--eval_batch_size", "2",
+              "--ddpm_num_inference_steps", "2", "--train_data_dir", str(image_folder), "--output_dir", str(output_dir)]
+    first = run_script_directly(tmp_path, *common, "--lr_warmup_steps", "10", "--max_train_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((output_dir / "run_identity.json").read_text())["run_id"]
+    resumed = run_script_directly(tmp_path, *common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert ("the run resumed from checkpoint-3 keeps its saved lr_warmup_steps 10 (this command's default: 500); "
+            "give an option to change it") in resumed.stderr
+    assert f"resumed from {output_dir / 'checkpoint-3'}" in resumed.stderr
+    assert "from a fresh initialisation" not in resumed.stderr
+    lrs = read_scalars(output_dir, "train/lr")
+    assert [lrs[step] for step in range(1, 7)] == pytest.approx([lr * step / 10 for step in range(1, 7)])
+    assert json.loads((output_dir / "run_identity.json").read_text())["run_id"] == run_id  # the same run
+
+    summary = read_summary(output_dir)
+    segments = summary["segments"]
+    assert [(s["first_step"], s["last_step"]) for s in segments] == [(0, 3), (3, 6)]
+    assert [s["micro_batches_per_process"] for s in segments] == [3 * 2, 3 * 2]
+    assert summary["micro_batches_per_process"] == 6 * 2 and summary["images"] == 6 * 2 * 4
+    assert summary["nonfinite_steps"] == 0
+    assert summary["wall_time_seconds"] == pytest.approx(sum(s["wall_time_seconds"] for s in segments), abs=0.11)
+    assert "the run trained 6 optimizer steps in 2 segment(s): 48 images" in resumed.stderr
+
+
 def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp_path):
     """An older run's checkpoint carries no config: the shapes themselves give it away when loading."""
     from accelerate import Accelerator
@@ -349,6 +580,6 @@ def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp
     accelerator.prepare(large, torch.optim.AdamW(large.parameters()))
     config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     with pytest.raises(InputError) as refused:
-        training.resume_if_requested(accelerator, config, ema=None)
+        training.resume(accelerator, config, tmp_path / "checkpoint-3", ema=None)
     assert str(refused.value) == (f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}: its weights have other "
                                   f"shapes than this model's (tiny16); resume it with the model it was trained with")

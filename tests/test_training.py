@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +16,7 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from lsun_ddpm import training
+from lsun_ddpm import run_folder, training
 from lsun_ddpm.config import TrainingConfig
 from lsun_ddpm.diffusion import Objective, make_noise_scheduler
 from lsun_ddpm.models import build_model
@@ -141,7 +142,10 @@ def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
     summary = read_summary(resumed)
     assert summary["optimizer_steps"] == STEPS and summary["adam_step"] == STEPS
     assert summary["ema_optimization_step"] == STEPS
-    assert summary["micro_batches_per_process"] == (STEPS - 21) * ACCUMULATION
+    # The whole run's totals: the checkpoint's segment (steps 1-21) and this one (22-24).
+    assert [(s["first_step"], s["last_step"], s["micro_batches_per_process"]) for s in summary["segments"]] == [
+        (0, 21, 21 * ACCUMULATION), (21, STEPS, (STEPS - 21) * ACCUMULATION)]
+    assert summary["micro_batches_per_process"] == STEPS * ACCUMULATION
     # This run logged steps 22-24 only, with the very losses of the uninterrupted run.
     losses = read_scalars(resumed, "train/loss")
     assert sorted(losses) == [22, 23, 24]
@@ -205,7 +209,8 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint_and_resume_latest_is_
     run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), *RUN_ARGS,
                                         "--resume_from_checkpoint", "latest"])
     summary = read_summary(output_dir)
-    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == (STEPS - 7) * ACCUMULATION
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == STEPS * ACCUMULATION
+    assert summary["segments"][-1]["micro_batches_per_process"] == (STEPS - 7) * ACCUMULATION  # from step 7 on
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(output_dir))
     assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-21", "checkpoint-24"]
     assert not list(output_dir.glob(".*"))  # the killed save's staging folder was cleared
@@ -222,7 +227,9 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_results_when_resumed(
     assert not (output_dir / "model_index.json").exists() and not (output_dir / "training_summary.json").exists()
     run_training(tmp_path, output_dir, args)
     summary = read_summary(output_dir)
-    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == 0
+    # no training in this job: the run is the two segments checkpoint-24 records
+    assert [(s["first_step"], s["last_step"]) for s in summary["segments"]] == [(0, 21), (21, STEPS)]
+    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == STEPS * ACCUMULATION
     assert_bitwise_equal(exported_weights(run[0]), exported_weights(output_dir))
     assert (output_dir / "samples" / f"step-{STEPS:07d}.png").is_file()
     DDPMPipeline.from_pretrained(output_dir)
@@ -241,7 +248,8 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_adam_and_ema_settings(r
         "--learning_rate", str(new_lr), "--adam_weight_decay", "0.5", "--ema_max_decay", "0.5",
         "--train_batch_size", "2", "--gradient_accumulation_steps", "4", "--seed", "7"])
     summary = read_summary(output_dir)
-    assert summary["optimizer_steps"] == STEPS and summary["micro_batches_per_process"] == (STEPS - 21) * 4
+    assert summary["optimizer_steps"] == STEPS and summary["segments"][-1]["micro_batches_per_process"] == (STEPS - 21) * 4
+    assert summary["micro_batches_per_process"] == 21 * ACCUMULATION + (STEPS - 21) * 4
     # constant_with_warmup after its 4 warm-up steps: the lr itself
     assert read_scalars(output_dir, "train/lr") == pytest.approx({22: new_lr, 23: new_lr, 24: new_lr})
     assert read_scalars(output_dir, "train/ema_decay") == pytest.approx({22: 0.5, 23: 0.5, 24: 0.5})
@@ -271,7 +279,7 @@ def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(
     linear = torch.nn.Linear(2, 2)
     model, _ = accelerator.prepare(linear, torch.optim.AdamW(linear.parameters()))
     torch.nn.init.constant_(model.weight, 1.0)
-    training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1)
+    training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1, segments=[])
     torch.nn.init.constant_(model.weight, 2.0)
 
     def interrupted(source, destination):
@@ -279,12 +287,13 @@ def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(training, "replace_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(accelerator, tmp_path, 2, total_limit=1)
+        training.save_checkpoint(accelerator, tmp_path, 2, total_limit=1, segments=[])
     monkeypatch.undo()
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
     torch.nn.init.constant_(model.weight, 3.0)
     config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    assert training.resume_if_requested(accelerator, config, ema=None) == 1
+    checkpoint, _ = run_folder.checkpoint_to_resume(config)
+    assert training.resume(accelerator, config, checkpoint, ema=None) == 1
     assert torch.all(model.weight == 1.0)
 
 
@@ -373,6 +382,23 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, i
         assert two[key] == one[key], key
     assert two["optimizer_steps"] == 6 and two["effective_batch_size"] == 8
     assert two["micro_batches_per_process"] == 6 and one["micro_batches_per_process"] == 12
+
+
+def test_the_grids_use_the_eval_scheduler_and_say_so(tmp_path, image_folder):
+    """--eval_scheduler ddim with 3 steps: the run's last grid is exactly DDIM-3 from its exported EMA weights,
+    the log names the sampler and steps, and a progress bar counts the grid's U-Net steps."""
+    from lsun_ddpm.sampling import SamplingPlan, generate, image_grid, load_scheduler_config, load_unet
+
+    output_dir = tmp_path / "out"
+    result = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), "--max_train_steps", "2",
+                                                 "--gradient_accumulation_steps", "1", "--eval_scheduler", "ddim",
+                                                 "--ddpm_num_inference_steps", "3", "--logger", "none"])
+    assert "step 2: sampling a grid of 4 images from the EMA weights (ddim, 3 steps)" in result.stderr
+    assert "grid at step 2:   0%|          | 0/3" in result.stderr  # the bar counts the grid's 3 U-Net steps
+    expected = image_grid(generate(load_unet(str(output_dir)), load_scheduler_config(str(output_dir)), 4, seed=0,
+                                   plan=SamplingPlan("ddim", 3, batch_size=4, bf16=False)))
+    grid = np.asarray(Image.open(output_dir / "sample_grid.png"), dtype=np.int16)
+    assert np.abs(grid - np.asarray(expected, dtype=np.int16)).max() <= 1  # fp32 both ways: rounding at most
 
 
 def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):

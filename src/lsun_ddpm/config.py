@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from .errors import DEBUG_FLAG, InputError, did_you_mean
 from .export import check_output_folder, write_text
 from .models import PRESETS, downsampling_factor, model_config, unet_channels
 from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
+from .sampling import SCHEDULERS
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
@@ -218,16 +218,25 @@ class TrainingConfig:
     save_images_steps: int = field(default=1000, metadata=_help("Sample a grid from the EMA weights every N steps."))
     save_model_steps: int = field(default=1000, metadata=_help("Export the pipeline folder every N steps."))
     eval_batch_size: int = field(default=16, metadata=_help("Images in each sample grid."))
+    eval_scheduler: str = field(
+        default="ddpm",
+        metadata=_help(f"Sampler of the grids: {', '.join(sorted(SCHEDULERS))} (the paper: ddpm, 1000 steps; "
+                       "dpmsolver++ at 25 steps is ~40x faster)."),
+    )
     ddpm_num_inference_steps: int = field(default=1000, metadata=_help("Sampling steps for the grids."))
     # ---------------------------------------------------------------- Hub
     push_to_hub: bool = field(default=False, metadata=_help("Upload the pipeline folder at the end."))
     hub_model_id: Optional[str] = field(default=None, metadata=_help("USER/NAME of the model repo."))
     hub_token: Optional[str] = field(default=None, metadata=_help("Token (else HF_TOKEN or the login cache)."))
     hub_private_repo: bool = False
+    # Not an option: the options the user gave (command line or --config file) rather than left at their
+    # defaults, as `parse_training_config` found them; None when unknown (a config built in code). A resumed
+    # run keeps its saved lr schedule unless the user gave one (run_folder.resolve_lr_schedule).
+    explicit_options: Optional[frozenset] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         """Refuse any value training could not use, before anything runs (HfArgumentParser calls this)."""
-        for option in dataclasses.fields(self):
+        for option in option_fields():
             setattr(self, option.name, coerce_option(f"--{option.name}", getattr(self, option.name),
                                                      _option_types()[option.name]))
         self._check_ranges()
@@ -235,6 +244,7 @@ class TrainingConfig:
         _check_choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_choice("--ddpm_beta_schedule", self.ddpm_beta_schedule, BETA_SCHEDULES)
         _check_choice("--torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
+        _check_choice("--eval_scheduler", self.eval_scheduler, sorted(SCHEDULERS))
         if self.max_train_steps is None and self.num_epochs is None:
             raise InputError("give --max_train_steps or --num_epochs")
         if self.streaming and self.max_train_steps is None:
@@ -274,7 +284,7 @@ class TrainingConfig:
         return os.path.basename(os.path.normpath(self.output_dir))
 
     def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
+        values = {option.name: getattr(self, option.name) for option in option_fields()}
         if not include_secrets:
             for name in SECRET_FIELDS:
                 values.pop(name, None)
@@ -286,6 +296,11 @@ class TrainingConfig:
         if values["hub_model_id"] == self._default_hub_model_id():  # reused for another --output_dir, it follows it
             values["hub_model_id"] = None
         write_text(yaml.safe_dump(values, sort_keys=False), path)  # a crash never leaves half a config
+
+
+def option_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of TrainingConfig that are options (flags and config keys)."""
+    return tuple(option for option in dataclasses.fields(TrainingConfig) if option.init)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -302,7 +317,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     values = values or {}
     if not isinstance(values, dict):
         raise InputError(f"{path}: expected a mapping of option names to values")
-    known = [option.name for option in dataclasses.fields(TrainingConfig)]
+    known = [option.name for option in option_fields()]
     for name in values:
         if name not in known:
             raise InputError(f"{path}: unknown option {name!r}{did_you_mean(str(name), known)}")
@@ -317,8 +332,8 @@ class TrainingArgumentParser(HfArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
-def make_parser(prog: str | None = None) -> HfArgumentParser:
-    parser = TrainingArgumentParser(TrainingConfig, prog=prog,
+def make_parser(prog: str | None = None, add_help: bool = True) -> HfArgumentParser:
+    parser = TrainingArgumentParser(TrainingConfig, prog=prog, add_help=add_help,
                                     description="Train the paper's DDPM with 🤗 accelerate.")
     parser.add_argument("--config", help="YAML or JSON file of options; flags given on the command line win.")
     # Taken out of the command line before parsing (errors.take_debug_flag); listed so that --help shows it.
@@ -341,15 +356,25 @@ def parse_training_config(argv: list[str] | None = None, defaults: dict[str, Any
 
     parser = make_parser(prog)
     parser.set_defaults(**(defaults or {}))
-    if config_file:
-        parser.set_defaults(**_typed_defaults(read_config_file(config_file), config_file))
-    given = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in (sys.argv[1:] if argv is None else argv)
-             if arg.startswith("--")}
-    if "num_epochs" in given and "max_train_steps" not in given:  # diffusers' script knows only --num_epochs:
-        parser.set_defaults(max_train_steps=None)  # it wins over a file's (or a command's) step count
+    from_file = read_config_file(config_file) if config_file else {}
+    parser.set_defaults(**typed_options(from_file, config_file))
     # Unknown flags first: HfArgumentParser would build (and check) the config before reporting them.
     _check_known_arguments(parser, parser.parse_known_args(argv)[1])
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
+    given = options_on_command_line(argv)
+    if "num_epochs" in given and "max_train_steps" not in given:  # diffusers' script knows only --num_epochs:
+        parser.set_defaults(max_train_steps=None)  # it wins over a file's (or a command's) step count
+    config = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
+    config.explicit_options = frozenset(given | set(from_file))
+    return config
+
+
+def options_on_command_line(argv: list[str] | None) -> set[str]:
+    """The options `argv` sets, as argparse reads them (abbreviations and `--no_<option>` included)."""
+    probe = make_parser(add_help=False)
+    unset = object()
+    probe.set_defaults(**{option.name: unset for option in option_fields()})
+    namespace = probe.parse_known_args(argv)[0]
+    return {option.name for option in option_fields() if getattr(namespace, option.name) is not unset}
 
 
 def _check_known_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
@@ -361,7 +386,7 @@ def _check_known_arguments(parser: argparse.ArgumentParser, unknown: list[str]) 
     raise InputError(f"unknown option {flags[0]}{did_you_mean(flags[0], parser._option_string_actions)}")
 
 
-def _typed_defaults(values: dict[str, Any], path: str) -> dict[str, Any]:
+def typed_options(values: dict[str, Any], path: str) -> dict[str, Any]:
     """Convert and check a file's values as the command line would (YAML reads `3e-4` as a string)."""
     types = _option_types()
     return {name: coerce_option(f"{path}: {name}", value, types[name]) for name, value in values.items()}

@@ -127,6 +127,12 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         staging.write_text(text)
 
 
+def write_bytes(content: bytes, path: str | os.PathLike) -> None:
+    """Write a file's bytes under a temporary name and move them into place."""
+    with staged(path) as staging:
+        staging.write_bytes(content)
+
+
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling of `path` to write into (a file, or a folder the block makes); moved onto `path`
@@ -139,15 +145,15 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(staging)
+    remove_path(staging)
     try:
         yield staging
         os.replace(staging, path)
     finally:
-        _remove(staging)
+        remove_path(staging)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Delete the file or folder `path`, if there is one."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

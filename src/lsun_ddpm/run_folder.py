@@ -4,29 +4,36 @@ A run folder holds one run. A second run started in it would mix the two runs'
 checkpoints, sample grids and TensorBoard logs, and `latest` would resume the
 first run; so a folder holding a run is refused before any work unless the run
 is resumed with its own settings or `--overwrite_output_dir` moves it aside.
-Every checkpoint carries a copy of its run's `training_config.yaml`, so a
-checkpoint given by path is recognised even outside its folder.
+Every checkpoint carries a copy of its run's `training_config.yaml` and of its
+identity (`run_identity.json`, a random id made when the run starts), so a
+checkpoint given by path is recognised even outside its folder: it resumes
+into its own run's folder, or into an empty one (continuing a copy of the run
+there), never into a folder holding another run.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import TrainingConfig, read_config_file
+from .config import TrainingConfig, option_fields, read_config_file, typed_options
 from .errors import InputError
 from .export import CHECKPOINT_PATTERN, list_checkpoints, write_text
+from .run_lock import LOCK_FILE
 
 CONFIG_FILE = "training_config.yaml"
+IDENTITY_FILE = "run_identity.json"
 SUMMARY_FILE = "training_summary.json"
 GRID_FILE = "sample_grid.png"
 # Entries only a training run writes: finding one of them means the folder holds a run.
-RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.json")
+RUN_MARKERS = (CONFIG_FILE, IDENTITY_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.json")
 # The settings that make a run what it is: a checkpoint of another shape, resolution or
 # schedule cannot be resumed, and its samples and logs mean something else. A streamed
 # run's checkpoint also holds the stream's position, which map-style data cannot take.
@@ -35,6 +42,12 @@ RUN_DEFINING_FIELDS = ("model_preset", "model_config_name_or_path", "resolution"
 # The settings that decide which images each optimizer step trains on (with the number of processes): a run
 # resumed with other values goes on, but not with the batches the uninterrupted run would have had.
 DATA_ORDER_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "seed", "max_train_samples")
+# The options that shape the learning rate over a run: a resumed run keeps its saved values unless the
+# command gives them (the run's length as a whole: steps or epochs).
+LR_SCHEDULE_FIELDS = ("lr_scheduler", "lr_warmup_steps", "learning_rate")
+RUN_LENGTH_FIELDS = ("max_train_steps", "num_epochs")
+# diffusers' schedules that decay over the run's length: a new length changes their shape.
+LENGTH_DEPENDENT_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 # What `accelerator.save_state` writes for a model and its optimizer on process 0.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_FILES = ("optimizer.bin", "random_states_0.pkl")
@@ -59,6 +72,27 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     return read_config_file(str(path)) if path.is_file() else None
 
 
+def read_run_id(folder: Path) -> str | None:
+    """The id in `folder`'s `run_identity.json` (a run folder or a checkpoint), or None (none, or unreadable)."""
+    try:
+        return json.loads((folder / IDENTITY_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run a checkpoint belongs to: its own copy, else its run folder's (an older run)."""
+    return read_run_id(path) or read_run_id(path.parent)
+
+
+def write_run_identity(folder: Path, run_id: str | None = None) -> str:
+    """Record `run_id` (a new random one if None) as the identity of the run in `folder`; return it."""
+    run_id = run_id or uuid.uuid4().hex
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_text(json.dumps({"run_id": run_id, "recorded": created}, indent=2) + "\n", folder / IDENTITY_FILE)
+    return run_id
+
+
 def run_differences(saved: dict[str, Any], config: TrainingConfig,
                     fields: tuple[str, ...] = RUN_DEFINING_FIELDS) -> list[str]:
     """The `fields` in which a saved run differs from `config`, as "name X (this run: Y)".
@@ -80,6 +114,54 @@ def data_order_changes(checkpoint: Path, config: TrainingConfig, num_processes: 
     if saved_processes and saved_processes != num_processes:
         changes.append(f"{saved_processes} processes (this run: {num_processes})")
     return changes
+
+
+def resolve_lr_schedule(checkpoint: Path, config: TrainingConfig) -> str | None:
+    """Give `config` the saved run's lr schedule and length where the command did not set them; say, in one
+    line, what the resumed run does differently from this command's defaults or from the saved run (None: nothing).
+
+    The schedule's shape is fixed when it is built (accelerate restores only its
+    step), so a resumed run would otherwise silently take the defaults: a 500-step
+    warm-up again, say, after a run trained with 10. Options given on the command
+    line or in a --config file win and are named; a config built in code
+    (`explicit_options` None) counts as given in full.
+    """
+    saved = checkpoint_run_config(checkpoint)
+    if not saved:
+        return None
+    explicit = config.explicit_options
+    explicit = {option.name for option in option_fields()} if explicit is None else explicit
+    saved = typed_options({name: saved[name] for name in LR_SCHEDULE_FIELDS + RUN_LENGTH_FIELDS if name in saved},
+                          str(checkpoint / CONFIG_FILE))
+    current = config.to_dict()
+    kept, changed = [], []
+    for name in LR_SCHEDULE_FIELDS:
+        if name in saved and saved[name] != current[name]:
+            if name in explicit:
+                changed.append(f"{name} {current[name]} (the run's: {saved[name]})")
+            else:
+                setattr(config, name, saved[name])
+                kept.append(f"{name} {saved[name]} (this command's default: {current[name]})")
+    if any(name in saved and saved[name] != current[name] for name in RUN_LENGTH_FIELDS):
+        if not explicit & set(RUN_LENGTH_FIELDS):
+            for name in RUN_LENGTH_FIELDS:
+                setattr(config, name, saved.get(name, current[name]))
+            kept.append(f"the run's length, {_run_length(saved)} (this command's default: {_run_length(current)})")
+        elif config.lr_scheduler in LENGTH_DEPENDENT_SCHEDULES:
+            changed.append(f"a length of {_run_length(current)} (the run's: {_run_length(saved)}), over which the "
+                           f"{config.lr_scheduler} schedule decays")
+    parts = []
+    if kept:
+        parts.append(f"keeps its saved {', '.join(kept)}; give an option to change it")
+    if changed:
+        parts.append(f"changes its lr schedule as given: {', '.join(changed)}; the learning rate follows the new "
+                     "schedule from this step on")
+    return f"the run resumed from {checkpoint.name} " + "; it ".join(parts) if parts else None
+
+
+def _run_length(values: dict[str, Any]) -> str:
+    steps = values.get("max_train_steps")
+    return f"{steps} steps" if steps is not None else f"{values.get('num_epochs')} epoch(s)"
 
 
 def check_output_dir(config: TrainingConfig) -> bool:
@@ -135,7 +217,7 @@ def move_run_aside(output_dir: Path, keep: list[str | None] = ()) -> Path:
     """Move everything in `output_dir` into a new sibling `<name>.replaced-<UTC time>`; return the sibling.
 
     Entries holding a path of `keep` stay (training images inside the run
-    folder, as the demo writes them). Moving, not deleting: the old run is the
+    folder, as the demo writes them), and so does the lock of the job doing it. Moving, not deleting: the old run is the
     user's work, and the flag may have been given by mistake.
     """
     output_dir = output_dir.resolve()
@@ -148,7 +230,7 @@ def move_run_aside(output_dir: Path, keep: list[str | None] = ()) -> Path:
     aside.mkdir()
     kept = [Path(path).resolve() for path in keep if path]
     for entry in sorted(output_dir.iterdir()):
-        if not any(entry == path or entry in path.parents for path in kept):
+        if entry.name != LOCK_FILE and not any(entry == path or entry in path.parents for path in kept):
             shutil.move(str(entry), str(aside / entry.name))
     return aside
 
@@ -176,6 +258,31 @@ def checkpoint_problem(path: Path, config: TrainingConfig) -> str | None:
     return None
 
 
+def foreign_checkpoint_problem(path: Path, config: TrainingConfig) -> str | None:
+    """Why the checkpoint `path` may not resume into `--output_dir` (a phrase), or None.
+
+    It may when the folder holds no run yet (the run goes on in a new folder),
+    or when the folder's run is the checkpoint's: same identity, or, for runs
+    written before identities were recorded, the checkpoint lies in the folder.
+    """
+    output_dir = Path(config.output_dir)
+    if not run_entries(output_dir, config.logging_dir):
+        return None
+    own, folders = checkpoint_run_id(path), read_run_id(output_dir)
+    same_run = own == folders if own is not None and folders is not None else _same_folder(path.parent, output_dir)
+    if same_run:
+        return None
+    return (f"it belongs to another run than the one in {output_dir}; resume it into its own run folder "
+            f"({path.parent}), or into a new, empty --output_dir to continue a copy of that run there")
+
+
+def _same_folder(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve()
+    except OSError:
+        return False
+
+
 def checkpoint_run_config(path: Path) -> dict[str, Any] | None:
     """The config of the run a checkpoint belongs to: its own copy, else its run folder's (an older run)."""
     return read_run_config(path) or read_run_config(path.parent)
@@ -185,7 +292,7 @@ def latest_checkpoint(config: TrainingConfig) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint of this run in `--output_dir`, and the newer ones passed over (with why)."""
     passed_over = []
     for path in reversed(list_checkpoints(config.output_dir)):
-        problem = checkpoint_problem(path, config)
+        problem = checkpoint_problem(path, config) or foreign_checkpoint_problem(path, config)
         if problem is None:
             return path, passed_over
         passed_over.append(f"{path.name} ({problem})")
@@ -219,6 +326,9 @@ def checkpoint_to_resume(config: TrainingConfig) -> tuple[Path | None, list[str]
     if problem is not None:
         raise InputError(f"{flag} cannot be resumed: {problem}; give a checkpoint-<step> folder written by "
                          f"a run with these settings, or `latest`")
+    foreign = foreign_checkpoint_problem(path, config)
+    if foreign is not None:
+        raise InputError(f"{flag} cannot be resumed into {config.output_dir}: {foreign}")
     return path, []
 
 

@@ -6,13 +6,13 @@ needs (resuming, logging, writing folders) lives in the helpers below it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -37,31 +37,40 @@ from .performance import (compile_in_place, default_channels_last, default_mixed
                           keep_freed_host_memory)
 from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
 from .prepare import is_prepared_dataset, load_prepared_images
-from .run_folder import CONFIG_FILE, GRID_FILE
-from .sampling import SamplingPlan, generate, image_grid
+from .run_folder import CONFIG_FILE, GRID_FILE, IDENTITY_FILE
+from .run_history import RunHistory, Segment, read_segments, totals, write_segments
+from .run_lock import RunFolderClaim
+from .sampling import SamplingPlan, generate, image_grid, progress_bar
 
 logger = get_logger(__name__)
 
 
 def train(config: TrainingConfig) -> Path:
-    """Train the paper's DDPM as `config` says; return the output folder."""
+    """Train the paper's DDPM as `config` says; return the output folder.
+
+    One job per run folder: the job holds the folder's lock from before it
+    reads the folder until it ends, and a job refused for its input leaves
+    the folder as it found it (run_lock.py).
+    """
     check_training_inputs(config)  # refuse what cannot work before any work is done or any file written
-    output_dir = Path(config.output_dir)
     choose_precision(config)  # bf16 (+ channels_last) where the device is fast at it, unless the user chose
     accelerator = make_accelerator(config)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file is noise
-    if keep_freed_host_memory(accelerator.device):  # a CPU run: freed activations reused, not re-mapped each step
-        logger.info("CPU run: malloc keeps freed memory for reuse (set MALLOC_TRIM_THRESHOLD_ to choose yourself)",
-                    main_process_only=True)
+    set_up_logging(accelerator)
+    with RunFolderClaim(accelerator, config.output_dir, restored_files=(CONFIG_FILE, IDENTITY_FILE)):
+        train_in_claimed_folder(accelerator, config)
+    return Path(config.output_dir)
 
+
+def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) -> None:
+    """The paper's recipe, in a run folder this job holds."""
+    output_dir = Path(config.output_dir)
     # Every process builds the same initial weights; noise and dropout then differ per process.
     if config.seed is not None:
         set_seed(config.seed)
     model = build_model(config.model_preset, config.model_config_name_or_path, config.learn_sigma,
                         config.pretrained_model_name_or_path, **_size_override(config))
     config.resolution = model.config.sample_size
-    prepare_run_folder(accelerator, config, model)  # one run per folder; before any work
+    checkpoint, move_aside = check_run_folder(config, model)  # one run per folder; before any work
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format  # weights and batches
     if config.channels_last:
         model = model.to(memory_format=memory_format)
@@ -91,25 +100,30 @@ def train(config: TrainingConfig) -> Path:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    global_step = resume_if_requested(accelerator, config, ema)
+    global_step = resume(accelerator, config, checkpoint, ema)
     if global_step:  # a checkpoint brings back its own lr, Adam and EMA settings: this run's replace them
         use_this_runs_settings(config, optimizer, lr_scheduler, ema)
     if global_step >= max_train_steps and run_folder.finished_step(output_dir) == global_step:
         logger.info("the run in %s has already trained %d steps: nothing to do", output_dir, global_step,
                     main_process_only=True)
-        return output_dir  # its summary, config and logs stay as they were
+        return  # its summary, config and logs stay as they were
+    batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
+    batches = itertools.chain([next(batches)], batches)  # data that gives no batch is refused before any file
     compile_if_asked_or_worthwhile(accelerator, config, model, max_train_steps - global_step)
-    start_run(accelerator, config, unet, max_train_steps, global_step)
+    if move_aside:
+        move_previous_run_aside(accelerator, config)
+    start_run(accelerator, config, unet, max_train_steps, global_step, checkpoint)
     stats = StepStats(accelerator.device)
     nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
+    history = RunHistory(read_segments(checkpoint), global_step, accelerator.num_processes,
+                         config.train_batch_size * accelerator.num_processes)  # whole-run totals across resumes
     image_report = ImageReport()  # images skipped or upscaled, wherever they were decoded
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     step_started = time.perf_counter()
-    run_started = time.perf_counter()
 
-    batches = micro_batches(accelerator, dataloader, global_step, steps_per_epoch, config)
-    with StopRequest() as stop_request:  # SIGTERM/SIGINT: finish the optimizer step, save, exit
+    # SIGTERM/SIGINT: finish the optimizer step, save, exit. The bar closes before any error is printed.
+    with StopRequest() as stop_request, progress:
         # Not entered by a run resumed from its last checkpoint that was stopped before writing its results.
         while global_step < max_train_steps:
             batch = next(batches)
@@ -133,7 +147,7 @@ def train(config: TrainingConfig) -> Path:
             images = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
             metrics = step.metrics | {"train/lr": lr_scheduler.get_last_lr()[0],
                                       "train/images_per_second": images / (now - step_started),
-                                      "train/nonfinite_steps": nonfinite.total}
+                                      "train/nonfinite_steps": history.earlier_nonfinite_steps + nonfinite.total}
             if ema is not None:
                 metrics["train/ema_decay"] = ema.cur_decay_value
             accelerator.log(metrics, step=global_step)
@@ -144,7 +158,8 @@ def train(config: TrainingConfig) -> Path:
             is_last = global_step >= max_train_steps
             stop = None if is_last else stop_reason(global_step, step.stop_votes, nonfinite)
             if global_step % config.checkpointing_steps == 0 or is_last or stop is not None:
-                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit,
+                                history.until(global_step, stats.micro_batches, nonfinite.total))
             if stop is not None:
                 progress.close()
                 end_run_early(accelerator, stop)
@@ -160,9 +175,8 @@ def train(config: TrainingConfig) -> Path:
     # After the last checkpoint: a run stopped in here is finished by resuming it.
     save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
     export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
-    finish_run(accelerator, config, unet, ema, optimizer, global_step, time.perf_counter() - run_started, stats,
-               image_report, nonfinite)
-    return output_dir
+    segments = history.until(global_step, stats.micro_batches, nonfinite.total)
+    finish_run(accelerator, config, unet, ema, optimizer, global_step, segments, stats, image_report)
 
 
 def main(argv: list[str] | None = None, program: str = "train_unconditional.py") -> None:
@@ -194,6 +208,14 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # never the per-process seed that drives noise and dropout.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
+
+
+def set_up_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file is noise
+    if keep_freed_host_memory(accelerator.device):  # a CPU run: freed activations reused, not re-mapped each step
+        logger.info("CPU run: malloc keeps freed memory for reuse (set MALLOC_TRIM_THRESHOLD_ to choose yourself)",
+                    main_process_only=True)
 
 
 def choose_precision(config: TrainingConfig) -> None:
@@ -293,14 +315,33 @@ def _optimizer_steps_per_epoch(dataloader, accumulation: int) -> int | None:
         return None
 
 
-def prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel) -> None:
-    """Refuse an --output_dir holding another run, a checkpoint that cannot be resumed, a disk too small;
-    with --overwrite_output_dir move the old run aside. `config.resolution` must be resolved."""
+def check_run_folder(config: TrainingConfig, unet: ADMUNet2DModel) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume, whether the folder's earlier attempt is to be moved aside), after refusing an
+    --output_dir holding another run, a checkpoint that cannot be resumed, a disk too small.
+
+    Nothing is changed here (every process looks at the folder, which this job
+    holds); a resumed run takes its saved lr schedule unless the command gives
+    one. `config.resolution` must be resolved.
+    """
     move_aside = run_folder.check_output_dir(config)
-    run_folder.checkpoint_to_resume(config)  # a wrong checkpoint is refused now, not after loading the data
+    checkpoint, passed_over = run_folder.checkpoint_to_resume(config)  # refused now, not after loading the data
+    for skipped in passed_over:
+        logger.warning("--resume_from_checkpoint latest: passing over %s", skipped, main_process_only=True)
+    if config.resume_from_checkpoint and checkpoint is None:
+        logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
     run_folder.check_disk_space(config.output_dir, count_parameters(unet), config.use_ema)
+    if checkpoint is not None:
+        schedule = run_folder.resolve_lr_schedule(checkpoint, config)
+        if schedule:
+            logger.warning(schedule, main_process_only=True)
+    return checkpoint, move_aside
+
+
+def move_previous_run_aside(accelerator: Accelerator, config: TrainingConfig) -> None:
+    """--overwrite_output_dir, or `latest` after an attempt that stopped before its first checkpoint: move
+    the folder's earlier run aside (the main process, holding the folder's lock)."""
     accelerator.wait_for_everyone()  # every process has looked at the folder before it changes
-    if move_aside and accelerator.is_main_process:
+    if accelerator.is_main_process:
         aside = run_folder.move_run_aside(Path(config.output_dir), keep=[config.train_data_dir, config.cache_dir])
         if config.overwrite_output_dir:
             logger.warning("--overwrite_output_dir: moved the previous run in %s to %s", config.output_dir, aside)
@@ -311,11 +352,16 @@ def prepare_run_folder(accelerator: Accelerator, config: TrainingConfig, unet: A
 
 
 def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel,
-              max_train_steps: int, global_step: int) -> None:
+              max_train_steps: int, global_step: int, checkpoint: Path | None) -> None:
+    """Record the run's config and identity (a resumed run keeps its checkpoint's), start the trackers, and
+    say what is trained how."""
     effective = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        config.save(os.path.join(config.output_dir, CONFIG_FILE))
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(str(output_dir / CONFIG_FILE))
+        run_id = checkpoint and (run_folder.checkpoint_run_id(checkpoint) or run_folder.read_run_id(output_dir))
+        run_folder.write_run_identity(output_dir, run_id)
         if config.logger != "none":
             accelerator.init_trackers("train_unconditional", config={
                 k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))
@@ -330,10 +376,15 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
         f"on (mode {config.torch_compile_mode})" if config.torch_compile else "off",
         _on_off(unet.is_gradient_checkpointing), main_process_only=True,
     )
-    logger.info("  %s; %s", f"fine-tuning {config.pretrained_model_name_or_path}"
-                if config.pretrained_model_name_or_path else "from a fresh initialisation",
-                f"learned Σ, hybrid loss L_simple + {config.vlb_weight:g}·L_vlb" if config.learn_sigma
-                else "fixed Σ, simple loss", main_process_only=True)
+    if checkpoint is not None:
+        start = f"resumed from {checkpoint}"
+    elif config.pretrained_model_name_or_path:
+        start = f"fine-tuning {config.pretrained_model_name_or_path}"
+    else:
+        start = "from a fresh initialisation"
+    objective = (f"learned Σ, hybrid loss L_simple + {config.vlb_weight:g}·L_vlb" if config.learn_sigma
+                 else "fixed Σ, simple loss")
+    logger.info("  %s; %s", start, objective, main_process_only=True)
 
 
 def _on_off(flag: bool) -> str:
@@ -514,15 +565,9 @@ class StepStats:
 # ---------------------------------------------------------------- checkpoints and outputs
 
 
-def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -> int:
-    """Load `--resume_from_checkpoint` (a folder, or "latest": the newest complete checkpoint of this run);
-    return its optimizer step."""
-    path, passed_over = run_folder.checkpoint_to_resume(config)
-    for skipped in passed_over:
-        logger.warning("--resume_from_checkpoint latest: passing over %s", skipped, main_process_only=True)
+def resume(accelerator: Accelerator, config: TrainingConfig, path: Path | None, ema) -> int:
+    """Load the checkpoint `path` (None: a new run); return its optimizer step."""
     if path is None:
-        if config.resume_from_checkpoint:
-            logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
         return 0
     try:
         accelerator.load_state(str(path))
@@ -539,7 +584,6 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig, ema) -
     # another --gradient_accumulation_steps the first group would end early. A checkpoint is taken at the
     # end of a group, so this run's groups start from a whole number of them.
     accelerator.step = step * config.gradient_accumulation_steps
-    logger.info("resumed from %s", path, main_process_only=True)
     changed = run_folder.data_order_changes(path, config, accelerator.num_processes)
     if changed:
         logger.warning("%s was trained with %s: training goes on, but from here on its batches are not the ones "
@@ -568,10 +612,11 @@ def use_this_runs_settings(config: TrainingConfig, optimizer, lr_scheduler, ema)
         ema.use_ema_warmup, ema.inv_gamma, ema.power = config.ema_use_warmup, config.ema_inv_gamma, config.ema_power
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
-    """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to
-    `checkpoint-<step>`, with a copy of the run's config, written under a temporary name and renamed
-    when complete."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None,
+                    segments: list[Segment]) -> None:
+    """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to `checkpoint-<step>`, with
+    copies of the run's config and identity and the run's `segments` so far, written under a temporary name
+    and renamed when complete."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process and staging.exists():
@@ -580,8 +625,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(staging))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if (output_dir / CONFIG_FILE).is_file():  # the run it belongs to, for a later resume by path
-            shutil.copy2(output_dir / CONFIG_FILE, staging / CONFIG_FILE)
+        for name in (CONFIG_FILE, IDENTITY_FILE):  # the run it belongs to, for a later resume by path
+            if (output_dir / name).is_file():
+                shutil.copy2(output_dir / name, staging / name)
+        write_segments(segments, staging)
         replace_path(staging, final)
         logger.info("saved %s", final)
         if total_limit is not None:
@@ -591,12 +638,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
 
 
 def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: TrainingConfig, step: int) -> None:
-    """Sample `eval_batch_size` images from the EMA weights; write and log the grid."""
+    """Sample `eval_batch_size` images from the EMA weights with --eval_scheduler; write and log the grid."""
     if accelerator.is_main_process:
+        # No bf16/channels_last switch here: training owns the model's format.
+        plan = SamplingPlan(config.eval_scheduler, config.ddpm_num_inference_steps, config.eval_batch_size, bf16=False)
+        logger.info("step %d: sampling a grid of %d images from the %s weights (%s, %d steps)", step,
+                    config.eval_batch_size, "EMA" if ema is not None else "raw", plan.scheduler, plan.steps)
         with ema_weights(ema, unet):
-            # The paper's ancestral sampler; no bf16/channels_last switch here: training owns the model's format.
-            plan = SamplingPlan("ddpm", config.ddpm_num_inference_steps, config.eval_batch_size, bf16=False)
-            images = generate(unet, dict(scheduler.config), config.eval_batch_size, config.seed or 0, plan)
+            images = generate(unet, dict(scheduler.config), config.eval_batch_size, config.seed or 0, plan,
+                              progress=progress_bar(f"grid at step {step}", leave=False))
         grid = image_grid(images)
         save_image(grid, Path(config.output_dir) / "samples" / f"step-{step:07d}.png")
         save_image(grid, Path(config.output_dir) / GRID_FILE)
@@ -639,8 +689,9 @@ def end_run_early(accelerator: Accelerator, stop: RunStopped) -> None:
 
 
 def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
-               wall_time: float, stats: StepStats, image_report: ImageReport, nonfinite: NonFiniteSteps) -> None:
-    """Check that all processes hold the same weights, report skipped images, write the run summary, push if asked."""
+               segments: list[Segment], stats: StepStats, image_report: ImageReport) -> None:
+    """Check that all processes hold the same weights, report skipped images, write the run summary (whole-run
+    totals over its `segments`), push if asked."""
     fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
     fingerprints = gather_object([fingerprint])
     image_counts, image_lines = summarise_image_reports(gather_object([image_report.collect()]))
@@ -649,6 +700,12 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
     in_sync = len(set(fingerprints)) == 1
     if not in_sync:
         logger.error("the processes ended with different weights: %s", fingerprints, main_process_only=True)
+    run_totals = totals(segments)
+    logger.info("the run trained %d optimizer steps in %d segment(s): %s images, %s micro-batches per process, "
+                "%s non-finite steps skipped, %s s of training", global_step, len(segments),
+                *(_or_unknown(run_totals[name]) for name in ("images", "micro_batches_per_process",
+                                                             "nonfinite_steps", "wall_time_seconds")),
+                main_process_only=True)
     if accelerator.is_main_process:
         adam_state = next(iter(optimizer.optimizer.state.values()), {})
         summary = {
@@ -656,7 +713,8 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "adam_step": int(adam_state.get("step", 0)),
             "ema_optimization_step": ema.optimization_step if ema else None,
             "ema_decay": ema.cur_decay_value if ema else None,
-            "micro_batches_per_process": stats.micro_batches,
+            "images": run_totals["images"],
+            "micro_batches_per_process": run_totals["micro_batches_per_process"],
             "num_processes": accelerator.num_processes,
             "effective_batch_size": config.train_batch_size * config.gradient_accumulation_steps
             * accelerator.num_processes,
@@ -666,17 +724,22 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
             "device": str(accelerator.device),
             "hardware": describe_hardware(accelerator),
             "final_loss": stats.last_loss,
-            "nonfinite_steps": nonfinite.total,
-            "wall_time_seconds": round(wall_time, 1),
+            "nonfinite_steps": run_totals["nonfinite_steps"],
+            "wall_time_seconds": run_totals["wall_time_seconds"],
             "weights_sha256_per_process": fingerprints,
             "replicas_in_sync": in_sync,
             **image_counts,
+            "segments": [asdict(segment) for segment in segments],  # the run's start and each resume
         }
         run_folder.write_summary(config.output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if config.push_to_hub and accelerator.is_main_process:  # last: the run is complete whatever the upload does
         push_finished_run(config)
+
+
+def _or_unknown(value) -> str:
+    return "unknown" if value is None else f"{value:,}"
 
 
 def push_finished_run(config: TrainingConfig) -> None:
