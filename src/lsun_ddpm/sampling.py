@@ -61,8 +61,8 @@ def check_model_source(model: str) -> None:
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "scheduler" / "scheduler_config.json").is_file():
-            return
+        if any((path / name).exists() for name in ("model_index.json", "unet", "scheduler")):
+            return  # a pipeline, or enough of one for the loader to name what is missing
         if CHECKPOINT_PATTERN.match(path.name) or (path / "optimizer.bin").is_file():
             raise ModelUnavailableError(
                 f"{model} is a training checkpoint (the state training resumes from), not a pipeline folder: pass "
