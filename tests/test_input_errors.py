@@ -275,3 +275,12 @@ def test_a_completed_run_whose_push_fails_offline_says_how_to_push_it_and_exits_
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["optimizer_steps"] == 2
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_convert_adm_help_names_the_download_and_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert-adm", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "curl -LO https://openaipublic.blob.core.windows.net/diffusion/jul-2021/lsun_bedroom.pt" in out
+    assert "lsun-ddpm convert-adm lsun_bedroom.pt adm-lsun-bedroom-256" in out and "--resblock_updown True" in out

@@ -375,6 +375,21 @@ def test_short_disk_space_is_refused_before_any_work(tmp_path, monkeypatch):
     run_folder.check_disk_space(tmp_path, 10**6, use_ema=False)
 
 
+def test_a_run_refused_for_disk_space_removes_the_folders_its_lock_made(tmp_path, monkeypatch, image_folder, capsys):
+    """The lock makes --output_dir (and its missing parents) before the checks that read the folder; a refusal
+    removes them again, so the refused run leaves nothing behind."""
+    from lsun_ddpm import training
+
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        training.main(["--model_preset", "tiny16", "--train_data_dir", str(image_folder), "--logger", "none",
+                       "--output_dir", str(tmp_path / "runs" / "new")])
+    assert exit_info.value.code == 2
+    assert "free but this run needs at least" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_the_summary_is_strict_json_with_null_for_numbers_never_measured(tmp_path):
     run_folder.write_summary(tmp_path, {"final_loss": float("nan"), "ema_decay": float("inf"),
                                         "per_process": [float("-inf"), 1.5], "optimizer_steps": 4})
