@@ -5,7 +5,8 @@ import torch
 
 from lsun_ddpm.diffusion import make_noise_scheduler
 from lsun_ddpm.ema import make_ema
-from lsun_ddpm.export import checkpoint_step, list_checkpoints, replace_path, save_pipeline_folder
+from lsun_ddpm.export import replace_path, save_pipeline_folder
+from lsun_ddpm.layout import checkpoint_step, list_checkpoints
 from lsun_ddpm.models import ADMUNet2DModel
 
 

@@ -30,6 +30,7 @@ from .performance import keep_freed_host_memory
 from .pipelines.ddpm_interpolation import METHODS
 from .sampling import (ModelUnavailableError, SamplingPlan, check_model_source, generate, has_ema_weights,
                        image_grid, load_scheduler_config, pick_device, recorded_training_options)
+from .layout import CARD_FILE, NEIGHBOURS_FIGURE
 
 SAMPLERS = ("dpmsolver++", "unipc", "ddim", "ddpm")
 # gradio's delete_cache (frequency, age) in seconds: every 10 minutes, the files served more than an hour ago
@@ -194,7 +195,7 @@ def model_card_link(model_id: str) -> str:
     folder = Path(model_id)
     if not folder.is_dir():
         return f"[{model_id}](https://huggingface.co/{model_id})"
-    if (folder / "README.md").is_file():
+    if (folder / CARD_FILE).is_file():
         return f"a local folder (`{folder.name}`); its model card is its README.md"
     return (f"a local run folder (`{folder.name}`); it has no model card yet: `lsun-ddpm push` writes one "
             "(`--dry_run DIR` shows it without uploading)")
@@ -302,12 +303,12 @@ def build_demo(model: SpaceModel):
 def find_neighbours_figure(model_id: str) -> str | None:
     """The run's nearest-neighbour figure, if it has one (local folder or Hub repo)."""
     if Path(model_id).is_dir():
-        path = Path(model_id) / "neighbours.png"
+        path = Path(model_id) / NEIGHBOURS_FIGURE
         return str(path) if path.is_file() else None
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(model_id, "neighbours.png")
+        return hf_hub_download(model_id, NEIGHBOURS_FIGURE)
     except Exception:  # not there, or no network: the tab simply has no figure
         return None
 

@@ -33,6 +33,7 @@ def demo_command(argv: list[str]) -> None:
     from .config import check_training_inputs, parse_training_config, read_model_config
     from .demo import demo_defaults, overview, paper_figures, write_demo_images
     from .export import save_image
+    from .layout import DEMO_OVERVIEW
     from .lpips_features import MIN_RESOLUTION
     from .training import train
 
@@ -53,9 +54,9 @@ def demo_command(argv: list[str]) -> None:
     else:  # the user's own images: read, never written into
         print(f"demo: training {config.model_preset} on the images in {config.train_data_dir}")
     output = train(config)
-    save_image(overview(paper_figures(output, config)), output / "demo_overview.png")
+    save_image(overview(paper_figures(output, config)), output / DEMO_OVERVIEW)
     raw_vs_ema = " raw vs EMA weights (Fig. 1)," if config.use_ema else ""  # a run without EMA has no Fig. 1
-    print(f"\ndemo finished. Open {output / 'demo_overview.png'}: the paper's figures from this run: samples beside "
+    print(f"\ndemo finished. Open {output / DEMO_OVERVIEW}: the paper's figures from this run: samples beside "
           f"the training images (Fig. 2a),{raw_vs_ema} an interpolation (Fig. 2b) and each "
           f"sample's nearest training images (Fig. 4; full figure in {output / 'neighbours.png'}).\n"
           f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")

@@ -29,6 +29,7 @@ from .export import check_output_folder, write_text
 from .models import PRESETS, downsampling_factor, model_config, unet_channels
 from .performance import COMPILE_BREAK_EVEN_MICRO_BATCHES, COMPILE_MODES
 from .sampling import SCHEDULERS
+from .layout import LOGS_FOLDER
 
 # Fields never written to disk (the saved config is uploaded with the model).
 SECRET_FIELDS = ("hub_token",)
@@ -207,7 +208,7 @@ class TrainingConfig:
     ema_power: float = 0.75
     # ---------------------------------------------------------------- outputs
     logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard")
-    logging_dir: str = field(default="logs", metadata=_help("TensorBoard folder, inside --output_dir."))
+    logging_dir: str = field(default=LOGS_FOLDER, metadata=_help("TensorBoard folder, inside --output_dir."))
     checkpointing_steps: int = field(default=500, metadata=_help("Save an accelerate checkpoint every N steps."))
     checkpoints_total_limit: Optional[int] = field(
         default=None, metadata=_help("Keep at most N (>= 1) checkpoints; unset: keep all.")

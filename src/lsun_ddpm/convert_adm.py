@@ -1,7 +1,7 @@
 """An OpenAI guided-diffusion (ADM) checkpoint → a stock diffusers `DDPMPipeline` folder.
 
 guided-diffusion's `UNetModel` is, layer for layer, a `UNet2DModel` with the
-configuration `models._adm_config` builds; converting it is renaming its
+configuration `models.adm_config` builds; converting it is renaming its
 tensors and splitting each attention block's fused qkv convolution into
 `to_q`/`to_k`/`to_v`. What the tensors say (widths, depth, attention levels,
 learned Σ, resampling and time conditioning) is read from them; flags given
@@ -28,7 +28,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from .diffusion import LEARNED_VARIANCE, make_noise_scheduler
 from .errors import InputError
 from .export import check_output_folder, file_sha256, replace_path
-from .models import _adm_config
+from .layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONVERSION_FILE, MODEL_INDEX, SCHEDULER, UNET,
+                     is_conversion)
+from .models import adm_config
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -52,13 +54,10 @@ INFERRED_FLAGS = ("num_channels", "num_res_blocks", "channel_mult", "attention_r
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 NOISE_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # guided-diffusion → DDPMScheduler
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "ema", "ema_model")
-CONVERSION_FILE = "adm_conversion.json"  # marks a folder this command wrote (it may be replaced)
 # Everything a conversion writes: the DDPMPipeline folder (its model_index.json and components), the card and
 # the record. A previous conversion holding anything else (evaluation.json, a user's notes) is not replaced.
-CONVERSION_ENTRIES = frozenset({"model_index.json", "unet", "scheduler", "README.md", CONVERSION_FILE})
+CONVERSION_ENTRIES = frozenset({MODEL_INDEX, UNET, SCHEDULER, CARD_FILE, CONVERSION_FILE})
 CARD_TEMPLATE = Path(__file__).with_name("adm_model_card_template.md")
-# What the card's usage code loads until the folder is pushed; `lsun-ddpm push` puts the repo id there.
-CARD_MODEL_ID = "path/to/this/folder"
 LICENSE = "mit"  # guided-diffusion's code and released checkpoints
 SOURCE_URL = "https://github.com/openai/guided-diffusion"
 DOWNLOAD_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{name}"
@@ -445,9 +444,9 @@ def check_convertible(architecture: ADMArchitecture, flags: dict[str, Any]) -> N
 
 
 def adm_unet_config(architecture: ADMArchitecture, flags: dict[str, Any], head_width: int) -> dict[str, Any]:
-    """The `UNet2DModel` config of the checkpoint (`models._adm_config` with its widths and choices)."""
+    """The `UNet2DModel` config of the checkpoint (`models.adm_config` with its widths and choices)."""
     arch = architecture
-    return _adm_config(
+    return adm_config(
         flags["image_size"], arch.level_channels,
         attention_resolutions=tuple(flags["image_size"] // 2**level for level in arch.attention_levels),
         layers_per_block=arch.num_res_blocks, attention_head_dim=head_width, dropout=flags["dropout"],
@@ -658,7 +657,7 @@ def build_adm_model_card(source_name: str, sha256: str, flags: dict[str, Any], i
     known = source_name in PUBLISHED_RESULTS
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE.read_text(), title=f"guided-diffusion `{source_name}` for diffusers",
-        model_id=CARD_MODEL_ID, source_name=source_name, sha256=sha256, download_url=DOWNLOAD_URL.format(name=source_name) if known else None,
+        model_id=CARD_MODEL_ID_PLACEHOLDER, source_name=source_name, sha256=sha256, download_url=DOWNLOAD_URL.format(name=source_name) if known else None,
         source_url=SOURCE_URL, paper_url=PAPER_URL, command_line=flags_command_line(flags),
         inferred=", ".join(f"`--{n}`" for n in inferred) or "none", published=published,
         metrics=[(label, getattr(published, key)) for key, label in metrics.items()
@@ -669,11 +668,6 @@ def build_adm_model_card(source_name: str, sha256: str, flags: dict[str, Any], i
     )
 
 
-def is_previous_conversion(folder: Path) -> bool:
-    """Whether `folder` was written by this converter (it holds adm_conversion.json), so it may be replaced."""
-    return (folder / CONVERSION_FILE).is_file()
-
-
 def check_conversion_output(out_dir: str | os.PathLike) -> Path:
     """`out_dir` as a Path if a conversion may be written there: new, empty, or a previous conversion holding
     nothing but what a conversion writes (it is replaced whole, so anything else there would be lost)."""
@@ -682,7 +676,7 @@ def check_conversion_output(out_dir: str | os.PathLike) -> Path:
         raise InputError(f"OUT_DIR {str(out_dir)!r} is a file: give a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return out_dir
-    if not is_previous_conversion(out_dir):
+    if not is_conversion(out_dir):  # only a previous conversion may be replaced
         raise InputError(f"OUT_DIR {str(out_dir)!r} is not empty and was not written by convert-adm: give a new "
                          "or empty folder")
     foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in CONVERSION_ENTRIES)
@@ -707,7 +701,7 @@ def write_conversion(conversion: ADMConversion, card: ModelCard, record: dict[st
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this process id
     try:
         conversion.pipeline.save_pretrained(staging, safe_serialization=True)
-        card.save(staging / "README.md")
+        card.save(staging / CARD_FILE)
         (staging / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _move_into_place(staging, out_dir)
     finally:

@@ -30,7 +30,7 @@ from accelerate.utils import gather_object
 from PIL import Image
 
 from .batch_handover import BatchSlots, SlotCollate
-from .errors import InputError
+from .errors import DatasetUnavailableError
 from .pipelines.ddpm_interpolation import crop_square, open_image, resize_shorter_side, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # What PIL raises for a truncated, corrupt or absurdly large file, or a mode it cannot convert
 # (ValueError, which ImageTooSmall also is): such an image is skipped and counted.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DatasetUnavailableError(InputError):
-    """The requested dataset cannot be loaded (no network, unknown repo, wrong column, missing package)."""
 
 
 class ImageTooSmall(ValueError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from .data import resize_shorter_side
+from .layout import INTERPOLATION_FIGURE, NEIGHBOURS_TABLE, RAW_VS_EMA_FIGURE
 
 # scikit-image's bundled colour photographs (see skimage.data): four distinct,
 # recognisable pictures. Eight (with the microscopy and space images) were not
@@ -121,12 +122,12 @@ def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
     pipeline = load_interpolation_pipeline(str(run_dir), has_ema=config.use_ema)
     pair = interpolate_pairs(pipeline, [Pair(str(photos[0]), str(photos[-1]))], t="auto", num_frames=8,
                              num_inference_steps=50, bf16=False)
-    save_image(strip(pair), run_dir / "interpolation.png")
+    save_image(strip(pair), run_dir / INTERPOLATION_FIGURE)
     fig2b = magnified(strip(pair), scale)
     figures = [(f"Fig. 2a: training images | samples from the {'EMA' if config.use_ema else 'raw'} weights", fig2a)]
     if config.use_ema:
         fig1 = labelled_side_by_side([("raw weights", grid(samples["raw"])), ("EMA weights", grid(samples["ema"]))])
-        save_image(fig1, run_dir / "raw_vs_ema.png")
+        save_image(fig1, run_dir / RAW_VS_EMA_FIGURE)
         figures.append(("Fig. 1: the same seeds from the raw | the EMA weights", fig1))
 
     fig4 = demo_neighbours(run_dir, config, final)
@@ -155,7 +156,7 @@ def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.
     report = find_neighbours(samples, [f"{i:05d}.png" for i in range(len(samples))], dataset,
                              resolution=config.resolution, k=4, random_backbone=not imagenet,
                              batch_size=32, num_reference=len(dataset), seed=config.seed or 0, progress=False)
-    for line in write_outputs(report, None, str(run_dir / "neighbours.csv"), str(run_dir)):
+    for line in write_outputs(report, None, str(run_dir / NEIGHBOURS_TABLE), str(run_dir)):
         print(f"demo: {line}")
     return neighbours_figure(report, max_rows=6)
 

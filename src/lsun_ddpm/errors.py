@@ -1,4 +1,4 @@
-"""The one exception for input a user can fix, and how every command reports errors.
+"""The exceptions for input a user can fix, and how every command reports errors.
 
 A flag, a config key, a path, a run folder or a file that is wrong is reported
 as one sentence (`error: ...`, exit status 2, no traceback) by the command that
@@ -22,6 +22,22 @@ class InputError(ValueError):
     """Input the user can fix; the message is the whole report, so it says what to do."""
 
 
+class DatasetUnavailableError(InputError):
+    """The requested dataset cannot be loaded (no network, unknown repo, wrong column, missing package)."""
+
+
+class ModelUnavailableError(InputError):
+    """The model folder or Hub repo cannot be loaded."""
+
+
+class HubUploadError(InputError):
+    """The upload failed; the local folder is untouched."""
+
+
+class LpipsWeightsUnavailableError(InputError):
+    """The backbone's ImageNet weights can neither be downloaded nor read from a file."""
+
+
 class RunNotPushedError(RuntimeError):
     """Training finished and its run folder is complete; only the upload to the Hub failed."""
 
@@ -42,18 +58,8 @@ def take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def input_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "fix the input", not "a bug": each command reports them in one line.
-
-    Imported when an error is being reported, so that a command that fails
-    early does not pay for importing torch, datasets and the Hub client.
-    """
-    from .data import DatasetUnavailableError
-    from .hub import HubUploadError
-    from .lpips_features import LpipsWeightsUnavailableError
-    from .sampling import ModelUnavailableError
-
-    return (InputError, DatasetUnavailableError, ModelUnavailableError, HubUploadError,
-            LpipsWeightsUnavailableError, FileNotFoundError, FileExistsError)
+    """The exceptions that mean "fix the input", not "a bug": each command reports them in one line."""
+    return InputError, FileNotFoundError, FileExistsError
 
 
 def run_command(program: str, command: Callable[[list[str]], None], argv: list[str], debug: bool = False) -> None:

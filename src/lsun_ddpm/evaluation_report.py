@@ -16,6 +16,7 @@ from .evaluation import (KID_SUBSETS, MIN_IMAGES, PREPROCESSING, PRC_NEIGHBOURS,
                          default_cache_file, differences, reference_features, reference_identity, sample_features)
 from .inception_features import InceptionFeatures
 from .neighbours_report import _finite, data_options, write_json
+from .layout import EVALUATION_FILE
 
 CUSTOMARY_SAMPLES = 50_000
 WEIGHT_NAMES = {"ema": "EMA", "raw": "raw (non-EMA)"}
@@ -59,7 +60,7 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
         timing = {"num_processes": accelerator.num_processes, "reference_computed": computed,
                   "reference_seconds": round(reference_seconds, 2), "sample_seconds": round(sample_seconds, 2)}
         summary = evaluation_summary(metrics, settings, reference, reference_file, extractor, timing)
-        path = Path(args.run_dir) / "evaluation.json"
+        path = Path(args.run_dir) / EVALUATION_FILE
         write_json(summary, path)
         print(summary["note"])
         print(f"FID {metrics['fid']:.4g}, KID {kid_text(metrics)}, "

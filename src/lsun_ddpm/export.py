@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +21,8 @@ from PIL import Image
 
 from .ema import ema_weights
 from .errors import InputError
+from .layout import RAW_UNET
 
-RAW_UNET_SUBFOLDER = "unet_raw"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -66,7 +64,7 @@ def save_pipeline_folder(
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as staging:
         staging = Path(staging)
         if ema is not None:
-            _stock(unet).save_pretrained(staging / RAW_UNET_SUBFOLDER, safe_serialization=True)
+            _stock(unet).save_pretrained(staging / RAW_UNET, safe_serialization=True)
         with ema_weights(ema, unet):
             DDPMPipeline(unet=_stock(unet), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         for entry in sorted(staging.iterdir()):
@@ -159,19 +157,3 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-<step>` folders in `output_dir`, oldest step first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
-
-
-def checkpoint_step(path: str | os.PathLike) -> int:
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path} is not a checkpoint-<step> folder")
-    return int(match.group(1))

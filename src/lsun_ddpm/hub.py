@@ -20,10 +20,12 @@ from typing import Any, Iterator
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert_adm import CARD_MODEL_ID, CONVERSION_FILE, is_previous_conversion
 from .diffusion import LEARNED_VARIANCE
-from .errors import InputError
+from .errors import HubUploadError, InputError
 from .export import staged
+from .layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONFIG_FILE, CONVERSION_FILE, EVALUATION_FILE, GRID_FILE,
+                     INTERPOLATION_FIGURE, MODEL_INDEX, NEIGHBOURS_FIGURE, NEIGHBOURS_RECORD, RAW_UNET, SCHEDULER,
+                     SCHEDULER_CONFIG, SUMMARY_FILE, UNET, UNET_CONFIG, is_conversion)
 from .pipelines import ddpm_interpolation
 
 logger = logging.getLogger(__name__)
@@ -32,22 +34,17 @@ CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
 PIPELINE_FILE = Path(ddpm_interpolation.__file__)
 # Copied when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE); those of
 # PATH_BEARING_FILES with their local paths made publishable (`publishable_paths`).
-RUN_FILES = ("model_index.json", "training_config.yaml", "training_summary.json", "evaluation.json",
-             "sample_grid.png", "interpolation.png", "neighbours.png", CONVERSION_FILE)
-PATH_BEARING_FILES = ("training_config.yaml", "evaluation.json")
-COMPONENT_FOLDERS = ("unet", "scheduler")
-RAW_FOLDER = "unet_raw"
+RUN_FILES = (MODEL_INDEX, CONFIG_FILE, SUMMARY_FILE, EVALUATION_FILE, GRID_FILE, INTERPOLATION_FIGURE,
+             NEIGHBOURS_FIGURE, CONVERSION_FILE)
+PATH_BEARING_FILES = (CONFIG_FILE, EVALUATION_FILE)
+COMPONENT_FOLDERS = (UNET, SCHEDULER)
 # What a push of a run may upload: on the repo, those the new upload lacks are deleted (`--no_raw` after a push
 # with raw weights, a run without evaluation.json); anything else there (a user's own files) is left alone.
-PUBLISHED_PATTERNS = [f"{folder}/*" for folder in (*COMPONENT_FOLDERS, RAW_FOLDER)] + [
-    *RUN_FILES, PIPELINE_FILE.name, "README.md"]
+PUBLISHED_PATTERNS = [f"{folder}/*" for folder in (*COMPONENT_FOLDERS, RAW_UNET)] + [
+    *RUN_FILES, PIPELINE_FILE.name, CARD_FILE]
 # What a push of the Space may upload (see `prepare_space_upload`), likewise.
 SPACE_PATTERNS = ["app.py", "requirements.txt", "README.md", "lsun_ddpm/*"]
 TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "pytorch"]
-
-
-class HubUploadError(RuntimeError):
-    """The upload failed; the local folder is untouched."""
 
 
 def check_repo_id(repo_id: str, flag: str) -> str:
@@ -170,11 +167,11 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
                      include_raw: bool = True, has_interpolation: bool = False) -> ModelCard:
     """The model card of a run, from what the run wrote (config, summary, evaluation, figures)."""
     run_dir = Path(run_dir)
-    config = _read_yaml(run_dir / "training_config.yaml")
-    summary = _read_json(run_dir / "training_summary.json")
-    evaluation = _read_json(run_dir / "evaluation.json")
-    unet_config = _read_json(run_dir / "unet" / "config.json")
-    scheduler_config = _read_json(run_dir / "scheduler" / "scheduler_config.json")
+    config = _read_yaml(run_dir / CONFIG_FILE)
+    summary = _read_json(run_dir / SUMMARY_FILE)
+    evaluation = _read_json(run_dir / EVALUATION_FILE)
+    unet_config = _read_json(run_dir / UNET / UNET_CONFIG)
+    scheduler_config = _read_json(run_dir / SCHEDULER / SCHEDULER_CONFIG)
     data = training_data(config)
     use_ema = config.get("use_ema", True) is not False
     card_data = ModelCardData(
@@ -199,12 +196,12 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "repo_id": repo_id,
         "resolution": unet_config.get("sample_size", config.get("resolution", "?")),
         "num_train_timesteps": scheduler_config.get("num_train_timesteps", 1000),
-        "parameters": f"{count_parameters_on_disk(run_dir / 'unet') / 1e6:.1f} M",
+        "parameters": f"{count_parameters_on_disk(run_dir / UNET) / 1e6:.1f} M",
         "dropout": unet_config.get("dropout", "?"),
         "learn_sigma": scheduler_config.get("variance_type") == LEARNED_VARIANCE,
         "vlb_weight": config.get("vlb_weight", 0.001),
         "pretrained_from": config.get("pretrained_model_name_or_path"),
-        "has_grid": (run_dir / "sample_grid.png").is_file(),
+        "has_grid": (run_dir / GRID_FILE).is_file(),
         "grid_caption": "the last grid written during training",
         "has_interpolation": has_interpolation,
         "interpolation_caption": "slerp frames (`t=\"auto\"`)",
@@ -223,11 +220,11 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "hardware": summary.get("hardware") or summary.get("device", "unknown"),
         "wall_time": _wall_time(summary),
         "final_loss": f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "unknown",
-        "has_raw": use_ema and include_raw and (run_dir / RAW_FOLDER).is_dir(),
+        "has_raw": use_ema and include_raw and (run_dir / RAW_UNET).is_dir(),
         "evaluation": _evaluation_rows(evaluation),
         "evaluation_note": evaluation.get("note", ""),
-        "has_neighbours": (run_dir / "neighbours.png").is_file(),
-        "neighbours_note": _read_json(run_dir / "neighbours.json").get("note", ""),
+        "has_neighbours": (run_dir / NEIGHBOURS_FIGURE).is_file(),
+        "neighbours_note": _read_json(run_dir / NEIGHBOURS_RECORD).get("note", ""),
     }
     return ModelCard.from_template(card_data, template_str=CARD_TEMPLATE.read_text(), **values)
 
@@ -278,9 +275,9 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
     and its adm_conversion.json; `license` and `figures` are for cards built here.
     """
     run_dir = check_run_folder(run_dir)
-    converted = is_previous_conversion(run_dir)
+    converted = is_conversion(run_dir)
     with new_folder(destination) as staging:
-        for name in COMPONENT_FOLDERS + ((RAW_FOLDER,) if include_raw else ()):
+        for name in COMPONENT_FOLDERS + ((RAW_UNET,) if include_raw else ()):
             if (run_dir / name).is_dir():
                 shutil.copytree(run_dir / name, staging / name)
         for name in RUN_FILES:
@@ -290,13 +287,13 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
                 shutil.copy2(run_dir / name, staging / name)
         shutil.copy2(PIPELINE_FILE, staging / PIPELINE_FILE.name)
         if converted:  # its own card, loading it from the repo
-            card = (run_dir / "README.md").read_text().replace(CARD_MODEL_ID, repo_id)
-            (staging / "README.md").write_text(card)
+            card = (run_dir / CARD_FILE).read_text().replace(CARD_MODEL_ID_PLACEHOLDER, repo_id)
+            (staging / CARD_FILE).write_text(card)
         else:
-            if figures and not (staging / "interpolation.png").is_file():
-                make_interpolation_figure(run_dir, staging / "interpolation.png")
-            card = build_model_card(run_dir, repo_id, license, include_raw, (staging / "interpolation.png").is_file())
-            card.save(staging / "README.md")
+            if figures and not (staging / INTERPOLATION_FIGURE).is_file():
+                make_interpolation_figure(run_dir, staging / INTERPOLATION_FIGURE)
+            card = build_model_card(run_dir, repo_id, license, include_raw, (staging / INTERPOLATION_FIGURE).is_file())
+            card.save(staging / CARD_FILE)
     return Path(destination)
 
 
@@ -344,7 +341,7 @@ def _is_local_path(text: str) -> bool:
 def check_run_folder(run_dir: str | os.PathLike) -> Path:
     """`run_dir` as a Path if it is a pipeline folder (training's or `convert-adm`'s); else FileNotFoundError."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model_index.json").is_file():
+    if not (run_dir / MODEL_INDEX).is_file():
         raise FileNotFoundError(f"{run_dir} is not a pipeline folder (no model_index.json): train first")
     return run_dir
 

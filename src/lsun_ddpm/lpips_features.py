@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-
-class LpipsWeightsUnavailableError(RuntimeError):
-    """The backbone's ImageNet weights can neither be downloaded nor read from a file."""
+from .errors import InputError, LpipsWeightsUnavailableError
 
 
 # The smallest square input each backbone takes (measured with lpips 0.1): below it, a
@@ -59,8 +57,6 @@ def check_lpips_resolution(net: str, resolution: int) -> None:
 
     The resolution defaults to the model's image size, so a small model needs one given.
     """
-    from .errors import InputError
-
     minimum = MIN_RESOLUTION[net]
     if resolution < minimum:
         others = [name for name, size in MIN_RESOLUTION.items() if size <= resolution]

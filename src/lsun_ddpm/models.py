@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from .layout import UNET, UNET_CONFIG
+
 
 def _adm_block_types(attention: tuple[bool, ...], resblock_updown: bool = True) -> dict[str, Any]:
     """Down/up block types for levels with or without self-attention.
@@ -34,7 +36,7 @@ def _adm_block_types(attention: tuple[bool, ...], resblock_updown: bool = True) 
     return {"down_block_types": down, "up_block_types": up}
 
 
-def _adm_config(
+def adm_config(
     sample_size: int,
     block_out_channels: tuple[int, ...],
     attention_resolutions: tuple[int, ...],
@@ -84,15 +86,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 128-px widths (256 × (1,1,2,3,4)) are ~4x the compute and do not fit a
     # micro-batch of 8 on a 24 GB GPU. Parameter count, FLOPs and memory are
     # measured by bench/model_stats.py and recorded in docs/model.md.
-    "paper128": _adm_config(128, (128, 128, 256, 256, 512, 512), attention_resolutions=(32, 16, 8)),
+    "paper128": adm_config(128, (128, 128, 256, 256, 512, 512), attention_resolutions=(32, 16, 8)),
     # The same architecture scaled down for the CPU demo (~110 img/s training on
     # 2 cores with bf16): attention at 8 px, one residual block per level.
-    "small32": _adm_config(
+    "small32": adm_config(
         32, (32, 64, 128), attention_resolutions=(8,), layers_per_block=1, attention_head_dim=32,
         norm_num_groups=8, dropout=0.0,
     ),
     # The smallest model that still exercises every block type, for tests.
-    "tiny16": _adm_config(
+    "tiny16": adm_config(
         16,
         (32, 64),
         attention_resolutions=(8,),
@@ -151,12 +153,12 @@ def unet_subfolder(name_or_path: str) -> str | None:
     """Where a U-Net's files live: "unet" in a pipeline folder, None (the top) in a UNet2DModel folder or
     config file. For a Hub repo id, "unet" if the repo has one (pipelines, the common case), else None."""
     if os.path.isdir(name_or_path):
-        return "unet" if os.path.isfile(os.path.join(name_or_path, "unet", "config.json")) else None
+        return UNET if os.path.isfile(os.path.join(name_or_path, UNET, UNET_CONFIG)) else None
     if os.path.isfile(name_or_path):
         return None
     try:
-        UNet2DModel.load_config(name_or_path, subfolder="unet")
-        return "unet"
+        UNet2DModel.load_config(name_or_path, subfolder=UNET)
+        return UNET
     except (OSError, ValueError):
         return None
 

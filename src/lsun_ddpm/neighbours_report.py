@@ -11,6 +11,7 @@ from PIL import Image
 
 from .export import write_text
 from .neighbours import NeighbourReport, find_neighbours
+from .layout import CONFIG_FILE, NEIGHBOURS_FIGURE, UNET
 
 
 def summary_dict(report: NeighbourReport) -> dict:
@@ -166,9 +167,9 @@ def write_outputs(report: NeighbourReport, out: str | None, csv_path: str | None
 
     summary = summary_dict(report)
     figure = neighbours_figure(report)
-    targets = [Path(run_dir) / "neighbours.png"] if run_dir else []
+    targets = [Path(run_dir) / NEIGHBOURS_FIGURE] if run_dir else []
     if out or not run_dir:
-        targets.append(Path(out or "neighbours.png"))
+        targets.append(Path(out or NEIGHBOURS_FIGURE))
     for path in targets:
         save_image(figure, path)
         write_json(summary, path.with_suffix(".json"))
@@ -184,7 +185,7 @@ def data_options(args) -> dict:
     if options["dataset_name"] or options["train_data_dir"]:
         return options
     for folder in (args.run_dir, args.model):
-        config_file = Path(folder) / "training_config.yaml" if folder else None
+        config_file = Path(folder) / CONFIG_FILE if folder else None
         if config_file is not None and config_file.is_file():
             from .config import read_config_file
 
@@ -203,7 +204,7 @@ def model_resolution(model: str | None) -> int | None:
     from diffusers import UNet2DModel
 
     try:
-        return int(UNet2DModel.load_config(model, subfolder="unet")["sample_size"])
+        return int(UNet2DModel.load_config(model, subfolder=UNET)["sample_size"])
     except (OSError, ValueError, KeyError):
         return None
 

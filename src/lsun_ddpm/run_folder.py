@@ -25,15 +25,11 @@ from typing import Any
 
 from .config import TrainingConfig, option_fields, read_config_file, typed_options
 from .errors import InputError
-from .export import CHECKPOINT_PATTERN, list_checkpoints, write_text
-from .run_lock import LOCK_FILE
-
-CONFIG_FILE = "training_config.yaml"
-IDENTITY_FILE = "run_identity.json"
-SUMMARY_FILE = "training_summary.json"
-GRID_FILE = "sample_grid.png"
+from .export import write_text
+from .layout import (CHECKPOINT_PATTERN, CONFIG_FILE, GRID_FILE, IDENTITY_FILE, LOCK_FILE, MODEL_INDEX, SAMPLES_FOLDER,
+                     SUMMARY_FILE, is_partial_checkpoint, list_checkpoints)
 # Entries only a training run writes: finding one of them means the folder holds a run.
-RUN_MARKERS = (CONFIG_FILE, IDENTITY_FILE, SUMMARY_FILE, GRID_FILE, "samples", "model_index.json")
+RUN_MARKERS = (CONFIG_FILE, IDENTITY_FILE, SUMMARY_FILE, GRID_FILE, SAMPLES_FOLDER, MODEL_INDEX)
 # The settings that make a run what it is: a checkpoint of another shape, resolution or
 # schedule cannot be resumed, and its samples and logs mean something else. A streamed
 # run's checkpoint also holds the stream's position, which map-style data cannot take.
@@ -63,7 +59,7 @@ def run_entries(output_dir: Path, logging_dir: str) -> list[str]:
     markers = set(RUN_MARKERS) | {Path(logging_dir).name}
     return sorted(entry.name for entry in output_dir.iterdir()
                   if entry.name in markers or CHECKPOINT_PATTERN.match(entry.name)
-                  or (entry.name.startswith(".checkpoint-") and entry.name.endswith(".partial")))
+                  or is_partial_checkpoint(entry.name))
 
 
 def read_run_config(folder: Path) -> dict[str, Any] | None:
@@ -210,7 +206,7 @@ def is_restart_before_first_checkpoint(config: TrainingConfig) -> bool:
 
 
 def _holds_results(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in (SUMMARY_FILE, "model_index.json"))
+    return any((output_dir / name).exists() for name in (SUMMARY_FILE, MODEL_INDEX))
 
 
 def move_run_aside(output_dir: Path, keep: list[str | None] = ()) -> Path:

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .export import checkpoint_step, write_text
-
-HISTORY_FILE = "training_history.json"
+from .export import write_text
+from .layout import HISTORY_FILE, checkpoint_step
 # What adds up over the segments (per-segment values in `Segment`).
 TOTALS = ("wall_time_seconds", "images", "micro_batches_per_process", "nonfinite_steps")
 

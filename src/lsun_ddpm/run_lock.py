@@ -30,9 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .errors import InputError, input_error_types
-from .export import CHECKPOINT_PATTERN, remove_path, write_bytes
-
-LOCK_FILE = ".run.lock"
+from .export import remove_path, write_bytes
+from .layout import CHECKPOINT_PATTERN, LOCK_FILE
 
 
 class RunFolderInUse(InputError):

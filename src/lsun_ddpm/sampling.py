@@ -18,8 +18,8 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import InputError
-from .export import CHECKPOINT_PATTERN
+from .errors import InputError, ModelUnavailableError
+from .layout import CHECKPOINT_PATTERN, CONFIG_FILE, MODEL_INDEX, SCHEDULER, UNET, WEIGHT_FOLDERS
 from .performance import compile_in_place, fast_precision_available
 from .pipelines.ddpm_interpolation import scheduler_model_output
 
@@ -36,12 +36,6 @@ SCHEDULERS: dict[str, tuple[type, dict, int]] = {
     "unipc": (UniPCMultistepScheduler, {**CLIP_X0}, 25),
 }
 DEFAULT_SCHEDULER = "dpmsolver++"
-WEIGHT_SUBFOLDERS = {"ema": "unet", "raw": "unet_raw"}
-RUN_CONFIG_FILE = "training_config.yaml"
-
-
-class ModelUnavailableError(RuntimeError):
-    """The model folder or Hub repo cannot be loaded."""
 
 
 MODEL_HINT = "pass a pipeline folder written by training or convert-adm, or a Hub repo id (USER/NAME)"
@@ -61,7 +55,7 @@ def check_model_source(model: str) -> None:
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        if any((path / name).exists() for name in ("model_index.json", "unet", "scheduler")):
+        if any((path / name).exists() for name in (MODEL_INDEX, UNET, SCHEDULER)):
             return  # a pipeline, or enough of one for the loader to name what is missing
         if CHECKPOINT_PATTERN.match(path.name) or (path / "optimizer.bin").is_file():
             raise ModelUnavailableError(
@@ -90,12 +84,12 @@ def recorded_training_options(model: str) -> dict:
     """
     import yaml
 
-    path = Path(model) / RUN_CONFIG_FILE
+    path = Path(model) / CONFIG_FILE
     if not Path(model).is_dir():
         try:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(model, RUN_CONFIG_FILE))
+            path = Path(hf_hub_download(model, CONFIG_FILE))
         except Exception:  # no such file, no network, or not a repo id: nothing recorded
             return {}
     if not path.is_file():
@@ -111,9 +105,9 @@ def has_ema_weights(run_config: dict) -> bool:
 
 def weights_subfolder(weights: str, has_ema: bool = True) -> str:
     """Where the `weights` ("ema" or "raw") of a run live; without an EMA both are the raw weights in `unet/`."""
-    if weights not in WEIGHT_SUBFOLDERS:
-        raise ValueError(f"weights must be one of {sorted(WEIGHT_SUBFOLDERS)}, got {weights!r}")
-    return WEIGHT_SUBFOLDERS[weights] if has_ema else WEIGHT_SUBFOLDERS["ema"]
+    if weights not in WEIGHT_FOLDERS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_FOLDERS)}, got {weights!r}")
+    return WEIGHT_FOLDERS[weights] if has_ema else WEIGHT_FOLDERS["ema"]
 
 
 def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> UNet2DModel:
@@ -139,7 +133,7 @@ def load_unet(model: str, weights: str = "ema", has_ema: bool | None = None) -> 
 def load_scheduler_config(model: str) -> dict:
     check_model_source(model)
     try:
-        return dict(DDPMScheduler.load_config(model, subfolder="scheduler"))
+        return dict(DDPMScheduler.load_config(model, subfolder=SCHEDULER))
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"cannot load the scheduler of {model!r}: {error}") from None
 

@@ -31,13 +31,14 @@ from .data import (ImagePreprocessor, ImageReport, PreprocessedStream, load_imag
                    make_training_dataset, summarise_image_reports, to_model_input)
 from .ema import ema_weights, make_ema
 from .errors import InputError, RunNotPushedError, run_command, take_debug_flag
-from .export import checkpoint_step, list_checkpoints, replace_path, save_image, save_pipeline_folder
+from .export import replace_path, save_image, save_pipeline_folder
+from .layout import (CONFIG_FILE, GRID_FILE, IDENTITY_FILE, checkpoint_name, checkpoint_step, grid_path, list_checkpoints,
+                     partial_checkpoint_name)
 from .models import ADMUNet2DModel, build_model, count_parameters, weights_fingerprint
 from .performance import (compile_in_place, default_channels_last, default_mixed_precision, default_torch_compile,
                           keep_freed_host_memory)
 from .preemption import NonFiniteSteps, RunStopped, StopRequest, is_finite, stop_reason
 from .prepare import is_prepared_dataset, load_prepared_images
-from .run_folder import CONFIG_FILE, GRID_FILE, IDENTITY_FILE
 from .run_history import RunHistory, Segment, read_segments, totals, write_segments
 from .run_lock import RunFolderClaim
 from .sampling import SamplingPlan, generate, image_grid, progress_bar
@@ -617,8 +618,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     """`accelerator.save_state` (model, optimizer, lr schedule, EMA, RNG states) to `checkpoint-<step>`, with
     copies of the run's config and identity and the run's `segments` so far, written under a temporary name
     and renamed when complete."""
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f".checkpoint-{step}.partial"
+    final = output_dir / checkpoint_name(step)
+    staging = output_dir / partial_checkpoint_name(step)
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
@@ -648,7 +649,7 @@ def save_sample_grid(accelerator: Accelerator, unet, ema, scheduler, config: Tra
             images = generate(unet, dict(scheduler.config), config.eval_batch_size, config.seed or 0, plan,
                               progress=progress_bar(f"grid at step {step}", leave=False))
         grid = image_grid(images)
-        save_image(grid, Path(config.output_dir) / "samples" / f"step-{step:07d}.png")
+        save_image(grid, grid_path(config.output_dir, step))
         save_image(grid, Path(config.output_dir) / GRID_FILE)
         log_grid(accelerator, config.logger, grid, step)
     accelerator.wait_for_everyone()
