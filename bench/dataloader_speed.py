@@ -9,10 +9,7 @@ function, then reads each through training's own dataset and DataLoader
 (`make_training_dataset`/`load_prepared_images`, `make_dataloader`, centre
 crop, random flip) at 128 px with 0 (the main process), 1 and 2 workers, and
 converts each batch to the model's float input as the training loop does
-(`to_model_input`, channels_last). Through workers, each is read twice: with
-training's hand-over (`--handovers slots`: pixels through shared-memory slots
-made once, `lsun_ddpm.batch_handover`) and with torch's own (`torch`: a new
-shared-memory segment per batch, what training did before). The last rows read datasets of ready-made
+(`to_model_input`, channels_last). The last rows read datasets of ready-made
 zero tensors: what the DataLoader itself costs to hand over batches from its
 workers, the ceiling of any dataset read through workers: uint8 batches made
 whole (as the prepared dataset makes them), training's uint8 items collated
@@ -106,8 +103,6 @@ class RepeatedImages(torch.utils.data.Dataset):
 
     def __init__(self, dataset: torch.utils.data.Dataset, length: int):
         self.dataset, self.length = dataset, length
-        if hasattr(dataset, "preprocess"):  # the images' size, for the batch slots (`make_dataloader`)
-            self.preprocess = dataset.preprocess
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -132,14 +127,14 @@ def model_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["pixel_values"].contiguous(memory_format=torch.channels_last)
 
 
-def read_rates(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, seconds: float,
-               batch_slots: bool = True) -> tuple[float, float]:
+def read_rates(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, seconds: float
+               ) -> tuple[float, float]:
     """Steady-state images/s from training's DataLoader over whole epochs (first batch of each left out), and
     the main thread's CPU time per image (µs): what the data costs the thread that would drive a GPU."""
     images, elapsed, main_thread, epoch = 0, 0.0, 0.0, 0
     while elapsed < seconds:
         dataset.set_epoch(epoch)
-        batches = iter(make_dataloader(dataset, batch_size, workers, batch_slots))
+        batches = iter(make_dataloader(dataset, batch_size, workers))
         next(batches)
         started, started_cpu = time.perf_counter(), time.thread_time()
         for batch in batches:
@@ -148,13 +143,6 @@ def read_rates(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
         main_thread += time.thread_time() - started_cpu
         epoch += 1
     return images / elapsed, main_thread / images * 1e6
-
-
-def configurations(workers: list[int], handovers: list[str], has_image_size: bool) -> list[tuple[int, str | None]]:
-    """(workers, hand-over) to read a source with: no hand-over in the main process, and batch slots only for
-    a dataset whose images' size `make_dataloader` knows (its `preprocess`)."""
-    return [(count, handover if count else None) for count in workers
-            for handover in (handovers if count else [None]) if handover != "slots" or has_image_size]
 
 
 def main() -> None:
@@ -166,8 +154,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="reading time per configuration")
     parser.add_argument("--epoch_images", type=int, default=16384,
                         help="items per epoch, the images repeated (workers start again each epoch)")
-    parser.add_argument("--handovers", nargs="+", choices=["slots", "torch"], default=["slots", "torch"],
-                        help="how workers hand batches over: training's batch slots, torch's own (both by default)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -194,19 +180,18 @@ def main() -> None:
 
         print(f"{args.num_images} images, {args.resolution} px, batch {args.batch_size}, torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs; prepare (1 process, including loading the folder): {prepare_rate:.0f} images/s")
-        print("| source | workers | hand-over | images/s | images/s per worker | main thread's CPU µs per image |\n"
-              "|---|---|---|---|---|---|")
+        print("| source | workers | images/s | images/s per worker | main thread's CPU µs per image |\n"
+              "|---|---|---|---|---|")
         results = {"num_images": args.num_images, "epoch_images": args.epoch_images, "resolution": args.resolution,
                    "batch_size": args.batch_size, "prepare_images_per_second": prepare_rate, "rows": []}
         for name, dataset in sources.items():
-            for workers, handover in configurations(args.workers, args.handovers, hasattr(dataset, "preprocess")):
+            for workers in args.workers:
                 rate, main_thread_us = read_rates(RepeatedImages(dataset, args.epoch_images), args.batch_size,
-                                                  workers, args.seconds, batch_slots=handover == "slots")
-                results["rows"].append({"source": name, "workers": workers, "handover": handover,
-                                        "images_per_second": rate, "main_thread_cpu_us_per_image": main_thread_us})
+                                                  workers, args.seconds)
+                results["rows"].append({"source": name, "workers": workers, "images_per_second": rate,
+                                        "main_thread_cpu_us_per_image": main_thread_us})
                 per_worker = f"{rate / workers:.0f}" if workers else "-"
-                print(f"| {name} | {workers} | {handover or '-'} | {rate:.0f} | {per_worker} | {main_thread_us:.0f} |",
-                      flush=True)
+                print(f"| {name} | {workers} | {rate:.0f} | {per_worker} | {main_thread_us:.0f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -29,14 +29,10 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
-from .batch_handover import BatchSlots, SlotCollate
 from .errors import DatasetUnavailableError
 from .pipelines.ddpm_interpolation import crop_square, open_image, resize_shorter_side, to_rgb
 
 logger = logging.getLogger(__name__)
-
-# Batches each DataLoader worker makes ahead (torch's default); a worker has one batch slot more (batch_handover).
-PREFETCH_FACTOR = 2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -678,38 +674,22 @@ def collate_batch(items: list[dict[str, Any]] | dict[str, torch.Tensor]) -> dict
     return items if isinstance(items, dict) else torch.utils.data.default_collate(items)
 
 
-def make_dataloader(
-    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0, batch_slots: bool = True
-) -> torch.utils.data.DataLoader:
-    """Full micro-batches only (`drop_last`): the paper's batch size is part of the recipe.
-
-    With workers, a training dataset's pixel batches (one with an
-    `ImagePreprocessor` as `preprocess`: its images' size is known) come from
-    them through shared-memory slots made here, once (`batch_handover`), unless
-    `batch_slots` is False: then through torch's new shared-memory segment per
-    batch, which on this project's CPU gave a prepared dataset 2.3–2.8× fewer
-    images/s through one worker and cost the training process twice the CPU per
-    image on every path (docs/performance.md).
-    """
+def make_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0
+                    ) -> torch.utils.data.DataLoader:
+    """Full micro-batches only (`drop_last`): the paper's batch size is part of the recipe. Batches hold
+    uint8 pixels, so workers hand over (and the device receives) a quarter of float32's bytes."""
     is_map_style = not isinstance(dataset, torch.utils.data.IterableDataset)
     if is_map_style and len(dataset) < batch_size:
         raise DatasetUnavailableError(
             f"the dataset has {len(dataset)} images, fewer than one micro-batch (--train_batch_size {batch_size})"
         )
-    collate: Callable = collate_batch
-    preprocess = getattr(dataset, "preprocess", None)
-    if num_workers and batch_slots and isinstance(preprocess, ImagePreprocessor):
-        image_shape = (preprocess.resolution, preprocess.resolution, 3)
-        slots = BatchSlots(num_workers, PREFETCH_FACTOR + 1, batch_size, image_shape)
-        collate = SlotCollate(collate_batch, slots)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=is_map_style,
         drop_last=True,
         num_workers=num_workers,
-        collate_fn=collate,
-        prefetch_factor=PREFETCH_FACTOR if num_workers else None,  # the slots' count depends on it
+        collate_fn=collate_batch,
         # Workers are started anew each epoch, with the dataset's current epoch (its crops and flips).
         persistent_workers=False,
         # Every `iter()` draws a seed for the workers (even with none) from this generator; drawn from

@@ -337,10 +337,7 @@ class PreparedImages(AugmentedImages):
     images are views of the mapped files (`PixelColumn`), copied once, into
     the batch, and the random flip (and, with `--no_center_crop`, the random
     crop) is drawn per image from `augmentation_generator(seed, epoch, index)`
-    as in `data.PreprocessedImages`. A DataLoader worker hands the batch over
-    through a batch slot (`batch_handover`), which costs the training process
-    less than reading the batch itself (docs/performance.md): one worker is
-    enough.
+    as in `data.PreprocessedImages`. One DataLoader worker is enough.
     """
 
     def __init__(self, table: datasets.table.Table, preprocess: ImagePreprocessor, seed: int = 0):
