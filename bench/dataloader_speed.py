@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lsun_ddpm.data import (ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset,
-                            to_model_input)
-from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
+from lsun_ddpm.data.preprocessing import ImagePreprocessor, to_model_input
+from lsun_ddpm.data.sources import load_image_dataset
+from lsun_ddpm.data.datasets import make_dataloader, make_training_dataset
+from lsun_ddpm.data.prepare import SourceOptions, prepare_dataset
+from lsun_ddpm.data.prepared import load_prepared_images
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 

@@ -22,13 +22,15 @@ import time
 
 import torch
 
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset
-from lsun_ddpm.diffusion import make_noise_scheduler
-from lsun_ddpm.evaluation import compute_metrics, reference_features, reference_identity, sample_features
-from lsun_ddpm.inception_features import installed_torchscript, load_inception
-from lsun_ddpm.models import ADMUNet2DModel
-from lsun_ddpm.performance import fast_precision_available
-from lsun_ddpm.sampling import SamplingPlan, generate
+from lsun_ddpm.data.preprocessing import ImagePreprocessor
+from lsun_ddpm.data.sources import load_image_dataset
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+from lsun_ddpm.evaluate.metrics import compute_metrics
+from lsun_ddpm.evaluate.reference import reference_features, reference_identity, sample_features
+from lsun_ddpm.evaluate.inception_features import installed_torchscript, load_inception
+from lsun_ddpm.model.unet import ADMUNet2DModel
+from lsun_ddpm.hardware import fast_precision_available
+from lsun_ddpm.sample.sampling import SamplingPlan, generate
 
 RESOLUTION = 128
 

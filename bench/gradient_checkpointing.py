@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from lsun_ddpm.models import PRESETS, build_model
-from lsun_ddpm.performance import fast_precision_available, peak_memory_bytes
+from lsun_ddpm.model.unet import PRESETS, build_model
+from lsun_ddpm.hardware import fast_precision_available, peak_memory_bytes
 
 MIB = 2**20
 

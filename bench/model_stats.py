@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lsun_ddpm.models import PRESETS, ADMUNet2DModel, count_parameters
+from lsun_ddpm.model.unet import ADMUNet2DModel, PRESETS, count_parameters
 
 GIB = 2**30
 

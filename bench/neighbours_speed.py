@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset
-from lsun_ddpm.lpips_features import LpipsFeatures, load_lpips
-from lsun_ddpm.neighbours import find_neighbours
-from lsun_ddpm.sampling import to_pil
+from lsun_ddpm.data.preprocessing import ImagePreprocessor
+from lsun_ddpm.data.sources import load_image_dataset
+from lsun_ddpm.evaluate.lpips_features import LpipsFeatures, load_lpips
+from lsun_ddpm.evaluate.neighbours import find_neighbours
+from lsun_ddpm.sample.sampling import to_pil
 
 LSUN_BEDROOMS = 3_033_042
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lsun_ddpm.models import PRESETS, build_model
+from lsun_ddpm.model.unet import PRESETS, build_model
 
 
 def seconds_per_step(model: torch.nn.Module, implementation: str, repeats: int) -> float:

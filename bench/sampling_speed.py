@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lsun_ddpm.diffusion import make_noise_scheduler
-from lsun_ddpm.models import PRESETS, ADMUNet2DModel
-from lsun_ddpm.performance import compile_in_place, fast_precision_available, keep_freed_host_memory
-from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, generate, load_scheduler_config, load_unet
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+from lsun_ddpm.model.unet import ADMUNet2DModel, PRESETS
+from lsun_ddpm.hardware import compile_in_place, fast_precision_available, keep_freed_host_memory
+from lsun_ddpm.sample.sampling import SCHEDULERS, SamplingPlan, generate
+from lsun_ddpm.sample.loading import load_scheduler_config, load_unet
 
 
 class EnoughSteps(Exception):

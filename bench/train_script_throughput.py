@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsun_ddpm.models import PRESETS, build_model
+from lsun_ddpm.model.unet import PRESETS, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 16  # 2 optimizer steps of 8 per epoch: the example's only unit of length is the epoch

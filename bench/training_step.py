@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from lsun_ddpm.models import PRESETS, build_model
-from lsun_ddpm.performance import keep_freed_host_memory, peak_memory_bytes
+from lsun_ddpm.model.unet import PRESETS, build_model
+from lsun_ddpm.hardware import keep_freed_host_memory, peak_memory_bytes
 
 MIB = 2**20
 SETTINGS = ("diffusers-baseline", "fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
@@ -79,12 +79,15 @@ def project_step(setting: str, preset: str, batch_size: int, device: torch.devic
     """This project's training step on a prepared dataset, as `training.train` runs it."""
     from accelerate import Accelerator
 
-    from lsun_ddpm import diffusion
-    from lsun_ddpm.data import ImagePreprocessor, make_dataloader, to_model_input
-    from lsun_ddpm.ema import make_ema
-    from lsun_ddpm.performance import compile_in_place
-    from lsun_ddpm.prepare import load_prepared_images
-    from lsun_ddpm.training import StepStats, apply_or_skip_step, make_optimizer, train_micro_batch
+    from lsun_ddpm.model import diffusion
+    from lsun_ddpm.data.preprocessing import ImagePreprocessor, to_model_input
+    from lsun_ddpm.data.datasets import make_dataloader
+    from lsun_ddpm.train.ema import make_ema
+    from lsun_ddpm.hardware import compile_in_place
+    from lsun_ddpm.data.prepared import load_prepared_images
+    from lsun_ddpm.train.step_stats import StepStats
+    from lsun_ddpm.train.loop import apply_or_skip_step, train_micro_batch
+    from lsun_ddpm.train.setup import make_optimizer
 
     bf16, channels_last, compiled = "bf16" in setting, "channels_last" in setting, "compile" in setting
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device.type == "cpu")
@@ -233,8 +236,8 @@ def write_images(folder: Path, count: int, resolution: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from dataloader_speed import write_test_images
 
-    from lsun_ddpm.data import ImagePreprocessor
-    from lsun_ddpm.prepare import SourceOptions, prepare_dataset
+    from lsun_ddpm.data.preprocessing import ImagePreprocessor
+    from lsun_ddpm.data.prepare import SourceOptions, prepare_dataset
 
     folders = write_test_images(folder, count)
     prepare_dataset(SourceOptions(train_data_dir=str(folders["JPEG"])), ImagePreprocessor(resolution, center_crop=True),

@@ -105,7 +105,7 @@ def offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 # fp32 unless a test asks otherwise: the unset default is bf16 on a CPU with AVX-512-BF16 or AMX
-# (lsun_ddpm.performance), where a 0.8 M-parameter model gains nothing from it.
+# (lsun_ddpm.train.fast_defaults), where a 0.8 M-parameter model gains nothing from it.
 TINY_RUN = [
     "--model_preset", "tiny16",
     "--mixed_precision", "no",
@@ -218,7 +218,7 @@ class SingleImageOracle(torch.nn.Module):
 
 def random_tiny_unet(seed: int = 0):
     """The tiny16 preset with small random weights everywhere (not ADM's zero init), so its output varies."""
-    from lsun_ddpm.models import ADMUNet2DModel
+    from lsun_ddpm.model.unet import ADMUNet2DModel
 
     torch.manual_seed(seed)
     model = ADMUNet2DModel.from_preset("tiny16")
@@ -231,9 +231,9 @@ def random_tiny_unet(seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_pipeline_folder(tmp_path_factory) -> Path:
     """A pipeline folder like training writes: EMA weights in unet/, different raw weights in unet_raw/."""
-    from lsun_ddpm.diffusion import make_noise_scheduler
-    from lsun_ddpm.ema import make_ema
-    from lsun_ddpm.export import save_pipeline_folder
+    from lsun_ddpm.model.diffusion import make_noise_scheduler
+    from lsun_ddpm.train.ema import make_ema
+    from lsun_ddpm.train.export import save_pipeline_folder
 
     folder = tmp_path_factory.mktemp("pipeline")
     model = random_tiny_unet()
@@ -267,8 +267,8 @@ def no_ema_pipeline_folder(tmp_path_factory) -> Path:
     """A folder like a `--no_use_ema` run writes: the raw weights in unet/, no unet_raw/, and a config saying so."""
     import yaml
 
-    from lsun_ddpm.diffusion import make_noise_scheduler
-    from lsun_ddpm.export import save_pipeline_folder
+    from lsun_ddpm.model.diffusion import make_noise_scheduler
+    from lsun_ddpm.train.export import save_pipeline_folder
 
     folder = tmp_path_factory.mktemp("no_ema")
     save_pipeline_folder(random_tiny_unet(seed=1), make_noise_scheduler(), folder)

@@ -32,7 +32,7 @@ import sys
 import accelerate.accelerator
 from safetensors.torch import save_file
 
-from lsun_ddpm import training
+from lsun_ddpm.train import loop
 
 
 def kill_while_saving(step: int) -> None:
@@ -47,18 +47,18 @@ def kill_while_saving(step: int) -> None:
 
 
 def kill_before_results() -> None:
-    save_sample_grid = training.save_sample_grid
+    save_sample_grid = loop.save_sample_grid
 
     def save_or_die(accelerator, unet, ema, scheduler, config, step):
         if step == config.max_train_steps:
             os.kill(os.getpid(), signal.SIGKILL)
         return save_sample_grid(accelerator, unet, ema, scheduler, config, step)
 
-    training.save_sample_grid = save_or_die
+    loop.save_sample_grid = save_or_die
 
 
 def save_replicas() -> None:
-    finish_run = training.finish_run
+    finish_run = loop.finish_run
 
     def save_then_finish(accelerator, config, unet, ema, *args, **kwargs):
         tensors = {f"raw.{name}": value.detach().contiguous() for name, value in unet.state_dict().items()}
@@ -67,12 +67,12 @@ def save_replicas() -> None:
         save_file(tensors, os.path.join(config.output_dir, f"replica-{accelerator.process_index}.safetensors"))
         return finish_run(accelerator, config, unet, ema, *args, **kwargs)
 
-    training.finish_run = save_then_finish
+    loop.finish_run = save_then_finish
 
 
 def on_each_micro_batch(probe) -> None:
     """Call `probe(accelerator, step, first_of_step, noise) -> noise` before each micro-batch of the loop."""
-    resume, train_micro_batch = training.resume, training.train_micro_batch
+    resume, train_micro_batch = loop.resume, loop.train_micro_batch
     position = {"start": 0, "micro_batches": 0}
 
     def resume_and_remember(accelerator, config, checkpoint, ema):
@@ -87,8 +87,8 @@ def on_each_micro_batch(probe) -> None:
         noise = probe(accelerator, step, first_of_step, noise)
         return train_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs)
 
-    training.resume = resume_and_remember
-    training.train_micro_batch = probed_micro_batch
+    loop.resume = resume_and_remember
+    loop.train_micro_batch = probed_micro_batch
 
 
 def nan_loss_at_steps(steps: set[int]):
@@ -108,7 +108,7 @@ def signal_at_step(step: int, signal_name: str, rank: int | None):
 
 
 def unreadable_data_at_step(step: int):
-    from lsun_ddpm.data import DatasetUnavailableError
+    from lsun_ddpm.errors import DatasetUnavailableError
 
     def refuse(accelerator, current_step, first_of_step, noise):
         if current_step == step and first_of_step:
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
         kill_before_results()
     if probes.save_replicas:
         save_replicas()
-    training.main(training_argv)
+    loop.main(training_argv)
 
 
 if __name__ == "__main__":

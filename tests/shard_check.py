@@ -11,8 +11,9 @@ import sys
 
 from accelerate.utils import gather_object
 
-from lsun_ddpm.config import parse_training_config
-from lsun_ddpm.training import make_accelerator, micro_batches, prepare_training_data, seed_this_process
+from lsun_ddpm.train.parsing import parse_training_config
+from lsun_ddpm.train.setup import make_accelerator, prepare_training_data, seed_this_process
+from lsun_ddpm.train.batches import micro_batches
 
 
 def main(folder: str, seed: str) -> None:

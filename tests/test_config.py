@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
-from lsun_ddpm.config import TrainingConfig, check_training_inputs, parse_training_config
+from lsun_ddpm.train.options import TrainingConfig
+from lsun_ddpm.train.parsing import check_training_inputs, parse_training_config
 from lsun_ddpm.errors import InputError
-from lsun_ddpm.performance import default_torch_compile
+from lsun_ddpm.train.fast_defaults import default_torch_compile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +90,9 @@ def test_the_shipped_paper_config_parses_and_keeps_the_recipe():
 
 
 def test_the_shipped_adm_fine_tuning_config_fine_tunes_a_learned_variance_model_at_128(tmp_path):
-    from lsun_ddpm.diffusion import make_noise_scheduler
-    from lsun_ddpm.export import save_pipeline_folder
-    from lsun_ddpm.models import ADMUNet2DModel
+    from lsun_ddpm.model.diffusion import make_noise_scheduler
+    from lsun_ddpm.train.export import save_pipeline_folder
+    from lsun_ddpm.model.unet import ADMUNet2DModel
 
     converted = tmp_path / "adm-lsun-bedroom-256"  # as convert-adm writes it: 6 outputs, sample_size 256
     model = ADMUNet2DModel.from_preset("tiny16", out_channels=6, sample_size=256)

@@ -20,8 +20,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import ModelCard
 
 from lsun_ddpm import cli
-from lsun_ddpm.convert_adm import (add_adm_flags, convert_adm, convert_adm_state_dict, given_adm_flags,
-                                   load_adm_state_dict)
+from lsun_ddpm.model.adm_flags import add_adm_flags, given_adm_flags
+from lsun_ddpm.model.adm_conversion import convert_adm
+from lsun_ddpm.model.adm_weights import convert_adm_state_dict, load_adm_state_dict
 from lsun_ddpm.errors import InputError
 
 # guided-diffusion's README, "LSUN models", as it is printed there.

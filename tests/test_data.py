@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lsun_ddpm.data import (SKIPPED, UPSCALED, DatasetUnavailableError, ImagePreprocessor, ImageReport,
-                            PreprocessedStream, augmentation_generator, decode_notes, encode_notes,
-                            load_image_dataset, make_dataloader, make_training_dataset, resize_shorter_side,
-                            summarise_image_reports, to_model_input, walk_images)
+from lsun_ddpm.data.report import ImageReport, SKIPPED, UPSCALED, decode_notes, encode_notes, summarise_image_reports
+from lsun_ddpm.errors import DatasetUnavailableError
+from lsun_ddpm.data.preprocessing import ImagePreprocessor, augmentation_generator, to_model_input
+from lsun_ddpm.data.datasets import PreprocessedStream, make_dataloader, make_training_dataset
+from lsun_ddpm.data.sources import load_image_dataset, walk_images
+from lsun_ddpm.pipelines.ddpm_interpolation import resize_shorter_side
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import open_rgb
 
@@ -507,7 +509,7 @@ def test_notes_are_read_from_the_device_in_bulk_not_at_every_micro_batch():
 
 
 def test_a_negative_min_image_size_is_refused():
-    from lsun_ddpm.config import parse_training_config
+    from lsun_ddpm.train.parsing import parse_training_config
     from lsun_ddpm.errors import InputError
 
     with pytest.raises(InputError, match="--min_image_size must be 0 or more"):

@@ -28,7 +28,8 @@ def test_figures_of_a_run_without_ema_claim_no_ema(no_ema_pipeline_folder, tmp_p
     from types import SimpleNamespace
 
     from conftest import make_image
-    from lsun_ddpm import demo, sampling
+    from lsun_ddpm import demo
+    from lsun_ddpm.sample import figures
 
     run = tmp_path / "run"
     shutil.copytree(no_ema_pipeline_folder, run)
@@ -41,8 +42,8 @@ def test_figures_of_a_run_without_ema_claim_no_ema(no_ema_pipeline_folder, tmp_p
     config = SimpleNamespace(resolution=16, ddpm_num_inference_steps=2, eval_batch_size=4, seed=0,
                              train_data_dir=str(photos), use_ema=False)
     labels = []  # the labels drawn inside the figures
-    side_by_side = sampling.labelled_side_by_side
-    monkeypatch.setattr(sampling, "labelled_side_by_side",
+    side_by_side = figures.labelled_side_by_side
+    monkeypatch.setattr(figures, "labelled_side_by_side",
                         lambda panels: labels.extend(label for label, _ in panels) or side_by_side(panels))
     captions = [caption for caption, _ in demo.paper_figures(run, config)]
     assert captions[0] == "Fig. 2a: training images | samples from the raw weights"
@@ -54,7 +55,8 @@ def test_figures_of_a_run_without_ema_claim_no_ema(no_ema_pipeline_folder, tmp_p
 def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_path, monkeypatch):
     """`lsun-ddpm demo --train_data_dir MINE` trains on MINE as it is: the demo's photos (one of them named
     like the user's file here) go only into a folder of the demo's own."""
-    from lsun_ddpm import cli, demo, training
+    from lsun_ddpm import cli, demo
+    from lsun_ddpm.train import loop
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -66,7 +68,7 @@ def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_p
         trained_on.append(config.train_data_dir)
         return tmp_path / "out"
 
-    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(loop, "train", train)
     monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
     monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
     cli.demo_command(["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(mine)])
@@ -77,10 +79,11 @@ def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_p
 def test_the_demo_takes_the_dashed_output_flag_as_training_does(tmp_path, monkeypatch):
     """`--output-dir` (argparse's other spelling, which the training parser takes) puts the demo's photos
     in that run's folder too, not in the default demo-run/."""
-    from lsun_ddpm import cli, demo, training
+    from lsun_ddpm import cli, demo
+    from lsun_ddpm.train import loop
 
     trained = []
-    monkeypatch.setattr(training, "train", lambda config: trained.append(config) or Path(config.output_dir))
+    monkeypatch.setattr(loop, "train", lambda config: trained.append(config) or Path(config.output_dir))
     monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
     monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lsun_ddpm import diffusion
+from lsun_ddpm.model import diffusion
 
 T = 1000
 

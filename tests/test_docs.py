@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from lsun_ddpm import cli
-from lsun_ddpm.config import parse_training_config
+from lsun_ddpm.train.parsing import parse_training_config
 from lsun_ddpm.demo import demo_defaults
 from lsun_ddpm.errors import InputError
 

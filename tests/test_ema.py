@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lsun_ddpm.ema import ema_weights, make_ema
-from lsun_ddpm.models import ADMUNet2DModel
+from lsun_ddpm.train.ema import ema_weights, make_ema
+from lsun_ddpm.model.unet import ADMUNet2DModel
 
 
 @pytest.fixture()

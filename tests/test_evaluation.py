@@ -37,7 +37,7 @@ def whitened(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def test_fid_of_a_set_against_itself_is_zero():
-    from lsun_ddpm.evaluation import frechet_distance
+    from lsun_ddpm.evaluate.metrics import frechet_distance
 
     features = torch.from_numpy(np.random.default_rng(0).standard_normal((300, 12)) * 3 + 1)
     assert abs(frechet_distance(features, features.clone())) < 1e-8
@@ -46,7 +46,7 @@ def test_fid_of_a_set_against_itself_is_zero():
 def test_fid_of_two_gaussian_sets_is_the_closed_form():
     """Sample covariances I and R diag(a²) Rᵀ (R a rotation), means 0 and b:
     d² = ‖b‖² + tr(I + R diag(a²) Rᵀ − 2 R diag(a) Rᵀ) = ‖b‖² + Σ (1 − a_i)²."""
-    from lsun_ddpm.evaluation import frechet_distance
+    from lsun_ddpm.evaluate.metrics import frechet_distance
 
     rng = np.random.default_rng(1)
     d = 6
@@ -71,7 +71,7 @@ def polynomial_mmd(x: np.ndarray, y: np.ndarray, unbiased: bool) -> float:
 
 
 def test_kid_is_the_unbiased_polynomial_mmd():
-    from lsun_ddpm.evaluation import kernel_distance
+    from lsun_ddpm.evaluate.metrics import kernel_distance
 
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((60, 5)), rng.standard_normal((60, 5)) + 0.3
@@ -82,7 +82,7 @@ def test_kid_is_the_unbiased_polynomial_mmd():
 
 
 def test_kid_is_unbiased_on_two_draws_of_one_distribution():
-    from lsun_ddpm.evaluation import kernel_distance
+    from lsun_ddpm.evaluate.metrics import kernel_distance
 
     rng = np.random.default_rng(3)
     kids, biased = [], []
@@ -96,7 +96,7 @@ def test_kid_is_unbiased_on_two_draws_of_one_distribution():
 
 
 def test_kid_subsets_shrink_to_the_smaller_set_and_are_seeded():
-    from lsun_ddpm.evaluation import kernel_distance
+    from lsun_ddpm.evaluate.metrics import kernel_distance
 
     rng = np.random.default_rng(4)
     x, y = torch.from_numpy(rng.standard_normal((30, 3))), torch.from_numpy(rng.standard_normal((20, 3)))
@@ -117,14 +117,14 @@ def test_kid_subsets_shrink_to_the_smaller_set_and_are_seeded():
     ([100.0, 101.0, 102.0, 103.0], 0.0, 0.0),  # disjoint
 ])
 def test_precision_and_recall_by_hand(fake, precision, recall):
-    from lsun_ddpm.evaluation import precision_recall
+    from lsun_ddpm.evaluate.metrics import precision_recall
 
     real = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])[:, None]
     assert precision_recall(real, torch.tensor(fake)[:, None]) == (pytest.approx(precision), pytest.approx(recall))
 
 
 def test_precision_and_recall_of_high_dimensional_sets():
-    from lsun_ddpm.evaluation import precision_recall
+    from lsun_ddpm.evaluate.metrics import precision_recall
 
     rng = np.random.default_rng(6)
     real = torch.from_numpy(rng.standard_normal((50, 32))).float()
@@ -134,7 +134,7 @@ def test_precision_and_recall_of_high_dimensional_sets():
 
 def test_too_few_images_for_the_neighbourhoods_is_an_input_error():
     from lsun_ddpm.errors import InputError
-    from lsun_ddpm.evaluation import compute_metrics
+    from lsun_ddpm.evaluate.metrics import compute_metrics
 
     with pytest.raises(InputError, match="3 samples are too few"):
         compute_metrics(torch.randn(10, 4), torch.randn(3, 4))
@@ -180,7 +180,7 @@ def scripted(module: torch.nn.Module, path: Path) -> Path:
 
 
 def test_quantisation_is_that_of_a_saved_png():
-    from lsun_ddpm.inception_features import to_uint8
+    from lsun_ddpm.evaluate.inception_features import to_uint8
     from lsun_ddpm.pipelines.ddpm_interpolation import to_tensor
 
     image = make_image(np.random.default_rng(7), 20, 16)
@@ -190,7 +190,7 @@ def test_quantisation_is_that_of_a_saved_png():
 
 @pytest.mark.parametrize("module, expected_mean", [(MeanOfInput(), (255 - 128) / 128), (RawConvention(), 255.0)])
 def test_a_torchscript_gets_the_299_px_input_of_its_convention(module, expected_mean, tmp_path):
-    from lsun_ddpm.inception_features import load_inception
+    from lsun_ddpm.evaluate.inception_features import load_inception
 
     extractor = load_inception(str(scripted(module, tmp_path / "net.pt")))
     white = torch.ones(2, 3, 16, 16)  # uint8 255 everywhere, whatever the resize
@@ -223,7 +223,7 @@ def random_inception_file(tmp_path_factory) -> Path:
 def test_a_state_dict_file_gives_torch_fidelitys_features(random_inception_file):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from lsun_ddpm.inception_features import load_inception
+    from lsun_ddpm.evaluate.inception_features import load_inception
 
     pixels = torch.from_numpy(np.random.default_rng(8).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
     expected = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
@@ -235,7 +235,7 @@ def test_a_state_dict_file_gives_torch_fidelitys_features(random_inception_file)
 
 
 def test_without_a_file_the_library_loads_its_cached_download(random_inception_file, tmp_path, monkeypatch):
-    from lsun_ddpm.inception_features import load_inception
+    from lsun_ddpm.evaluate.inception_features import load_inception
 
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -247,7 +247,7 @@ def test_without_a_file_the_library_loads_its_cached_download(random_inception_f
 
 
 def test_files_that_hold_no_inception_are_refused(tmp_path):
-    from lsun_ddpm.inception_features import InceptionWeightsUnavailableError, load_inception
+    from lsun_ddpm.evaluate.inception_features import InceptionWeightsUnavailableError, load_inception
 
     (tmp_path / "notes.pth").write_text("not weights")
     with pytest.raises(InceptionWeightsUnavailableError, match="neither a state-dict file nor a TorchScript"):
@@ -298,7 +298,7 @@ def torch_fidelity_state_dict(torchscript: Path, template: Path) -> dict:
 def test_standard_weights_give_the_features_torchmetrics_computes(random_inception_file, tmp_path):
     """With the real weights: our features of a fixed image equal torchmetrics' Inception (TF-1 resize) given the
     same weights, within float32 rounding: two implementations of the network, one image."""
-    from lsun_ddpm.inception_features import installed_torchscript, load_inception
+    from lsun_ddpm.evaluate.inception_features import installed_torchscript, load_inception
 
     torchscript = installed_torchscript()
     if torchscript is None:
@@ -325,7 +325,7 @@ def test_standard_weights_give_the_features_torchmetrics_computes(random_incepti
 
 
 def test_reference_file_holds_features_mean_and_covariance(tmp_path):
-    from lsun_ddpm.evaluation import ReferenceStats
+    from lsun_ddpm.evaluate.reference import ReferenceStats
 
     features = torch.from_numpy(np.random.default_rng(11).standard_normal((9, 3))).float()
     ReferenceStats(features, {"resolution": 16}, 2).save(tmp_path / "ref.npz")
@@ -372,10 +372,12 @@ def test_evaluate_writes_the_numbers_of_its_samples_and_reference_set(evaluated,
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from lsun_ddpm.data import ImagePreprocessor, load_image_dataset
-    from lsun_ddpm.inception_features import load_inception
+    from lsun_ddpm.data.preprocessing import ImagePreprocessor
+    from lsun_ddpm.data.sources import load_image_dataset
+    from lsun_ddpm.evaluate.inception_features import load_inception
     from lsun_ddpm.pipelines.ddpm_interpolation import to_tensor
-    from lsun_ddpm.sampling import SamplingPlan, generate, load_scheduler_config, load_unet
+    from lsun_ddpm.sample.sampling import SamplingPlan, generate
+    from lsun_ddpm.sample.loading import load_scheduler_config, load_unet
 
     tmp_path, _, result = evaluated
     summary = json.loads((tmp_path / "one" / "evaluation.json").read_text())
@@ -414,7 +416,7 @@ def test_the_note_counts_the_reference_images_that_were_read():
     """A reference set of all 10 images, one unreadable: the card must not claim all 10."""
     from types import SimpleNamespace
 
-    from lsun_ddpm.evaluation_report import evaluation_note
+    from lsun_ddpm.evaluate.evaluation_report import evaluation_note
 
     settings = {"num_samples": 50_000, "weights": "ema", "scheduler": "ddpm", "num_inference_steps": 1000, "seed": 0,
                 "precision_of_sampling": "bf16"}
@@ -433,8 +435,8 @@ def test_kid_of_one_subset_is_given_without_a_spread():
     """64 samples against 64 images: every KID subset is the same one, so there is no spread to show."""
     from types import SimpleNamespace
 
-    from lsun_ddpm.evaluation import kernel_distance
-    from lsun_ddpm.evaluation_report import evaluation_note, kid_text
+    from lsun_ddpm.evaluate.metrics import kernel_distance
+    from lsun_ddpm.evaluate.evaluation_report import evaluation_note, kid_text
 
     rng = np.random.default_rng(5)
     x, y = torch.from_numpy(rng.standard_normal((64, 4))), torch.from_numpy(rng.standard_normal((64, 4)) + 0.5)
@@ -457,7 +459,7 @@ def test_push_dry_run_puts_the_numbers_into_the_model_index(evaluated, tiny_pipe
 
     from huggingface_hub import ModelCard
 
-    from lsun_ddpm.hub import prepare_upload
+    from lsun_ddpm.publish.upload import prepare_upload
 
     run = tmp_path / "run"
     shutil.copytree(tiny_pipeline_folder, run)
@@ -472,7 +474,7 @@ def test_push_dry_run_puts_the_numbers_into_the_model_index(evaluated, tiny_pipe
 
 
 def test_two_processes_give_the_same_samples_and_numbers(evaluated):
-    from lsun_ddpm.evaluation import ReferenceStats
+    from lsun_ddpm.evaluate.reference import ReferenceStats
 
     tmp_path, flags, _ = evaluated
     run_evaluate(tmp_path, *flags, "--run_dir", "two", "--samples_dir", "two/samples", processes=2, cache="cache-two")

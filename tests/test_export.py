@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from lsun_ddpm.diffusion import make_noise_scheduler
-from lsun_ddpm.ema import make_ema
-from lsun_ddpm.export import replace_path, save_pipeline_folder
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+from lsun_ddpm.train.ema import make_ema
+from lsun_ddpm.files import replace_path
+from lsun_ddpm.train.export import save_pipeline_folder
 from lsun_ddpm.layout import checkpoint_step, list_checkpoints
-from lsun_ddpm.models import ADMUNet2DModel
+from lsun_ddpm.model.unet import ADMUNet2DModel
 
 
 def test_replace_path_swaps_a_whole_folder(tmp_path):

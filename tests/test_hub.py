@@ -14,7 +14,9 @@ from PIL import Image
 from adm_reference import Spec, random_adm_state_dict
 from conftest import REPO_ROOT, offline_env, read_summary, run_training
 from fake_hub import FakeHub
-from lsun_ddpm.hub import build_model_card, prepare_upload, push_run, push_space
+from lsun_ddpm.publish.card import build_model_card
+from lsun_ddpm.publish.upload import prepare_upload, push_run
+from lsun_ddpm.publish.space_upload import push_space
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 
@@ -256,7 +258,7 @@ def converted_folder(tmp_path):
     """A folder `convert-adm` wrote, from a tiny guided-diffusion checkpoint."""
     import torch
 
-    from lsun_ddpm.convert_adm import convert_adm
+    from lsun_ddpm.model.adm_conversion import convert_adm
 
     checkpoint = tmp_path / "lsun_bedroom.pt"
     torch.save(random_adm_state_dict(Spec()), checkpoint)
@@ -415,7 +417,7 @@ def test_push_space_uploads_the_app_and_sets_model_id(tmp_path):
         files = hub.files("someone/bedrooms")
         assert hub.repos["someone/bedrooms"]["type"] == "space" and hub.repos["someone/bedrooms"]["sdk"] == "gradio"
         assert hub.space_variables["someone/bedrooms"] == {"MODEL_ID": "someone/ddpm-bedroom"}
-    assert {"app.py", "requirements.txt", "README.md", "lsun_ddpm/app.py",
+    assert {"app.py", "requirements.txt", "README.md", "lsun_ddpm/publish/app.py",
             "lsun_ddpm/pipelines/ddpm_interpolation.py"} <= set(files)
     (tmp_path / "README.md").write_bytes(files["README.md"])
     card = SpaceCard.load(tmp_path / "README.md")

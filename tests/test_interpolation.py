@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from conftest import REPO_ROOT, SingleImageOracle, make_image, random_tiny_unet, run_cli, run_cli_launched
-from lsun_ddpm.diffusion import make_noise_scheduler
+from lsun_ddpm.model.diffusion import make_noise_scheduler
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import (DDPMInterpolationPipeline, auto_noise_level, ddim_step,
                                                     slerp)
@@ -274,7 +274,7 @@ def test_interpolate_cli_rejects_bad_input_clearly(tmp_path, tiny_pipeline_folde
 @pytest.fixture()
 def nothing_interpolated(monkeypatch, tmp_path):
     """Run in an empty folder with the model loader and the interpolation replaced by recorders."""
-    from lsun_ddpm import interpolation
+    from lsun_ddpm.sample import interpolation
 
     calls = []
     monkeypatch.setattr(interpolation, "load_interpolation_pipeline", lambda *a, **k: calls.append("load"))

@@ -11,11 +11,11 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from lsun_ddpm.diffusion import Objective, make_noise_scheduler
-from lsun_ddpm.export import save_pipeline_folder
-from lsun_ddpm.models import ADMUNet2DModel
+from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
+from lsun_ddpm.train.export import save_pipeline_folder
+from lsun_ddpm.model.unet import ADMUNet2DModel
 from lsun_ddpm.pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
-from lsun_ddpm.sampling import SamplingPlan, generate
+from lsun_ddpm.sample.sampling import SamplingPlan, generate
 
 from conftest import random_tiny_unet, read_scalars, run_training
 
@@ -72,7 +72,7 @@ def test_interpolation_uses_v_for_ancestral_steps_and_epsilon_for_ddim():
 
 def test_the_space_serves_a_learned_variance_model(tmp_path):
     """The same ε-network with v = −1 (Σ = β̃_t) and without v: the Space gives the same images with every sampler."""
-    from lsun_ddpm.app import SpaceModel
+    from lsun_ddpm.publish.app import SpaceModel
 
     unet = random_tiny_unet(seed=4)
     save_pipeline_folder(unet, make_noise_scheduler(), tmp_path / "fixed")

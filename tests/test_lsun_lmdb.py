@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import make_image, read_summary, run_training
-from lsun_ddpm.data import ImagePreprocessor, load_image_dataset, make_dataloader, make_training_dataset
+from lsun_ddpm.data.preprocessing import ImagePreprocessor
+from lsun_ddpm.data.sources import load_image_dataset
+from lsun_ddpm.data.datasets import make_dataloader, make_training_dataset
 from lsun_ddpm.errors import InputError
 
 lmdb = pytest.importorskip("lmdb", reason="the lsun extra (pip install lmdb)")

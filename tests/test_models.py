@@ -12,10 +12,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from conftest import REPO_ROOT
-from lsun_ddpm.diffusion import make_noise_scheduler
-from lsun_ddpm.ema import make_ema
-from lsun_ddpm.export import save_pipeline_folder
-from lsun_ddpm.models import PRESETS, ADMUNet2DModel, build_model
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+from lsun_ddpm.train.ema import make_ema
+from lsun_ddpm.train.export import save_pipeline_folder
+from lsun_ddpm.model.unet import ADMUNet2DModel, PRESETS, build_model
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
 def test_feature_distance_equals_lpips(net, tmp_path, monkeypatch):
-    from lsun_ddpm.lpips_features import LpipsFeatures, load_lpips
+    from lsun_ddpm.evaluate.lpips_features import LpipsFeatures, load_lpips
 
     weights = random_backbone_file(tmp_path, net)
     features = LpipsFeatures(load_lpips(net, str(weights)))  # before lpips' torchvision call is patched
@@ -164,8 +164,8 @@ def test_search_equals_a_pair_by_pair_lpips_loop(cli_run, training_folder, sampl
 
 
 def test_reference_distances_are_each_real_images_nearest_other_image(training_folder, tmp_path, monkeypatch):
-    from lsun_ddpm.data import load_image_dataset
-    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.data.sources import load_image_dataset
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
 
     weights = random_backbone_file(tmp_path)
     dataset = load_image_dataset(train_data_dir=str(training_folder))
@@ -219,8 +219,8 @@ def test_two_processes_give_the_same_answer_as_one(cli_run, training_folder, tin
 
 
 def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_folder, tmp_path, monkeypatch):
-    from lsun_ddpm import neighbours
-    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.data.sources import load_image_dataset
+    from lsun_ddpm.evaluate import dataset_pass, neighbours
 
     weights = random_backbone_file(tmp_path)
     dataset = load_image_dataset(train_data_dir=str(training_folder))
@@ -229,7 +229,7 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
     uninterrupted = neighbours.find_neighbours(samples, [p.name for p in samples], dataset, **options)
 
     decoded = []  # the first dataset index of every batch decoded
-    real_decode = neighbours.decode_batch
+    real_decode = dataset_pass.decode_batch
 
     def decode_and_record(members, preprocess):
         decoded.extend(members[:1])
@@ -241,7 +241,7 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
         return decode_and_record(members, preprocess)
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(neighbours, "decode_batch", decode_then_stop)
+    monkeypatch.setattr(dataset_pass, "decode_batch", decode_then_stop)
     with pytest.raises(KeyboardInterrupt):
         neighbours.find_neighbours(samples, [p.name for p in samples], dataset, feature_cache=str(cache), **options)
     assert sorted(p.name for p in cache.glob("batch-*")) == ["batch-00000000.safetensors", "batch-00000001.safetensors"]
@@ -249,7 +249,7 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
     (cache / ".batch-00000002.safetensors.partial-1").write_bytes(b"half a file")
 
     decoded.clear()
-    monkeypatch.setattr(neighbours, "decode_batch", decode_and_record)
+    monkeypatch.setattr(dataset_pass, "decode_batch", decode_and_record)
     resumed = neighbours.find_neighbours(samples, [p.name for p in samples], dataset, feature_cache=str(cache),
                                          **options)
     assert [index for index, _ in decoded] == [16, 24]  # batches 0 and 1 came from the cache
@@ -264,9 +264,9 @@ def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_fold
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_cache_of_training_images_that_changed_since_is_refused(training_folder, sample_folder, tmp_path, streaming):
     """Added images shift every later index: the cached batches would be matched against the wrong images."""
-    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.data.sources import load_image_dataset
     from lsun_ddpm.errors import InputError
-    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
 
     folder = tmp_path / "training"
     folder.mkdir()
@@ -302,10 +302,10 @@ def test_training_data_without_one_readable_image_is_one_error(sample_folder, tm
 
 
 def test_an_unreadable_sample_is_named(training_folder, sample_folder, tmp_path):
-    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.data.sources import load_image_dataset
     from lsun_ddpm.errors import InputError
-    from lsun_ddpm.neighbours import find_neighbours
-    from lsun_ddpm.neighbours_report import read_sample_folder
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
+    from lsun_ddpm.evaluate.neighbours_report import read_sample_folder
 
     folder = tmp_path / "samples"
     folder.mkdir()
@@ -325,9 +325,9 @@ LPIPS_MIN_RESOLUTION = {"alex": 31, "vgg": 16, "squeeze": 17}
 def test_a_resolution_too_small_for_the_backbone_names_the_one_that_works(net, training_folder, sample_folder):
     import lpips
 
-    from lsun_ddpm.data import load_image_dataset
+    from lsun_ddpm.data.sources import load_image_dataset
     from lsun_ddpm.errors import InputError
-    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
 
     smallest = LPIPS_MIN_RESOLUTION[net]
     model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
@@ -343,7 +343,8 @@ def test_a_resolution_too_small_for_the_backbone_names_the_one_that_works(net, t
 
 def test_a_small_models_default_resolution_is_refused_before_sampling(tiny_pipeline_folder, training_folder,
                                                                       monkeypatch, capsys):
-    from lsun_ddpm import cli, neighbours_report
+    from lsun_ddpm import cli
+    from lsun_ddpm.evaluate import neighbours_report
 
     monkeypatch.setattr(neighbours_report, "generate_samples", lambda *args: pytest.fail("samples were generated"))
     with pytest.raises(SystemExit) as exit_info:  # the tiny model makes 16-px images
@@ -359,9 +360,9 @@ def test_a_small_models_default_resolution_is_refused_before_sampling(tiny_pipel
 
 
 def test_unreadable_training_images_are_skipped_and_counted(training_folder, sample_folder, tmp_path):
-    from lsun_ddpm.data import load_image_dataset
-    from lsun_ddpm.neighbours import find_neighbours
-    from lsun_ddpm.neighbours_report import summary_dict
+    from lsun_ddpm.data.sources import load_image_dataset
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
+    from lsun_ddpm.evaluate.neighbours_report import summary_dict
 
     folder = tmp_path / "with_a_bad_file"
     folder.mkdir()
@@ -380,7 +381,7 @@ def test_unreadable_training_images_are_skipped_and_counted(training_folder, sam
 
 
 def test_memorisation_verdict_against_hand_computed_percentiles():
-    from lsun_ddpm.neighbours import memorisation_summary
+    from lsun_ddpm.evaluate.neighbours import memorisation_summary
 
     reference = np.arange(1, 101) / 100  # 0.01 … 1.00
     verdict = memorisation_summary(np.array([0.005, 0.0195, 0.5, 2.0]), reference)
@@ -406,7 +407,8 @@ def test_offline_without_backbone_weights_is_one_clear_line(sample_folder, train
 
 
 def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
-    from lsun_ddpm.lpips_features import LpipsWeightsUnavailableError, load_lpips
+    from lsun_ddpm.errors import LpipsWeightsUnavailableError
+    from lsun_ddpm.evaluate.lpips_features import load_lpips
 
     (tmp_path / "bad.pth").write_text("not weights")
     with pytest.raises(LpipsWeightsUnavailableError, match="not a torchvision state-dict file"):
@@ -429,8 +431,8 @@ def test_run_dir_gets_the_files_the_model_card_reads(cli_run, training_folder, s
 
 
 def test_a_stream_or_decoding_workers_give_the_same_answer(training_folder, sample_folder, tmp_path):
-    from lsun_ddpm.data import load_image_dataset
-    from lsun_ddpm.neighbours import find_neighbours
+    from lsun_ddpm.data.sources import load_image_dataset
+    from lsun_ddpm.evaluate.neighbours import find_neighbours
 
     weights = random_backbone_file(tmp_path)
     samples = sorted(sample_folder.glob("*.png"))[:3]
@@ -451,7 +453,7 @@ def test_a_stream_or_decoding_workers_give_the_same_answer(training_folder, samp
     (["--num_inference_steps", "0"], None),
 ])
 def test_the_command_refuses_bad_output_and_steps_before_any_work(tmp_path, monkeypatch, capsys, flags, message):
-    from lsun_ddpm import neighbours_report
+    from lsun_ddpm.evaluate import neighbours_report
     from lsun_ddpm.cli import neighbours_command
     from lsun_ddpm.errors import InputError
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsun_ddpm import cli, performance, training
-from lsun_ddpm.config import TrainingConfig
-from lsun_ddpm.performance import (COMPILE_BREAK_EVEN_MICRO_BATCHES, compile_in_place, default_mixed_precision,
-                                   default_torch_compile, is_compiled)
+from lsun_ddpm import cli
+from lsun_ddpm import hardware as machine
+from lsun_ddpm.train import fast_defaults, setup
+from lsun_ddpm.train.options import TrainingConfig
+from lsun_ddpm.train.fast_defaults import (COMPILE_BREAK_EVEN_MICRO_BATCHES, default_mixed_precision,
+                                           default_torch_compile)
+from lsun_ddpm.hardware import compile_in_place, is_compiled
 
 from conftest import random_tiny_unet
 
@@ -21,7 +24,7 @@ def hardware(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
 
     def set_fast(fast: bool):
-        monkeypatch.setattr(performance, "fast_precision_available", lambda device: fast)
+        monkeypatch.setattr(fast_defaults, "fast_precision_available", lambda device: fast)
 
     return set_fast
 
@@ -53,7 +56,7 @@ def test_accelerates_bf16_or_fp16_is_kept_and_slow_hardware_trains_in_fp32(hardw
 def test_training_fills_in_only_what_the_user_left_unset(hardware, given, fast, expected):
     hardware(fast)
     config = TrainingConfig(train_data_dir="images", **given)
-    training.choose_precision(config)
+    setup.choose_precision(config)
     assert (config.mixed_precision, config.channels_last) == expected
 
 
@@ -123,35 +126,35 @@ class RecordingLibc:
 
 @pytest.fixture
 def no_malloc_settings(monkeypatch):
-    for name in performance.MALLOC_SETTINGS:
+    for name in machine.MALLOC_SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
 
 def test_a_cpu_run_raises_the_mmap_threshold_and_stops_trimming(no_malloc_settings):
     libc = RecordingLibc()
-    assert performance.keep_freed_host_memory(CPU, libc)
+    assert machine.keep_freed_host_memory(CPU, libc)
     # mallopt(3): M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD is -1, and a trim threshold of -1 disables trimming.
     assert libc.calls == [(-3, 1 << 30), (-1, -1)]
 
 
 def test_a_glibc_that_refuses_1_gib_gets_its_documented_maximum(no_malloc_settings):
     libc = RecordingLibc(largest_mmap_threshold=32 << 20)
-    assert performance.keep_freed_host_memory(CPU, libc)
+    assert machine.keep_freed_host_memory(CPU, libc)
     assert libc.calls == [(-3, 1 << 30), (-3, 32 << 20), (-1, -1)]
 
 
 @pytest.mark.parametrize("setting", ["MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"])
 def test_the_users_malloc_settings_and_gpu_runs_are_left_alone(no_malloc_settings, monkeypatch, setting):
     libc = RecordingLibc()
-    assert not performance.keep_freed_host_memory(torch.device("cuda"), libc)
+    assert not machine.keep_freed_host_memory(torch.device("cuda"), libc)
     monkeypatch.setenv(setting, "libjemalloc.so.2" if setting == "LD_PRELOAD" else "1")
-    assert not performance.keep_freed_host_memory(CPU, libc)
+    assert not machine.keep_freed_host_memory(CPU, libc)
     assert libc.calls == []
 
 
 HELD_AFTER_FREE = """
 import ctypes, sys, torch
-from lsun_ddpm import performance
+from lsun_ddpm import hardware as machine
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
@@ -159,14 +162,14 @@ class Mallinfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "kept":
-    assert performance.keep_freed_host_memory(torch.device("cpu"))
+    assert machine.keep_freed_host_memory(torch.device("cpu"))
 block = torch.empty(100 << 20, dtype=torch.uint8).fill_(1)
 del block
 print(libc.mallinfo2().fordblks)
 """
 
 
-@pytest.mark.skipif(performance.glibc() is None or not hasattr(performance.glibc(), "mallinfo2"),
+@pytest.mark.skipif(machine.glibc() is None or not hasattr(machine.glibc(), "mallinfo2"),
                     reason="needs glibc 2.33 or newer")
 def test_with_glibc_a_freed_100_mib_tensor_stays_in_the_heap_for_reuse(no_malloc_settings):
     """By default glibc unmaps the block on free; kept, the heap holds it as free space for the next step."""
@@ -185,7 +188,7 @@ def test_with_glibc_a_freed_100_mib_tensor_stays_in_the_heap_for_reuse(no_malloc
                                             ("evaluate", True), ("prepare", False), ("push", False)])
 def test_commands_that_run_a_network_keep_freed_host_memory_on_the_cpu(monkeypatch, command, keeps):
     kept = []
-    monkeypatch.setattr(performance, "keep_freed_host_memory", kept.append)
+    monkeypatch.setattr(machine, "keep_freed_host_memory", kept.append)
     monkeypatch.setitem(cli.HANDLERS, command, lambda argv: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cli.main([command])
@@ -199,7 +202,7 @@ def test_the_peak_memory_of_a_fresh_process_is_its_own_not_its_launchers(tmp_pat
     import sys
 
     held = torch.ones(2**29)  # 2 GiB of float32, every page touched
-    child = subprocess.run([sys.executable, "-c", "import torch\nfrom lsun_ddpm.performance import "
+    child = subprocess.run([sys.executable, "-c", "import torch\nfrom lsun_ddpm.hardware import "
                             "peak_memory_bytes\nprint(peak_memory_bytes(torch.device('cpu')))"],
                            capture_output=True, text=True, check=True)
     del held

@@ -138,7 +138,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_in_a_row_stop_the_run
 
 def test_a_second_ctrl_c_aborts_but_a_launcher_forwarding_the_first_does_not(monkeypatch):
     """In-process: the handler only records the first signal; the previous handlers come back after the run."""
-    from lsun_ddpm import preemption
+    from lsun_ddpm.train import preemption
 
     before = signal.getsignal(signal.SIGINT)
     with preemption.StopRequest() as stop_request:
@@ -155,7 +155,7 @@ def test_a_second_ctrl_c_aborts_but_a_launcher_forwarding_the_first_does_not(mon
 
 
 def test_max_nonfinite_steps_below_one_is_an_input_error():
-    from lsun_ddpm.config import TrainingConfig
+    from lsun_ddpm.train.options import TrainingConfig
     from lsun_ddpm.errors import InputError
 
     with pytest.raises(InputError, match="--max_nonfinite_steps must be at least 1, got 0"):

@@ -9,10 +9,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from lsun_ddpm import prepare
-from lsun_ddpm.data import ImagePreprocessor, PreprocessedImages, load_image_dataset, make_dataloader
+from lsun_ddpm.data import prepare, prepared
+from lsun_ddpm.data.preprocessing import ImagePreprocessor
+from lsun_ddpm.data.datasets import PreprocessedImages, make_dataloader
+from lsun_ddpm.data.sources import load_image_dataset
 from lsun_ddpm.errors import InputError
-from lsun_ddpm.prepare import SourceOptions, load_prepared_images, prepare_dataset
+from lsun_ddpm.data.prepare import SourceOptions, prepare_dataset
+from lsun_ddpm.data.prepared import load_prepared_images
 
 from conftest import TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
 from test_training import assert_bitwise_equal, exported_weights
@@ -106,7 +109,7 @@ def test_a_prepared_dataset_pickles_as_its_files_not_its_pixels(image_folder, tm
 @pytest.mark.parametrize("binary_type", [pa.binary(), pa.large_binary()])
 def test_binary_views_of_a_sliced_arrow_array(binary_type):
     array = pa.array([b"ab", b"cde", b"", b"fghi", b"j"], type=binary_type).slice(1, 3)
-    offsets, data = prepare.binary_views(array)
+    offsets, data = prepared.binary_views(array)
     assert [bytes(data[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)] == [b"cde", b"", b"fghi"]
 
 

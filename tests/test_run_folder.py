@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lsun_ddpm import run_folder
-from lsun_ddpm.config import TrainingConfig, parse_training_config
+from lsun_ddpm.train import run_folder
+from lsun_ddpm.train.options import TrainingConfig
+from lsun_ddpm.train.parsing import parse_training_config
 from lsun_ddpm.errors import InputError
 
 from conftest import (PROBED_SCRIPT, TINY_RUN, TRAIN_SCRIPT, offline_env, read_scalars, read_summary,
@@ -378,12 +379,12 @@ def test_short_disk_space_is_refused_before_any_work(tmp_path, monkeypatch):
 def test_a_run_refused_for_disk_space_removes_the_folders_its_lock_made(tmp_path, monkeypatch, image_folder, capsys):
     """The lock makes --output_dir (and its missing parents) before the checks that read the folder; a refusal
     removes them again, so the refused run leaves nothing behind."""
-    from lsun_ddpm import training
+    from lsun_ddpm.train import loop
 
     monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        training.main(["--model_preset", "tiny16", "--train_data_dir", str(image_folder), "--logger", "none",
+        loop.main(["--model_preset", "tiny16", "--train_data_dir", str(image_folder), "--logger", "none",
                        "--output_dir", str(tmp_path / "runs" / "new")])
     assert exit_info.value.code == 2
     assert "free but this run needs at least" in capsys.readouterr().err
@@ -584,7 +585,7 @@ def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp
     """An older run's checkpoint carries no config: the shapes themselves give it away when loading."""
     from accelerate import Accelerator
 
-    from lsun_ddpm import training
+    from lsun_ddpm.train import setup
 
     saving = Accelerator(cpu=True, mixed_precision="no")
     small = torch.nn.Linear(2, 2)
@@ -595,6 +596,6 @@ def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp
     accelerator.prepare(large, torch.optim.AdamW(large.parameters()))
     config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     with pytest.raises(InputError) as refused:
-        training.resume(accelerator, config, tmp_path / "checkpoint-3", ema=None)
+        setup.resume(accelerator, config, tmp_path / "checkpoint-3", ema=None)
     assert str(refused.value) == (f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}: its weights have other "
                                   f"shapes than this model's (tiny16); resume it with the model it was trained with")

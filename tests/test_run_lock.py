@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from lsun_ddpm.run_lock import LOCK_FILE, FolderSnapshot, RunFolderInUse, acquire_run_lock
+from lsun_ddpm.layout import LOCK_FILE
+from lsun_ddpm.train.run_lock import FolderSnapshot, RunFolderInUse, acquire_run_lock
 
 from conftest import TINY_RUN, TRAIN_SCRIPT, offline_env, run_script_directly
 
 HOLD_LOCK = """
 import sys, time
-from lsun_ddpm.run_lock import acquire_run_lock
+from lsun_ddpm.train.run_lock import acquire_run_lock
 lock = acquire_run_lock(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)
@@ -74,7 +75,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_a_lock_file_removed_by_its_releasing_holder_is_not_the_one_locked(tmp_path, monkeypatch):
     """A job that opened the lock file just before its holder released (and unlinked) it must not take the
     unlinked file for the lock: it locks the file now at the path instead."""
-    from lsun_ddpm import run_lock
+    from lsun_ddpm.train import run_lock
 
     first = acquire_run_lock(tmp_path)
     real_flock = run_lock.fcntl.flock

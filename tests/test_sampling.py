@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from conftest import SingleImageOracle, dark_pixels, random_tiny_unet, rendered_ink, run_cli, run_cli_launched
-from lsun_ddpm import sampling
-from lsun_ddpm.diffusion import make_noise_scheduler
-from lsun_ddpm.sampling import SCHEDULERS, SamplingPlan, denoise, generate, grid_shape, make_scheduler
+from lsun_ddpm.sample import figures, loading, sampling
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+from lsun_ddpm.sample.sampling import SCHEDULERS, SamplingPlan, denoise, generate, make_scheduler
+from lsun_ddpm.sample.figures import grid_shape
 
 CONFIG = dict(make_noise_scheduler().config)
 
@@ -135,13 +136,13 @@ def test_grid_shapes():
 
 
 def test_missing_model_and_missing_raw_weights_are_clear_errors(tmp_path, tiny_pipeline_folder):
-    with pytest.raises(sampling.ModelUnavailableError, match="pipeline folder"):
-        sampling.load_unet(str(tmp_path / "nowhere"))
+    with pytest.raises(loading.ModelUnavailableError, match="pipeline folder"):
+        loading.load_unet(str(tmp_path / "nowhere"))
     (tmp_path / "only_ema").mkdir()
     import shutil
     shutil.copytree(tiny_pipeline_folder / "unet", tmp_path / "only_ema" / "unet")
-    with pytest.raises(sampling.ModelUnavailableError, match="unet_raw"):
-        sampling.load_unet(str(tmp_path / "only_ema"), "raw")
+    with pytest.raises(loading.ModelUnavailableError, match="unet_raw"):
+        loading.load_unet(str(tmp_path / "only_ema"), "raw")
 
 
 def test_sample_cli_writes_a_grid_and_one_png_per_image(tmp_path, tiny_pipeline_folder):
@@ -211,7 +212,7 @@ def model_never_loaded(monkeypatch, tmp_path):
     """Run a command in an empty folder with every model loader replaced by one that records its call."""
     calls = []
     for name in ("load_unet", "load_scheduler_config"):
-        monkeypatch.setattr(sampling, name, lambda *args, name=name, **kwargs: calls.append(name))
+        monkeypatch.setattr(loading, name, lambda *args, name=name, **kwargs: calls.append(name))
     monkeypatch.chdir(tmp_path)
     yield calls
     assert calls == [], f"the model was loaded before the input was checked: {calls}"
@@ -256,7 +257,7 @@ def test_sample_of_a_run_without_ema_uses_its_raw_weights_in_unet(no_ema_pipelin
     from lsun_ddpm.errors import InputError
 
     stored = load_file(no_ema_pipeline_folder / "unet" / "diffusion_pytorch_model.safetensors")
-    loaded = sampling.load_unet(str(no_ema_pipeline_folder), "raw").state_dict()
+    loaded = loading.load_unet(str(no_ema_pipeline_folder), "raw").state_dict()
     assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)
 
     monkeypatch.chdir(tmp_path)
@@ -275,7 +276,7 @@ def test_sample_of_a_run_without_ema_uses_its_raw_weights_in_unet(no_ema_pipelin
 @pytest.mark.parametrize("labels", [("raw", "EMA"), ("training images", "samples (EMA)")])
 def test_side_by_side_labels_are_whole_and_each_above_its_own_panel(labels):
     colours = ((255, 0, 0), (0, 0, 255))
-    figure = sampling.labelled_side_by_side([(label, Image.new("RGB", (16, 16), colour))
+    figure = figures.labelled_side_by_side([(label, Image.new("RGB", (16, 16), colour))
                                              for label, colour in zip(labels, colours)])
     pixels = np.asarray(figure)
     bottom = pixels[-1]

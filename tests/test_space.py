@@ -17,8 +17,9 @@ from PIL import Image
 
 from conftest import REPO_ROOT, make_image, offline_env
 from fake_hub import without_offline_variables
-from lsun_ddpm import app
-from lsun_ddpm.app import InputError, Limits, SpaceModel, build_demo, main, offline_theme
+from lsun_ddpm.publish import app
+from lsun_ddpm.errors import InputError
+from lsun_ddpm.publish.app import Limits, SpaceModel, build_demo, main, offline_theme
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without Chromium the browser test fails, so that it can never silently stop running; people without
@@ -129,7 +130,7 @@ def test_the_space_defaults_to_dpm_solver_25_steps_and_bf16_where_supported(tiny
               for component in build_demo(SpaceModel(str(tiny_pipeline_folder))).get_config_file()["components"]}
     assert values["Sampler"] == PROMISED["sampler"] and values["Steps"] == PROMISED["steps"]
 
-    from lsun_ddpm import sampling
+    from lsun_ddpm.sample import sampling
 
     for fast_hardware, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(sampling, "fast_precision_available", lambda device: fast_hardware)
@@ -249,7 +250,7 @@ def test_requests_leave_no_file_of_their_own_and_gradio_deletes_the_rest(model, 
 
 
 def test_about_text_and_title_describe_the_actual_data_and_weights(no_ema_pipeline_folder):
-    from lsun_ddpm.app import about_markdown
+    from lsun_ddpm.publish.app import about_markdown
 
     space = SpaceModel(str(no_ema_pipeline_folder), bf16=False)
     about = about_markdown(space)
@@ -261,7 +262,7 @@ def test_about_text_and_title_describe_the_actual_data_and_weights(no_ema_pipeli
 
 
 def test_the_about_tab_names_a_card_only_where_there_is_one(tiny_pipeline_folder, tmp_path):
-    from lsun_ddpm.app import model_card_link
+    from lsun_ddpm.publish.app import model_card_link
 
     assert "no model card yet" in model_card_link(str(tiny_pipeline_folder))  # a run folder before `push`
     assert "README.md" not in model_card_link(str(tiny_pipeline_folder))
@@ -369,7 +370,7 @@ def test_weights_are_read_from_safetensors_only(tmp_path, tiny_pipeline_folder):
     """A repo that only has pickled weights is refused, so it cannot run code on the server."""
     from safetensors.torch import load_file
 
-    from lsun_ddpm.sampling import ModelUnavailableError
+    from lsun_ddpm.errors import ModelUnavailableError
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_pipeline_folder, pickled)

@@ -16,10 +16,10 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from lsun_ddpm import run_folder, training
-from lsun_ddpm.config import TrainingConfig
-from lsun_ddpm.diffusion import Objective, make_noise_scheduler
-from lsun_ddpm.models import build_model
+from lsun_ddpm.train import loop, outputs, run_folder, setup
+from lsun_ddpm.train.options import TrainingConfig
+from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
+from lsun_ddpm.model.unet import build_model
 
 from conftest import (TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
                       run_training)
@@ -47,12 +47,12 @@ def test_the_optimizer_is_the_papers_adam_fused_on_the_cpu():
     and the CPU gets torch's fused kernel."""
     weight = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.constant_(weight.weight, 1.0)
-    optimizer = training.make_optimizer(weight, TrainingConfig(learning_rate=0.1), torch.device("cpu"))
+    optimizer = setup.make_optimizer(weight, TrainingConfig(learning_rate=0.1), torch.device("cpu"))
     weight.weight.grad = torch.tensor([[0.5]])
     optimizer.step()
     assert weight.weight.item() == pytest.approx(1.0 - 0.1 * 0.5 / (0.5 + 1e-8))
     assert optimizer.defaults["fused"] is True
-    assert not training.make_optimizer(weight, TrainingConfig(), torch.device("mps")).defaults["fused"]
+    assert not setup.make_optimizer(weight, TrainingConfig(), torch.device("mps")).defaults["fused"]
 
 
 def test_the_loss_falls(run):
@@ -279,21 +279,21 @@ def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(
     linear = torch.nn.Linear(2, 2)
     model, _ = accelerator.prepare(linear, torch.optim.AdamW(linear.parameters()))
     torch.nn.init.constant_(model.weight, 1.0)
-    training.save_checkpoint(accelerator, tmp_path, 1, total_limit=1, segments=[])
+    outputs.save_checkpoint(accelerator, tmp_path, 1, total_limit=1, segments=[])
     torch.nn.init.constant_(model.weight, 2.0)
 
     def interrupted(source, destination):
         raise KeyboardInterrupt  # the state is written under its temporary name, not yet renamed
 
-    monkeypatch.setattr(training, "replace_path", interrupted)
+    monkeypatch.setattr(outputs, "replace_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(accelerator, tmp_path, 2, total_limit=1, segments=[])
+        outputs.save_checkpoint(accelerator, tmp_path, 2, total_limit=1, segments=[])
     monkeypatch.undo()
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
     torch.nn.init.constant_(model.weight, 3.0)
     config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     checkpoint, _ = run_folder.checkpoint_to_resume(config)
-    assert training.resume(accelerator, config, checkpoint, ema=None) == 1
+    assert setup.resume(accelerator, config, checkpoint, ema=None) == 1
     assert torch.all(model.weight == 1.0)
 
 
@@ -316,7 +316,7 @@ def test_sixteen_micro_batches_of_8_update_like_one_batch_of_128():
         model = random_tiny_unet().train()
         before = [p.detach().clone() for p in model.parameters()]
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        norms = [training.train_micro_batch(accelerator, model, objective, clean[i:i + micro_batch],
+        norms = [loop.train_micro_batch(accelerator, model, objective, clean[i:i + micro_batch],
                                             noise[i:i + micro_batch], timesteps[i:i + micro_batch], max_grad_norm)[1]
                  for i in range(0, 128, micro_batch)]
         assert all(norm is None for norm in norms[:-1])  # one optimizer step, after the last micro-batch
@@ -387,7 +387,9 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, i
 def test_the_grids_use_the_eval_scheduler_and_say_so(tmp_path, image_folder):
     """--eval_scheduler ddim with 3 steps: the run's last grid is exactly DDIM-3 from its exported EMA weights,
     the log names the sampler and steps, and a progress bar counts the grid's U-Net steps."""
-    from lsun_ddpm.sampling import SamplingPlan, generate, image_grid, load_scheduler_config, load_unet
+    from lsun_ddpm.sample.sampling import SamplingPlan, generate
+    from lsun_ddpm.sample.figures import image_grid
+    from lsun_ddpm.sample.loading import load_scheduler_config, load_unet
 
     output_dir = tmp_path / "out"
     result = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), "--max_train_steps", "2",

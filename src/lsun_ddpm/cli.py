@@ -24,18 +24,18 @@ COMMANDS = {
 
 
 def train_command(argv: list[str]) -> None:
-    from .training import train_from_command_line
+    from .train.loop import train_from_command_line
 
     train_from_command_line(argv, program="lsun-ddpm train")
 
 
 def demo_command(argv: list[str]) -> None:
-    from .config import check_training_inputs, parse_training_config, read_model_config
+    from .train.parsing import check_training_inputs, parse_training_config, read_model_config
     from .demo import demo_defaults, overview, paper_figures, write_demo_images
-    from .export import save_image
+    from .files import save_image
     from .layout import DEMO_OVERVIEW
-    from .lpips_features import MIN_RESOLUTION
-    from .training import train
+    from .evaluate.lpips_features import MIN_RESOLUTION
+    from .train.loop import train
 
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--output_dir", "--output-dir", default="demo-run")  # as the training parser takes it
@@ -70,7 +70,7 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
-    from .performance import COMPILE_MODES
+    from .hardware import COMPILE_MODES
 
     parser.add_argument("--torch_compile", action="store_true",
                         help="torch.compile the U-Net first: minutes of compiling; on a CPU the compiled step "
@@ -98,7 +98,7 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
     for either kind gives those (and the user is told); "both" has nothing to
     compare and is refused.
     """
-    from .sampling import has_ema_weights, recorded_training_options
+    from .sample.loading import has_ema_weights, recorded_training_options
 
     if has_ema_weights(recorded_training_options(model)):
         return True, weights
@@ -112,11 +112,12 @@ def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
 def sample_command(argv: list[str]) -> None:
     from accelerate.utils import gather_object
 
-    from .export import check_image_output, check_output_folder, save_image
-    from .performance import is_compiled
-    from .sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate, image_grid,
-                           labelled_side_by_side, launched_process, load_scheduler_config, load_unet, progress_bar,
-                           this_process_share)
+    from .files import check_image_output, check_output_folder, save_image
+    from .hardware import is_compiled
+    from .sample.sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate,
+                              launched_process, progress_bar, this_process_share)
+    from .sample.figures import image_grid, labelled_side_by_side
+    from .sample.loading import load_scheduler_config, load_unet
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
     _add_inference_flags(parser)
@@ -169,13 +170,14 @@ def sample_command(argv: list[str]) -> None:
 
 
 def interpolate_command(argv: list[str]) -> None:
-    from .export import check_image_output, save_image
-    from .interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline,
-                                read_pairs, save_gif, strip)
+    from .files import check_image_output, save_image
+    from .sample.interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline, read_pairs,
+                                   save_gif, strip)
     from accelerate.utils import gather_object
 
     from .pipelines.ddpm_interpolation import METHODS
-    from .sampling import launched_process, load_scheduler_config, this_process_share
+    from .sample.sampling import launched_process, this_process_share
+    from .sample.loading import load_scheduler_config
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm interpolate", description=COMMANDS["interpolate"])
     _add_inference_flags(parser)
@@ -230,9 +232,9 @@ def interpolate_command(argv: list[str]) -> None:
 
 
 def neighbours_command(argv: list[str]) -> None:
-    from .export import check_image_output, check_output_folder
-    from .neighbours_report import run_neighbours_command
-    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS
+    from .files import check_image_output, check_output_folder
+    from .evaluate.neighbours_report import run_neighbours_command
+    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm neighbours", description=COMMANDS["neighbours"])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -292,10 +294,11 @@ def _add_data_flags(parser: argparse.ArgumentParser, streaming: bool) -> None:
 
 
 def evaluate_command(argv: list[str]) -> None:
-    from .evaluation import MIN_IMAGES, check_libraries
-    from .evaluation_report import run_evaluate_command
-    from .export import check_output_folder
-    from .sampling import DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, load_scheduler_config
+    from .evaluate.metrics import MIN_IMAGES, check_libraries
+    from .evaluate.evaluation_report import run_evaluate_command
+    from .files import check_output_folder
+    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps
+    from .sample.loading import load_scheduler_config
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm evaluate", description=COMMANDS["evaluate"])
     _add_inference_flags(parser)
@@ -346,7 +349,7 @@ def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dic
 
 
 def _check_reference_stats_path(path: str) -> None:
-    from .export import check_output_folder
+    from .files import check_output_folder
 
     if Path(path).is_dir():
         raise InputError(f"--reference_stats {path!r} is a folder: give a file name such as reference.npz")
@@ -357,8 +360,8 @@ def _check_reference_stats_path(path: str) -> None:
 
 
 def prepare_command(argv: list[str]) -> None:
-    from .data import ImagePreprocessor
-    from .prepare import DEFAULT_SHARD_SIZE, SourceOptions, prepare_dataset
+    from .data.preprocessing import ImagePreprocessor
+    from .data.prepare import DEFAULT_SHARD_SIZE, SourceOptions, prepare_dataset
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm prepare", description=COMMANDS["prepare"])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -392,7 +395,8 @@ def prepare_command(argv: list[str]) -> None:
 
 
 def push_command(argv: list[str]) -> None:
-    from .hub import check_repo_id, prepare_upload, push_run
+    from .repo_ids import check_repo_id
+    from .publish.upload import prepare_upload, push_run
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm push", description=COMMANDS["push"])
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder written by training")
@@ -420,7 +424,8 @@ def push_command(argv: list[str]) -> None:
 
 
 def push_space_command(argv: list[str]) -> None:
-    from .hub import check_repo_id, prepare_space_upload, push_space
+    from .repo_ids import check_repo_id
+    from .publish.space_upload import prepare_space_upload, push_space
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm push-space", description=COMMANDS["push-space"])
     parser.add_argument("--space_id", required=True, help="USER/NAME of the Space")
@@ -455,7 +460,8 @@ in fp32, as the checkpoint stores them. See docs/adm.md."""
 
 
 def convert_adm_command(argv: list[str]) -> None:
-    from .convert_adm import DOWNLOAD_URL, add_adm_flags, convert_adm, flags_command_line, given_adm_flags
+    from .model.adm_conversion import DOWNLOAD_URL, convert_adm
+    from .model.adm_flags import add_adm_flags, flags_command_line, given_adm_flags
 
     parser = argparse.ArgumentParser(
         prog="lsun-ddpm convert-adm", description=COMMANDS["convert-adm"],
@@ -498,8 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in HANDLERS:
         print_usage(argv[0] if argv else None)
     if argv[0] in HOST_MEMORY_KEEPING_COMMANDS:
-        from .performance import keep_freed_host_memory
-        from .sampling import pick_device
+        from .hardware import keep_freed_host_memory
+        from .sample.sampling import pick_device
 
         keep_freed_host_memory(pick_device())
     run_command(f"lsun-ddpm {argv[0]}", HANDLERS[argv[0]], argv[1:], debug)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import resize_shorter_side
+from .pipelines.ddpm_interpolation import resize_shorter_side
 from .layout import INTERPOLATION_FIGURE, NEIGHBOURS_TABLE, RAW_VS_EMA_FIGURE
 
 # scikit-image's bundled colour photographs (see skimage.data): four distinct,
@@ -81,13 +81,11 @@ def training_images_grid(folder: str | Path, resolution: int, count: int) -> Ima
     import torch
 
     from .pipelines.ddpm_interpolation import preprocess
-    from .sampling import image_grid, to_pil
+    from .sample.figures import image_grid
+    from .sample.sampling import to_pil
 
     paths = sorted(Path(folder).glob("*.png"))[:count]
     return image_grid(to_pil(torch.stack([preprocess(path, resolution) for path in paths])))
-
-
-# ---------------------------------------------------------------- the paper's figures, in miniature
 
 
 def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
@@ -98,9 +96,11 @@ def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
     Fig. 2b: an interpolation between two training images (slerp, t chosen per pair).
     Fig. 4: each sample beside its nearest training images under LPIPS (`neighbours.png`).
     """
-    from .export import save_image
-    from .interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, magnified, strip
-    from .sampling import SamplingPlan, generate, image_grid, labelled_side_by_side, load_scheduler_config, load_unet
+    from .files import save_image
+    from .sample.interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, magnified, strip
+    from .sample.sampling import SamplingPlan, generate
+    from .sample.figures import image_grid, labelled_side_by_side
+    from .sample.loading import load_scheduler_config, load_unet
 
     scale = max(1, 96 // config.resolution)  # small images magnified (NEAREST) so a person can see them
 
@@ -143,10 +143,10 @@ def demo_neighbours(run_dir: Path, config, samples: list[Image.Image]) -> Image.
     offline machine has not, and then a seeded random backbone stands in,
     which the figure and neighbours.json say.
     """
-    from .data import load_image_dataset
-    from .lpips_features import imagenet_weights_cached
-    from .neighbours import find_neighbours
-    from .neighbours_report import neighbours_figure, write_outputs
+    from .data.sources import load_image_dataset
+    from .evaluate.lpips_features import imagenet_weights_cached
+    from .evaluate.neighbours import find_neighbours
+    from .evaluate.neighbours_report import neighbours_figure, write_outputs
 
     imagenet = imagenet_weights_cached("alex")
     if not imagenet:
@@ -170,7 +170,7 @@ def overview(panels: list[tuple[str, Image.Image]], gap: int = 16) -> Image.Imag
     """
     from PIL import ImageDraw
 
-    from .sampling import caption_font, text_size
+    from .sample.figures import caption_font, text_size
 
     font = caption_font()
     sizes = [text_size(caption, font) for caption, _ in panels]

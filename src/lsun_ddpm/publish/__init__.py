@@ -1,0 +1,1 @@
+"""Publishing: the model card, the Hub upload, the Space and its app."""

@@ -1,0 +1,1 @@
+"""Sampling and interpolation from a pipeline folder or Hub repo."""
