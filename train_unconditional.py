@@ -8,7 +8,7 @@ Every option is a field of `lsun_ddpm.train.options.TrainingConfig` (see `--help
 the loop itself, a readable recipe, is `lsun_ddpm.train.loop.train`.
 """
 
-from lsun_ddpm.train.loop import main
+from lsun_ddpm.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

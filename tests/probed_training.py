@@ -32,6 +32,7 @@ import sys
 import accelerate.accelerator
 from safetensors.torch import save_file
 
+from lsun_ddpm import cli
 from lsun_ddpm.train import loop
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> None:
         kill_before_results()
     if probes.save_replicas:
         save_replicas()
-    loop.main(training_argv)
+    cli.train_main(training_argv)
 
 
 if __name__ == "__main__":

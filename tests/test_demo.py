@@ -56,7 +56,6 @@ def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_p
     """`lsun-ddpm demo --train_data_dir MINE` trains on MINE as it is: the demo's photos (one of them named
     like the user's file here) go only into a folder of the demo's own."""
     from lsun_ddpm import cli, demo
-    from lsun_ddpm.train import loop
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -68,7 +67,7 @@ def test_the_demo_on_the_users_own_photos_writes_nothing_into_their_folder(tmp_p
         trained_on.append(config.train_data_dir)
         return tmp_path / "out"
 
-    monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setattr(demo, "train", train)
     monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
     monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
     cli.demo_command(["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(mine)])
@@ -80,10 +79,9 @@ def test_the_demo_takes_the_dashed_output_flag_as_training_does(tmp_path, monkey
     """`--output-dir` (argparse's other spelling, which the training parser takes) puts the demo's photos
     in that run's folder too, not in the default demo-run/."""
     from lsun_ddpm import cli, demo
-    from lsun_ddpm.train import loop
 
     trained = []
-    monkeypatch.setattr(loop, "train", lambda config: trained.append(config) or Path(config.output_dir))
+    monkeypatch.setattr(demo, "train", lambda config: trained.append(config) or Path(config.output_dir))
     monkeypatch.setattr(demo, "paper_figures", lambda output, config: [])
     monkeypatch.setattr(demo, "overview", lambda figures: Image.new("RGB", (8, 8)))
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,6 @@ from adm_reference import Spec, random_adm_state_dict
 from conftest import run_cli, run_script_directly
 
 from lsun_ddpm import cli
-from lsun_ddpm.train import loop
 from lsun_ddpm.errors import InputError
 
 SMALL32_CONFIG = {  # a UNet2DModel config with 3 levels: it takes multiples of 4 px
@@ -192,7 +191,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 
 def run_in_process(entry: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    main = loop.main if entry == "script" else cli.main
+    main = cli.train_main if entry == "script" else cli.main
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     captured = capsys.readouterr()
@@ -241,10 +240,10 @@ def test_debug_flag_and_variable_show_the_traceback(tmp_path, image_folder, monk
     with pytest.raises(InputError, match="--train_batch_size"):
         cli.main(["train", *bad, "--debug"])
     with pytest.raises(InputError, match="--train_batch_size"):
-        loop.main(["--debug", *bad])
+        cli.train_main(["--debug", *bad])
     monkeypatch.setenv("LSUN_DDPM_DEBUG", "1")
     with pytest.raises(InputError, match="--train_batch_size"):
-        loop.main(bad)
+        cli.train_main(bad)
     assert not (tmp_path / "out").exists()
 
 

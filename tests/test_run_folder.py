@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lsun_ddpm.train import run_folder
+from lsun_ddpm.train import resuming, run_folder
 from lsun_ddpm.train.options import TrainingConfig
 from lsun_ddpm.train.parsing import parse_training_config
 from lsun_ddpm.errors import InputError
@@ -288,7 +288,7 @@ def test_a_resumed_run_keeps_its_saved_lr_schedule_unless_the_command_gives_one(
     checkpoint = tmp_path / "out" / "checkpoint-4"
 
     silent = resumed_config(tmp_path / "out", [])  # nothing given: every default differs from the run's
-    line = run_folder.resolve_lr_schedule(checkpoint, silent)
+    line = resuming.resolve_lr_schedule(checkpoint, silent)
     assert (silent.lr_scheduler, silent.lr_warmup_steps, silent.learning_rate, silent.max_train_steps) == (
         "cosine", 10, 1e-3, 200)
     assert line == ("the run resumed from checkpoint-4 keeps its saved lr_scheduler cosine (this command's default: "
@@ -297,7 +297,7 @@ def test_a_resumed_run_keeps_its_saved_lr_schedule_unless_the_command_gives_one(
                     "epoch(s)); give an option to change it")
 
     given = resumed_config(tmp_path / "out", ["--lr_warmup_steps", "100", "--max_train_steps", "400"])
-    line = run_folder.resolve_lr_schedule(checkpoint, given)
+    line = resuming.resolve_lr_schedule(checkpoint, given)
     assert (given.lr_scheduler, given.lr_warmup_steps, given.learning_rate, given.max_train_steps) == (
         "cosine", 100, 1e-3, 400)
     assert line.endswith("; it changes its lr schedule as given: lr_warmup_steps 100 (the run's: 10), a length of "
@@ -305,18 +305,18 @@ def test_a_resumed_run_keeps_its_saved_lr_schedule_unless_the_command_gives_one(
                          "follows the new schedule from this step on")
 
     same = resumed_config(tmp_path / "out", ["--config", str(checkpoint / "training_config.yaml")])
-    assert run_folder.resolve_lr_schedule(checkpoint, same) is None
+    assert resuming.resolve_lr_schedule(checkpoint, same) is None
 
     (tmp_path / "options.yaml").write_text("lr_warmup_steps: 20\n")  # a --config file's values are given too
     from_file = resumed_config(tmp_path / "out", ["--config", str(tmp_path / "options.yaml")])
-    line = run_folder.resolve_lr_schedule(checkpoint, from_file)
+    line = resuming.resolve_lr_schedule(checkpoint, from_file)
     assert from_file.lr_warmup_steps == 20 and "changes its lr schedule as given: lr_warmup_steps 20" in line
 
 
 def test_a_longer_constant_schedule_is_no_change_of_schedule(tmp_path):
     fake_run(tmp_path / "out", tiny_config(tmp_path / "out", lr_warmup_steps=10, max_train_steps=200))
     longer = resumed_config(tmp_path / "out", ["--lr_warmup_steps", "10", "--max_train_steps", "400"])
-    assert run_folder.resolve_lr_schedule(tmp_path / "out" / "checkpoint-4", longer) is None
+    assert resuming.resolve_lr_schedule(tmp_path / "out" / "checkpoint-4", longer) is None
     assert longer.max_train_steps == 400
 
 
@@ -325,9 +325,9 @@ def test_changes_to_the_batches_on_resume_are_named(tmp_path):
     checkpoint = fake_checkpoint(tmp_path / "out" / "checkpoint-2", saved,
                                  files=(*STATE_FILES, "random_states_1.pkl"))  # two processes
     same = tiny_config(tmp_path / "out", seed=3, gradient_accumulation_steps=4, learning_rate=1e-5)
-    assert run_folder.data_order_changes(checkpoint, same, num_processes=2) == []
+    assert resuming.data_order_changes(checkpoint, same, num_processes=2) == []
     other = tiny_config(tmp_path / "out", seed=4, gradient_accumulation_steps=2)
-    assert run_folder.data_order_changes(checkpoint, other, num_processes=1) == [
+    assert resuming.data_order_changes(checkpoint, other, num_processes=1) == [
         "gradient_accumulation_steps 4 (this run: 2)", "seed 3 (this run: 4)", "2 processes (this run: 1)"]
 
 
@@ -379,12 +379,12 @@ def test_short_disk_space_is_refused_before_any_work(tmp_path, monkeypatch):
 def test_a_run_refused_for_disk_space_removes_the_folders_its_lock_made(tmp_path, monkeypatch, image_folder, capsys):
     """The lock makes --output_dir (and its missing parents) before the checks that read the folder; a refusal
     removes them again, so the refused run leaves nothing behind."""
-    from lsun_ddpm.train import loop
+    from lsun_ddpm import cli
 
     monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        loop.main(["--model_preset", "tiny16", "--train_data_dir", str(image_folder), "--logger", "none",
+        cli.train_main(["--model_preset", "tiny16", "--train_data_dir", str(image_folder), "--logger", "none",
                        "--output_dir", str(tmp_path / "runs" / "new")])
     assert exit_info.value.code == 2
     assert "free but this run needs at least" in capsys.readouterr().err
@@ -585,7 +585,7 @@ def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp
     """An older run's checkpoint carries no config: the shapes themselves give it away when loading."""
     from accelerate import Accelerator
 
-    from lsun_ddpm.train import setup
+    from lsun_ddpm.train import resuming
 
     saving = Accelerator(cpu=True, mixed_precision="no")
     small = torch.nn.Linear(2, 2)
@@ -596,6 +596,6 @@ def test_a_checkpoint_of_another_shape_without_a_config_copy_is_one_sentence(tmp
     accelerator.prepare(large, torch.optim.AdamW(large.parameters()))
     config = tiny_config(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     with pytest.raises(InputError) as refused:
-        setup.resume(accelerator, config, tmp_path / "checkpoint-3", ema=None)
+        resuming.resume(accelerator, config, tmp_path / "checkpoint-3", ema=None)
     assert str(refused.value) == (f"--resume_from_checkpoint {tmp_path / 'checkpoint-3'}: its weights have other "
                                   f"shapes than this model's (tiny16); resume it with the model it was trained with")

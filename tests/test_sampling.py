@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import SingleImageOracle, dark_pixels, random_tiny_unet, rendered_ink, run_cli, run_cli_launched
-from lsun_ddpm.sample import figures, loading, sampling
+from lsun_ddpm.sample import commands, figures, loading, sampling
 from lsun_ddpm.model.diffusion import make_noise_scheduler
 from lsun_ddpm.sample.sampling import SCHEDULERS, SamplingPlan, denoise, generate, make_scheduler
 from lsun_ddpm.sample.figures import grid_shape
@@ -211,8 +211,9 @@ def test_sample_cli_without_network_names_the_problem(tmp_path):
 def model_never_loaded(monkeypatch, tmp_path):
     """Run a command in an empty folder with every model loader replaced by one that records its call."""
     calls = []
-    for name in ("load_unet", "load_scheduler_config"):
-        monkeypatch.setattr(loading, name, lambda *args, name=name, **kwargs: calls.append(name))
+    for module in (loading, commands):
+        for name in ("load_unet", "load_scheduler_config"):
+            monkeypatch.setattr(module, name, lambda *args, name=name, **kwargs: calls.append(name))
     monkeypatch.chdir(tmp_path)
     yield calls
     assert calls == [], f"the model was loaded before the input was checked: {calls}"

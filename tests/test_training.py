@@ -16,7 +16,7 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from lsun_ddpm.train import loop, outputs, run_folder, setup
+from lsun_ddpm.train import loop, outputs, resuming, run_folder, setup
 from lsun_ddpm.train.options import TrainingConfig
 from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
 from lsun_ddpm.model.unet import build_model
@@ -293,7 +293,7 @@ def test_a_failure_between_state_write_and_rename_keeps_the_previous_checkpoint(
     torch.nn.init.constant_(model.weight, 3.0)
     config = TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     checkpoint, _ = run_folder.checkpoint_to_resume(config)
-    assert setup.resume(accelerator, config, checkpoint, ema=None) == 1
+    assert resuming.resume(accelerator, config, checkpoint, ema=None) == 1
     assert torch.all(model.weight == 1.0)
 
 

@@ -23,43 +23,43 @@ COMMANDS = {
 }
 
 
-def train_command(argv: list[str]) -> None:
-    from .train.loop import train_from_command_line
+def train_main(argv: list[str] | None = None, program: str = "train_unconditional.py") -> None:
+    """train_unconditional.py: parse the options and train. Input the user can fix is one line,
+    `<program>: error: ...`, exit status 2 (`--debug` shows the traceback); a finished run whose upload failed
+    exits with status 3."""
+    argv, debug = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    run_command(program, lambda args: train_and_push(args, program), argv, debug)
 
-    train_from_command_line(argv, program="lsun-ddpm train")
+
+def train_command(argv: list[str]) -> None:
+    train_and_push(argv, program="lsun-ddpm train")
+
+
+def train_and_push(argv: list[str], program: str) -> Path:
+    """Train as the options say (`program` names the command in --help and errors), then, with
+    --push_to_hub, upload the finished run from the main process: last, so the run is complete whatever the
+    upload does."""
+    from accelerate import PartialState
+
+    from .publish.upload import push_finished_run
+    from .train.loop import train
+    from .train.parsing import parse_training_config
+
+    config = parse_training_config(argv, prog=program)
+    output_dir = train(config)
+    if config.push_to_hub and PartialState().is_main_process:
+        push_finished_run(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
+    return output_dir
 
 
 def demo_command(argv: list[str]) -> None:
-    from .train.parsing import check_training_inputs, parse_training_config, read_model_config
-    from .demo import demo_defaults, overview, paper_figures, write_demo_images
-    from .files import save_image
-    from .layout import DEMO_OVERVIEW
-    from .evaluate.lpips_features import MIN_RESOLUTION
-    from .train.loop import train
+    from .demo import demo_defaults, run_demo
+    from .train.parsing import parse_training_config
 
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--output_dir", "--output-dir", default="demo-run")  # as the training parser takes it
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
-    config = parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo")
-    check_training_inputs(config)  # before the demo's photos are written into the output folder
-    # Fig. 4 compares the samples under LPIPS (AlexNet): a resolution it cannot take would fail after training.
-    size = config.resolution or read_model_config(config)["sample_size"]
-    if min(size if isinstance(size, (list, tuple)) else [size]) < MIN_RESOLUTION["alex"]:
-        raise InputError(f"--resolution {size}: the demo's Fig. 4 compares images under LPIPS (AlexNet), which "
-                         f"takes {MIN_RESOLUTION['alex']} px or more; give a larger --resolution")
-    if config.train_data_dir == demo_defaults(output_dir)["train_data_dir"]:
-        count = write_demo_images(config.train_data_dir)
-        print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in "
-              f"{config.train_data_dir}")
-    else:  # the user's own images: read, never written into
-        print(f"demo: training {config.model_preset} on the images in {config.train_data_dir}")
-    output = train(config)
-    save_image(overview(paper_figures(output, config)), output / DEMO_OVERVIEW)
-    raw_vs_ema = " raw vs EMA weights (Fig. 1)," if config.use_ema else ""  # a run without EMA has no Fig. 1
-    print(f"\ndemo finished. Open {output / DEMO_OVERVIEW}: the paper's figures from this run: samples beside "
-          f"the training images (Fig. 2a),{raw_vs_ema} an interpolation (Fig. 2b) and each "
-          f"sample's nearest training images (Fig. 4; full figure in {output / 'neighbours.png'}).\n"
-          f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
+    run_demo(parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo"))
 
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,11 +78,6 @@ def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default")
 
 
-def _share_note(state) -> str:
-    """What the main process's progress bar counts under a multi-process launch."""
-    return f" (process 0's share of {state.num_processes})" if state.num_processes > 1 else ""
-
-
 def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """parser.error (exit 2) for the first of these counts that was given and is below 1."""
     for name in names:
@@ -91,33 +86,10 @@ def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"--{name} must be a positive whole number, got {value}")
 
 
-def _weights_to_use(model: str, weights: str) -> tuple[bool, str]:
-    """(whether the run kept an EMA, the weights that will be sampled).
-
-    A run trained with --no_use_ema has only its raw weights, in unet/: asking
-    for either kind gives those (and the user is told); "both" has nothing to
-    compare and is refused.
-    """
-    from .sample.loading import has_ema_weights, recorded_training_options
-
-    if has_ema_weights(recorded_training_options(model)):
-        return True, weights
-    if weights == "both":
-        raise InputError(f"{model} was trained without EMA, so there are no EMA weights to set beside the raw "
-                         "ones: use --weights raw")
-    print(f"note: {model} was trained without EMA (use_ema: false); its raw weights in unet/ are used")
-    return False, "raw"
-
-
 def sample_command(argv: list[str]) -> None:
-    from accelerate.utils import gather_object
-
-    from .files import check_image_output, check_output_folder, save_image
-    from .hardware import is_compiled
-    from .sample.sampling import (DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps, generate,
-                              launched_process, progress_bar, this_process_share)
-    from .sample.figures import image_grid, labelled_side_by_side
-    from .sample.loading import load_scheduler_config, load_unet
+    from .files import check_image_output, check_output_folder
+    from .sample.commands import run_sample
+    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
     _add_inference_flags(parser)
@@ -139,44 +111,14 @@ def sample_command(argv: list[str]) -> None:
     if args.out_dir:
         check_output_folder(args.out_dir, "--out_dir")
 
-    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16, args.torch_compile,
-                        args.torch_compile_mode)
-    config = load_scheduler_config(args.model)  # fails fast on a model that is not there
-    check_inference_steps(plan, config)
-    has_ema, chosen = _weights_to_use(args.model, args.weights)
-    # Under `accelerate launch` each process samples its share of the images, on its own device; image i
-    # depends only on (seed, i), so the result is the one a single process gives.
-    state = launched_process()
-    share = this_process_share(args.num_images)
-    panels = []
-    for weights in (("raw", "ema") if chosen == "both" else (chosen,)):
-        unet = load_unet(args.model, weights, has_ema).to(state.device)
-        images = generate(unet, config, len(share), args.seed, plan,
-                          progress_bar(f"sample ({weights}){_share_note(state)}", state.is_main_process),
-                          first_index=share.start)
-        if args.out_dir:
-            folder = Path(args.out_dir) / weights if args.weights == "both" else Path(args.out_dir)
-            for index, image in zip(share, images):
-                save_image(image, folder / f"{index:05d}.png")
-        panels.append((weights, gather_object(images)))  # every process's share, in index order
-    if not state.is_main_process:
-        return
-    grids = [image_grid(images) for _, images in panels]
-    grid = grids[0] if len(grids) == 1 else labelled_side_by_side([("raw", grids[0]), ("EMA", grids[1])])
-    save_image(grid, args.out)
-    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-    print(f"wrote {args.out} ({args.num_images} images, {chosen} weights, {plan.scheduler}, {plan.steps} steps, "
-          f"seed {args.seed}{', compiled U-Net' if is_compiled(unet) else ''}{processes})")
+    run_sample(args)
 
 
 def interpolate_command(argv: list[str]) -> None:
-    from .files import check_image_output, save_image
-    from .sample.interpolation import (Pair, check_pair_images, interpolate_pairs, load_interpolation_pipeline, read_pairs,
-                                   save_gif, strip)
-    from accelerate.utils import gather_object
-
+    from .files import check_image_output
     from .pipelines.ddpm_interpolation import METHODS
-    from .sample.sampling import launched_process, this_process_share
+    from .sample.commands import run_interpolate
+    from .sample.interpolation import Pair, check_pair_images, read_pairs
     from .sample.loading import load_scheduler_config
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm interpolate", description=COMMANDS["interpolate"])
@@ -213,22 +155,7 @@ def interpolate_command(argv: list[str]) -> None:
     num_train_timesteps = load_scheduler_config(args.model).get("num_train_timesteps", 1000)
     if t != "auto" and not 1 <= t < num_train_timesteps:
         parser.error(f"--t must be 'auto' or a timestep from 1 to {num_train_timesteps - 1}, got {t}")
-    has_ema, _ = _weights_to_use(args.model, args.weights)
-    state = launched_process()  # under `accelerate launch`, each process interpolates its share of the pairs
-    share = this_process_share(len(pairs))
-    pipeline = load_interpolation_pipeline(args.model, args.weights, state.device, has_ema=has_ema)
-    results = interpolate_pairs(
-        pipeline, pairs[share.start:share.stop], t, args.frames, args.method, args.num_inference_steps, args.seed,
-        args.bf16, on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
-        first_index=share.start,
-    )
-    results = gather_object(results)  # every process's pairs, in order
-    if not state.is_main_process:
-        return
-    save_image(strip(results), args.out)
-    if args.gif:
-        save_gif(results, args.gif)
-    print(f"wrote {args.out}" + (f" and {args.gif}" if args.gif else ""))
+    run_interpolate(args, pairs, t)
 
 
 def neighbours_command(argv: list[str]) -> None:
@@ -294,11 +221,9 @@ def _add_data_flags(parser: argparse.ArgumentParser, streaming: bool) -> None:
 
 
 def evaluate_command(argv: list[str]) -> None:
-    from .evaluate.metrics import MIN_IMAGES, check_libraries
     from .evaluate.evaluation_report import run_evaluate_command
-    from .files import check_output_folder
-    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS, SamplingPlan, check_inference_steps
-    from .sample.loading import load_scheduler_config
+    from .evaluate.metrics import MIN_IMAGES
+    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm evaluate", description=COMMANDS["evaluate"])
     _add_inference_flags(parser)
@@ -323,20 +248,7 @@ def evaluate_command(argv: list[str]) -> None:
                            "num_inference_steps": 1, "max_train_samples": 1, "dataloader_num_workers": 0, "seed": 0},
                     why={"num_samples": "precision/recall's 3 nearest neighbours need 4 images",
                          "num_reference": "precision/recall's 3 nearest neighbours need 4 images"})
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        raise InputError(f"--inception_weights {args.inception_weights!r} is not a file")
-    if args.reference_stats:
-        _check_reference_stats_path(args.reference_stats)
-    if args.run_dir is None:
-        args.run_dir = args.model if Path(args.model).is_dir() else "."
-    check_output_folder(args.run_dir, "--run_dir")
-    if args.samples_dir:
-        check_output_folder(args.samples_dir, "--samples_dir")
-    check_libraries()
-    # fails fast on a model that is not there, and on more steps than it has timesteps
-    check_inference_steps(SamplingPlan(args.scheduler, args.num_inference_steps), load_scheduler_config(args.model))
-    has_ema, weights = _weights_to_use(args.model, args.weights)
-    run_evaluate_command(args, has_ema, weights)
+    run_evaluate_command(args)
 
 
 def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dict[str, str] | None = None) -> None:
@@ -346,17 +258,6 @@ def _check_minimums(args: argparse.Namespace, minimums: dict[str, int], why: dic
         if value is not None and value < minimum:
             reason = f" ({why[name]})" if why and name in why else ""
             raise InputError(f"--{name} must be at least {minimum}{reason}, got {value}")
-
-
-def _check_reference_stats_path(path: str) -> None:
-    from .files import check_output_folder
-
-    if Path(path).is_dir():
-        raise InputError(f"--reference_stats {path!r} is a folder: give a file name such as reference.npz")
-    if not Path(path).exists():
-        if Path(path).suffix != ".npz":
-            raise InputError(f"--reference_stats {path!r} must end in .npz (numpy's format; it is written there)")
-        check_output_folder(Path(path).parent, "--reference_stats")
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -444,29 +345,14 @@ def push_space_command(argv: list[str]) -> None:
     print(f"pushed the Space: {url}")  # the URL names it, USER/ included
 
 
-CONVERT_ADM_EPILOG = """\
-example (guided-diffusion's LSUN bedroom model, FID 1.90 at 256 px):
-  curl -LO {url}
-  lsun-ddpm convert-adm lsun_bedroom.pt adm-lsun-bedroom-256 \\
-    --attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 \\
-    --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 \\
-    --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True \\
-    --use_scale_shift_norm True
-  lsun-ddpm sample adm-lsun-bedroom-256
-
-Paste guided-diffusion's MODEL_FLAGS and DIFFUSION_FLAGS as they are; what the tensors fix is checked
-against them. --use_fp16 and --use_checkpoint are accepted and change nothing: the weights are written
-in fp32, as the checkpoint stores them. See docs/adm.md."""
-
-
 def convert_adm_command(argv: list[str]) -> None:
     from .model.adm_conversion import DOWNLOAD_URL, convert_adm
-    from .model.adm_flags import add_adm_flags, flags_command_line, given_adm_flags
+    from .model.adm_flags import EXAMPLE, add_adm_flags, flags_command_line, given_adm_flags
 
     parser = argparse.ArgumentParser(
         prog="lsun-ddpm convert-adm", description=COMMANDS["convert-adm"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=CONVERT_ADM_EPILOG.format(url=DOWNLOAD_URL.format(name="lsun_bedroom.pt")))
+        epilog=EXAMPLE.format(url=DOWNLOAD_URL.format(name="lsun_bedroom.pt")))
     parser.add_argument("checkpoint", metavar="CHECKPOINT.pt", help="guided-diffusion's .pt (loaded as tensors only)")
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="the pipeline folder to write: new, empty, or a previous conversion (replaced)")

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import InputError
+from .evaluate.lpips_features import MIN_RESOLUTION
+from .files import save_image
+from .layout import DEMO_OVERVIEW, INTERPOLATION_FIGURE, NEIGHBOURS_FIGURE, NEIGHBOURS_TABLE, RAW_VS_EMA_FIGURE
 from .pipelines.ddpm_interpolation import resize_shorter_side
-from .layout import INTERPOLATION_FIGURE, NEIGHBOURS_TABLE, RAW_VS_EMA_FIGURE
+from .train.loop import train
+from .train.parsing import check_training_inputs, read_model_config
 
 # scikit-image's bundled colour photographs (see skimage.data): four distinct,
 # recognisable pictures. Eight (with the microscopy and space images) were not
@@ -49,6 +54,30 @@ def demo_defaults(output_dir: str = "demo-run") -> dict:
         "ddpm_num_inference_steps": 100,
         "seed": 0,
     }
+
+
+def run_demo(config) -> None:
+    """Train the demo's run (on its photos, written now, or on the user's --train_data_dir), then make the paper's
+    figures from it and say where they are."""
+    check_training_inputs(config)  # before the demo's photos are written into the output folder
+    # Fig. 4 compares the samples under LPIPS (AlexNet): a resolution it cannot take would fail after training.
+    size = config.resolution or read_model_config(config)["sample_size"]
+    if min(size if isinstance(size, (list, tuple)) else [size]) < MIN_RESOLUTION["alex"]:
+        raise InputError(f"--resolution {size}: the demo's Fig. 4 compares images under LPIPS (AlexNet), which "
+                         f"takes {MIN_RESOLUTION['alex']} px or more; give a larger --resolution")
+    if config.train_data_dir == demo_defaults(config.output_dir)["train_data_dir"]:
+        count = write_demo_images(config.train_data_dir)
+        print(f"demo: training {config.model_preset} on {count} crops of scikit-image's photos in "
+              f"{config.train_data_dir}")
+    else:  # the user's own images: read, never written into
+        print(f"demo: training {config.model_preset} on the images in {config.train_data_dir}")
+    output = train(config)
+    save_image(overview(paper_figures(output, config)), output / DEMO_OVERVIEW)
+    raw_vs_ema = " raw vs EMA weights (Fig. 1)," if config.use_ema else ""  # a run without EMA has no Fig. 1
+    print(f"\ndemo finished. Open {output / DEMO_OVERVIEW}: the paper's figures from this run: samples beside "
+          f"the training images (Fig. 2a),{raw_vs_ema} an interpolation (Fig. 2b) and each "
+          f"sample's nearest training images (Fig. 4; full figure in {output / NEIGHBOURS_FIGURE}).\n"
+          f"Load the model with stock diffusers: DDPMPipeline.from_pretrained({str(output)!r})")
 
 
 def write_demo_images(folder: str | Path, size: int = 64) -> int:
@@ -96,7 +125,6 @@ def paper_figures(run_dir: Path, config) -> list[tuple[str, Image.Image]]:
     Fig. 2b: an interpolation between two training images (slerp, t chosen per pair).
     Fig. 4: each sample beside its nearest training images under LPIPS (`neighbours.png`).
     """
-    from .files import save_image
     from .sample.interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, magnified, strip
     from .sample.sampling import SamplingPlan, generate
     from .sample.figures import image_grid, labelled_side_by_side

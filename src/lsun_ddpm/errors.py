@@ -42,6 +42,11 @@ class RunNotPushedError(RuntimeError):
     """Training finished and its run folder is complete; only the upload to the Hub failed."""
 
 
+def signal_exit_status(signal_number: int) -> int:
+    """The status a shell reports for a process killed by this signal: 143 for SIGTERM, 130 for SIGINT."""
+    return 128 + signal_number
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """"; did you mean X?" when one of `choices` is close to `word`, else ""."""
     close = difflib.get_close_matches(word, list(choices), n=1)

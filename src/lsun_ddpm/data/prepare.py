@@ -54,9 +54,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, signal_exit_status
 from ..files import write_text
-from ..train.preemption import signal_exit_status
 from .prepared import FEATURES, FORMAT, FORMAT_VERSION, METADATA_FILE, SHARDS_FOLDER
 from .preprocessing import ImagePreprocessor
 from .report import (ImageReport, Note, REPORTED_EXAMPLES, SKIPPED, UPSCALED, image_source_name, noting_skips,

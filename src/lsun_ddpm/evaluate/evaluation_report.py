@@ -11,11 +11,17 @@ import datetime
 import time
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from ..errors import InputError
+from ..files import check_output_folder
+from ..hardware import fast_precision_available
 from ..layout import EVALUATION_FILE
-from .inception_features import InceptionFeatures
-from .metrics import KID_SUBSETS, MIN_IMAGES, PRC_NEIGHBOURS, compute_metrics
-from .neighbours_report import data_options, finite_or_none, write_json
+from ..sample.loading import load_scheduler_config, load_unet, weights_to_use
+from ..sample.sampling import SamplingPlan, check_inference_steps
+from .inception_features import InceptionFeatures, load_inception
+from .metrics import KID_SUBSETS, MIN_IMAGES, PRC_NEIGHBOURS, check_libraries, compute_metrics
+from .neighbours_report import data_options, finite_or_none, model_resolution, write_json
 from .reference import (PREPROCESSING, ReferenceStats, default_cache_file, differences, reference_features,
                         reference_identity, sample_features)
 
@@ -23,20 +29,13 @@ CUSTOMARY_SAMPLES = 50_000
 WEIGHT_NAMES = {"ema": "EMA", "raw": "raw (non-EMA)"}
 
 
-def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
+def run_evaluate_command(args) -> None:
     """`lsun-ddpm evaluate` after its flags were checked: reference, samples, metrics, evaluation.json.
 
     Under `accelerate launch` both passes are shared between the processes;
     the main process computes the metrics and writes the files.
     """
-    from accelerate import Accelerator
-
-    from .inception_features import load_inception
-    from .neighbours_report import model_resolution
-    from ..hardware import fast_precision_available
-    from ..sample.sampling import SamplingPlan
-    from ..sample.loading import load_scheduler_config, load_unet
-
+    has_ema, weights = check_evaluation_inputs(args)
     accelerator = Accelerator()
     with accelerator.main_process_first():  # a download goes once into torch.hub's cache, then is reused
         extractor = load_inception(args.inception_weights).to(accelerator.device)
@@ -69,6 +68,33 @@ def run_evaluate_command(args, has_ema: bool, weights: str) -> None:
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}; wrote {path}"
               + (f" (reference statistics: {reference_file})" if computed else ""))
     accelerator.wait_for_everyone()
+
+
+def check_evaluation_inputs(args) -> tuple[bool, str]:
+    """Refuse, before any work, what the evaluation could not use; fill in --run_dir; return (whether the run kept
+    an EMA, the weights that will be sampled)."""
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise InputError(f"--inception_weights {args.inception_weights!r} is not a file")
+    if args.reference_stats:
+        check_reference_stats_path(args.reference_stats)
+    if args.run_dir is None:
+        args.run_dir = args.model if Path(args.model).is_dir() else "."
+    check_output_folder(args.run_dir, "--run_dir")
+    if args.samples_dir:
+        check_output_folder(args.samples_dir, "--samples_dir")
+    check_libraries()
+    # fails fast on a model that is not there, and on more steps than it has timesteps
+    check_inference_steps(SamplingPlan(args.scheduler, args.num_inference_steps), load_scheduler_config(args.model))
+    return weights_to_use(args.model, args.weights)
+
+
+def check_reference_stats_path(path: str) -> None:
+    if Path(path).is_dir():
+        raise InputError(f"--reference_stats {path!r} is a folder: give a file name such as reference.npz")
+    if not Path(path).exists():
+        if Path(path).suffix != ".npz":
+            raise InputError(f"--reference_stats {path!r} must end in .npz (numpy's format; it is written there)")
+        check_output_folder(Path(path).parent, "--reference_stats")
 
 
 def obtain_reference(args, extractor: InceptionFeatures, resolution: int, accelerator

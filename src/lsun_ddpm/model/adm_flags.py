@@ -291,3 +291,19 @@ def _check_counts(flags: dict[str, Any]) -> None:
 def flags_command_line(flags: dict[str, Any]) -> str:
     """The flags as guided-diffusion's scripts take them: `--name value`, booleans as True/False."""
     return " ".join(f"--{name} {value if value != '' else chr(34) * 2}" for name, value in flags.items())
+
+
+# The example of `convert-adm --help` (the README has it too): {url} is the checkpoint's download.
+EXAMPLE = """\
+example (guided-diffusion's LSUN bedroom model, FID 1.90 at 256 px):
+  curl -LO {url}
+  lsun-ddpm convert-adm lsun_bedroom.pt adm-lsun-bedroom-256 \\
+    --attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 \\
+    --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 \\
+    --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True \\
+    --use_scale_shift_norm True
+  lsun-ddpm sample adm-lsun-bedroom-256
+
+Paste guided-diffusion's MODEL_FLAGS and DIFFUSION_FLAGS as they are; what the tensors fix is checked
+against them. --use_fp16 and --use_checkpoint are accepted and change nothing: the weights are written
+in fp32, as the checkpoint stores them. See docs/adm.md."""

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from ..errors import HubUploadError
+from ..errors import HubUploadError, RunNotPushedError
 from ..files import staged
 from ..layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONFIG_FILE, CONVERSION_FILE, EVALUATION_FILE, GRID_FILE,
                       INTERPOLATION_FIGURE, MODEL_INDEX, NEIGHBOURS_FIGURE, RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET,
@@ -164,6 +164,19 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
         folder = prepare_upload(run_dir, Path(staging) / "upload", repo_id, include_raw, figures, license)
         return upload_folder_to_hub(folder, repo_id, "model", token, private, revision, commit_message,
                                     delete_patterns=PUBLISHED_PATTERNS)
+
+
+def push_finished_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False
+                      ) -> None:
+    """`--push_to_hub` after training: upload the run folder; if that fails, say that the run itself is
+    complete and how to push it later (RunNotPushedError, exit status 3)."""
+    try:
+        push_run(run_dir, repo_id, token, private)
+    except HubUploadError as error:
+        raise RunNotPushedError(
+            f"training finished and the run is saved in {run_dir}, but it is not on the Hub: push it "
+            f"later with `lsun-ddpm push {run_dir} --hub_model_id {repo_id}` ({error})"
+        ) from None
 
 
 def without_token(error: Exception, token: str | None) -> str:

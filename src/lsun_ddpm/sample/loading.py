@@ -7,7 +7,7 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ..errors import ModelUnavailableError
+from ..errors import InputError, ModelUnavailableError
 from ..layout import CHECKPOINT_PATTERN, CONFIG_FILE, MODEL_INDEX, SCHEDULER, UNET, WEIGHT_FOLDERS
 
 MODEL_HINT = "pass a pipeline folder written by training or convert-adm, or a Hub repo id (USER/NAME)"
@@ -105,3 +105,19 @@ def load_scheduler_config(model: str) -> dict:
         return dict(DDPMScheduler.load_config(model, subfolder=SCHEDULER))
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"cannot load the scheduler of {model!r}: {error}") from None
+
+
+def weights_to_use(model: str, weights: str) -> tuple[bool, str]:
+    """(whether the run kept an EMA, the weights that will be sampled).
+
+    A run trained with --no_use_ema has only its raw weights, in unet/: asking
+    for either kind gives those (and the user is told); "both" has nothing to
+    compare and is refused.
+    """
+    if has_ema_weights(recorded_training_options(model)):
+        return True, weights
+    if weights == "both":
+        raise InputError(f"{model} was trained without EMA, so there are no EMA weights to set beside the raw "
+                         "ones: use --weights raw")
+    print(f"note: {model} was trained without EMA (use_ema: false); its raw weights in unet/ are used")
+    return False, "raw"

@@ -7,7 +7,6 @@ needs (resuming, logging, writing folders) lives in the helpers below it.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from tqdm.auto import tqdm
 
 from ..data.preprocessing import to_model_input
 from ..data.report import ImageReport
-from ..errors import run_command, take_debug_flag
 from ..layout import CONFIG_FILE, IDENTITY_FILE
 from ..model import diffusion
 from ..model.unet import build_model
@@ -32,10 +30,11 @@ from .outputs import end_run_early, export_pipeline, finish_run, save_checkpoint
 from .parsing import check_training_inputs
 from .preemption import NonFiniteSteps, StopRequest, stop_reason
 from .run_history import RunHistory, read_segments
+from .resuming import resume, use_this_runs_settings
 from .run_lock import RunFolderClaim
 from .setup import (check_run_folder, choose_precision, compile_if_asked_or_worthwhile, make_accelerator,
-                    make_optimizer, move_previous_run_aside, optimizer_steps_per_epoch, prepare_training_data, resume,
-                    seed_this_process, set_up_logging, size_override, start_run, use_this_runs_settings)
+                    make_optimizer, move_previous_run_aside, optimizer_steps_per_epoch, prepare_training_data,
+                    seed_this_process, set_up_logging, size_override, start_run)
 from .step_stats import StepStats
 
 logger = get_logger(__name__)
@@ -173,20 +172,6 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) ->
     export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
     segments = history.until(global_step, stats.micro_batches, nonfinite.total)
     finish_run(accelerator, config, unet, ema, optimizer, global_step, segments, stats, image_report)
-
-
-def main(argv: list[str] | None = None, program: str = "train_unconditional.py") -> None:
-    """Parse the options and train. Input the user can fix is one line, `<program>: error: ...`, exit
-    status 2 (`--debug` shows the traceback); a finished run whose upload failed exits with status 3."""
-    argv, debug = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
-    run_command(program, lambda args: train_from_command_line(args, program), argv, debug)
-
-
-def train_from_command_line(argv: list[str], program: str) -> Path:
-    """`train(parse_training_config(argv))`, with `program` as the name --help and errors show."""
-    from .parsing import parse_training_config
-
-    return train(parse_training_config(argv, prog=program))
 
 
 def train_micro_batch(accelerator: Accelerator, model, objective: diffusion.Objective, clean_images: torch.Tensor,

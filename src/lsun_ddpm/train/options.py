@@ -229,7 +229,7 @@ class TrainingConfig:
     hub_private_repo: bool = False
     # Not an option: the options the user gave (command line or --config file) rather than left at their
     # defaults, as `parse_training_config` found them; None when unknown (a config built in code). A resumed
-    # run keeps its saved lr schedule unless the user gave one (run_folder.resolve_lr_schedule).
+    # run keeps its saved lr schedule unless the user gave one (resuming.resolve_lr_schedule).
     explicit_options: Optional[frozenset] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -13,7 +13,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
 from ..data.report import ImageReport, summarise_image_reports
-from ..errors import RunNotPushedError
 from ..files import replace_path, save_image
 from ..layout import (CONFIG_FILE, GRID_FILE, IDENTITY_FILE, checkpoint_name, grid_path, list_checkpoints,
                       partial_checkpoint_name)
@@ -153,23 +152,7 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
         run_folder.write_summary(config.output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if config.push_to_hub and accelerator.is_main_process:  # last: the run is complete whatever the upload does
-        push_finished_run(config)
 
 
 def _or_unknown(value) -> str:
     return "unknown" if value is None else f"{value:,}"
-
-
-def push_finished_run(config: TrainingConfig) -> None:
-    """Upload the run folder; if that fails, say that the run itself is complete and how to push it later."""
-    from ..errors import HubUploadError
-    from ..publish.upload import push_run
-
-    try:
-        push_run(config.output_dir, config.hub_model_id, config.hub_token, config.hub_private_repo)
-    except HubUploadError as error:
-        raise RunNotPushedError(
-            f"training finished and the run is saved in {config.output_dir}, but it is not on the Hub: push it "
-            f"later with `lsun-ddpm push {config.output_dir} --hub_model_id {config.hub_model_id}` ({error})"
-        ) from None

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from accelerate.logging import get_logger
 
+from ..errors import signal_exit_status
+
 logger = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -31,11 +33,6 @@ NONFINITE_EXIT_STATUS = 4  # after 2 (input to fix) and 3 (finished, not pushed)
 # A launcher (torchrun) forwards the Ctrl-C its workers already got from the terminal: a repeat this
 # soon is the same request, not a second Ctrl-C.
 REPEAT_WINDOW_SECONDS = 2.0
-
-
-def signal_exit_status(signal_number: int) -> int:
-    """The status a shell reports for a process killed by this signal: 143 for SIGTERM, 130 for SIGINT."""
-    return 128 + signal_number
 
 
 class RunStopped(SystemExit):

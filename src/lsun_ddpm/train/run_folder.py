@@ -27,8 +27,8 @@ from ..errors import InputError
 from ..files import write_text
 from ..layout import (CHECKPOINT_PATTERN, CONFIG_FILE, GRID_FILE, IDENTITY_FILE, LOCK_FILE, MODEL_INDEX, SAMPLES_FOLDER,
                       SUMMARY_FILE, is_partial_checkpoint, list_checkpoints)
-from .options import TrainingConfig, option_fields
-from .parsing import read_config_file, typed_options
+from .options import TrainingConfig
+from .parsing import read_config_file
 
 # Entries only a training run writes: finding one of them means the folder holds a run.
 RUN_MARKERS = (CONFIG_FILE, IDENTITY_FILE, SUMMARY_FILE, GRID_FILE, SAMPLES_FOLDER, MODEL_INDEX)
@@ -37,15 +37,6 @@ RUN_MARKERS = (CONFIG_FILE, IDENTITY_FILE, SUMMARY_FILE, GRID_FILE, SAMPLES_FOLD
 # run's checkpoint also holds the stream's position, which map-style data cannot take.
 RUN_DEFINING_FIELDS = ("model_preset", "model_config_name_or_path", "resolution", "ddpm_num_steps",
                        "ddpm_beta_schedule", "prediction_type", "use_ema", "streaming")
-# The settings that decide which images each optimizer step trains on (with the number of processes): a run
-# resumed with other values goes on, but not with the batches the uninterrupted run would have had.
-DATA_ORDER_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "seed", "max_train_samples")
-# The options that shape the learning rate over a run: a resumed run keeps its saved values unless the
-# command gives them (the run's length as a whole: steps or epochs).
-LR_SCHEDULE_FIELDS = ("lr_scheduler", "lr_warmup_steps", "learning_rate")
-RUN_LENGTH_FIELDS = ("max_train_steps", "num_epochs")
-# diffusers' schedules that decay over the run's length: a new length changes their shape.
-LENGTH_DEPENDENT_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 # What `accelerator.save_state` writes for a model and its optimizer on process 0.
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 STATE_FILES = ("optimizer.bin", "random_states_0.pkl")
@@ -98,65 +89,6 @@ def run_differences(saved: dict[str, Any], config: TrainingConfig,
     current = config.to_dict()
     return [f"{name} {saved[name]} (this run: {current[name]})"
             for name in fields if name in saved and saved[name] != current[name]]
-
-
-def data_order_changes(checkpoint: Path, config: TrainingConfig, num_processes: int) -> list[str]:
-    """How resuming `checkpoint` with `config` on `num_processes` processes changes which images later steps
-    train on: the DATA_ORDER_FIELDS that differ and the process count, as phrases (empty: none)."""
-    saved = checkpoint_run_config(checkpoint)
-    changes = run_differences(saved, config, DATA_ORDER_FIELDS) if saved else []
-    saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))  # accelerate writes one per process
-    if saved_processes and saved_processes != num_processes:
-        changes.append(f"{saved_processes} processes (this run: {num_processes})")
-    return changes
-
-
-def resolve_lr_schedule(checkpoint: Path, config: TrainingConfig) -> str | None:
-    """Give `config` the saved run's lr schedule and length where the command did not set them; say, in one
-    line, what the resumed run does differently from this command's defaults or from the saved run (None: nothing).
-
-    The schedule's shape is fixed when it is built (accelerate restores only its
-    step), so a resumed run would otherwise silently take the defaults: a 500-step
-    warm-up again, say, after a run trained with 10. Options given on the command
-    line or in a --config file win and are named; a config built in code
-    (`explicit_options` None) counts as given in full.
-    """
-    saved = checkpoint_run_config(checkpoint)
-    if not saved:
-        return None
-    explicit = config.explicit_options
-    explicit = {option.name for option in option_fields()} if explicit is None else explicit
-    saved = typed_options({name: saved[name] for name in LR_SCHEDULE_FIELDS + RUN_LENGTH_FIELDS if name in saved},
-                          str(checkpoint / CONFIG_FILE))
-    current = config.to_dict()
-    kept, changed = [], []
-    for name in LR_SCHEDULE_FIELDS:
-        if name in saved and saved[name] != current[name]:
-            if name in explicit:
-                changed.append(f"{name} {current[name]} (the run's: {saved[name]})")
-            else:
-                setattr(config, name, saved[name])
-                kept.append(f"{name} {saved[name]} (this command's default: {current[name]})")
-    if any(name in saved and saved[name] != current[name] for name in RUN_LENGTH_FIELDS):
-        if not explicit & set(RUN_LENGTH_FIELDS):
-            for name in RUN_LENGTH_FIELDS:
-                setattr(config, name, saved.get(name, current[name]))
-            kept.append(f"the run's length, {_run_length(saved)} (this command's default: {_run_length(current)})")
-        elif config.lr_scheduler in LENGTH_DEPENDENT_SCHEDULES:
-            changed.append(f"a length of {_run_length(current)} (the run's: {_run_length(saved)}), over which the "
-                           f"{config.lr_scheduler} schedule decays")
-    parts = []
-    if kept:
-        parts.append(f"keeps its saved {', '.join(kept)}; give an option to change it")
-    if changed:
-        parts.append(f"changes its lr schedule as given: {', '.join(changed)}; the learning rate follows the new "
-                     "schedule from this step on")
-    return f"the run resumed from {checkpoint.name} " + "; it ".join(parts) if parts else None
-
-
-def _run_length(values: dict[str, Any]) -> str:
-    steps = values.get("max_train_steps")
-    return f"{steps} steps" if steps is not None else f"{values.get('num_epochs')} epoch(s)"
 
 
 def check_output_dir(config: TrainingConfig) -> bool:

@@ -15,13 +15,13 @@ from ..data.datasets import PreprocessedStream, make_dataloader, make_training_d
 from ..data.prepared import is_prepared_dataset, load_prepared_images
 from ..data.preprocessing import ImagePreprocessor
 from ..data.sources import load_image_dataset
-from ..errors import InputError
 from ..hardware import compile_in_place, keep_freed_host_memory
-from ..layout import CONFIG_FILE, checkpoint_step
+from ..layout import CONFIG_FILE
 from ..model.unet import ADMUNet2DModel, count_parameters
 from . import run_folder
 from .fast_defaults import default_channels_last, default_mixed_precision, default_torch_compile
 from .options import TrainingConfig
+from .resuming import resolve_lr_schedule
 
 logger = get_logger(__name__)
 
@@ -161,7 +161,7 @@ def check_run_folder(config: TrainingConfig, unet: ADMUNet2DModel) -> tuple[Path
         logger.warning("no checkpoint in %s: starting a new run", config.output_dir, main_process_only=True)
     run_folder.check_disk_space(config.output_dir, count_parameters(unet), config.use_ema)
     if checkpoint is not None:
-        schedule = run_folder.resolve_lr_schedule(checkpoint, config)
+        schedule = resolve_lr_schedule(checkpoint, config)
         if schedule:
             logger.warning(schedule, main_process_only=True)
     return checkpoint, move_aside
@@ -221,48 +221,3 @@ def _on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def resume(accelerator: Accelerator, config: TrainingConfig, path: Path | None, ema) -> int:
-    """Load the checkpoint `path` (None: a new run); return its optimizer step."""
-    if path is None:
-        return 0
-    try:
-        accelerator.load_state(str(path))
-    except RuntimeError as error:
-        if "size mismatch" not in str(error):
-            raise
-        # A checkpoint without a config copy (an older run) of another model: one sentence, not 130 lines.
-        raise InputError(f"--resume_from_checkpoint {path}: its weights have other shapes than this model's "
-                         f"({config.model_preset}); resume it with the model it was trained with") from None
-    if ema is not None:
-        ema.to(accelerator.device)
-    step = checkpoint_step(path)
-    # accelerate restores its micro-batch counter, which counts in the checkpoint's accumulation: under
-    # another --gradient_accumulation_steps the first group would end early. A checkpoint is taken at the
-    # end of a group, so this run's groups start from a whole number of them.
-    accelerator.step = step * config.gradient_accumulation_steps
-    changed = run_folder.data_order_changes(path, config, accelerator.num_processes)
-    if changed:
-        logger.warning("%s was trained with %s: training goes on, but from here on its batches are not the ones "
-                       "the run would have trained on without the change", path.name, ", ".join(changed),
-                       main_process_only=True)
-    return step
-
-
-def use_this_runs_settings(config: TrainingConfig, optimizer, lr_scheduler, ema) -> None:
-    """Give the resumed optimizer, lr schedule and EMA this run's settings.
-
-    `accelerator.load_state` restores them with their state: Adam's lr, betas,
-    ε and weight decay, the schedule's base lr, the EMA's decay settings. A
-    resumed run takes the values of its config instead (lowering
-    --learning_rate after a run diverged, say), from its next optimizer step
-    on; the schedule's shape (warm-up, length) is this run's already.
-    """
-    for group in optimizer.param_groups:
-        group.update(initial_lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                     eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
-    lr_scheduler.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):  # the lr of the next step
-        group["lr"] = config.learning_rate * factor(lr_scheduler.last_epoch)
-    if ema is not None:
-        ema.decay, ema.min_decay = config.ema_max_decay, config.ema_min_decay
-        ema.use_ema_warmup, ema.inv_gamma, ema.power = config.ema_use_warmup, config.ema_inv_gamma, config.ema_power
