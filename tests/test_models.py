@@ -116,7 +116,7 @@ def test_presets_have_the_documented_number_of_parameters(name, paper_model):
     model = paper_model if name == "paper128" else ADMUNet2DModel.from_preset(name)
     millions = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
     assert millions == PROMISED_MILLIONS_OF_PARAMETERS[name]
-    for document in ("README.md", "docs/model.md"):
+    for document in ("docs/model.md",):
         row = next(line for line in (REPO_ROOT / document).read_text().splitlines()
                    if line.startswith("|") and name in line.split("|")[1])  # the table row of this preset
         assert f"| {millions} M |" in row, (document, row)
