@@ -277,7 +277,7 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
         return self._model_output(x, t)[:, : x.shape[1]]
 
     # These steps are also called on their own, outside __call__'s no_grad: the graph of every
-    # U-Net call would be kept (1.4 GiB per step at 128 px, batch 2).
+    # U-Net call would be kept, a large share of memory per step at 128 px.
     @torch.no_grad()
     def ddim_invert(self, x0: torch.Tensor, t: int, num_inference_steps: int = 50) -> torch.Tensor:
         """x₀ → x_t along the deterministic DDIM path (ε evaluated at the level it leaves)."""

@@ -379,7 +379,7 @@ HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_comma
 
 
 # Commands that run a network batch after batch: on a CPU their freed activations are kept for reuse
-# (`performance.keep_freed_host_memory`; training sets it up itself): DDIM at batch 16 is 1.2x faster.
+# (`hardware.keep_freed_host_memory`; training sets it up itself).
 HOST_MEMORY_KEEPING_COMMANDS = ("sample", "interpolate", "neighbours", "evaluate")
 
 

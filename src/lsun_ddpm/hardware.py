@@ -74,10 +74,9 @@ def keep_freed_host_memory(device: torch.device, libc: ctypes.CDLL | None = None
     on free, and returns the top of the heap beyond 128 KiB (M_TRIM_THRESHOLD):
     each step the kernel then maps and zeroes the same memory again, page by
     page. Raising both thresholds (what PyTorch's CPU tuning guide gets from
-    jemalloc or tcmalloc, without a library to install) took a paper128 step
-    here from 22-25 s to 15-17 s, with the system time halved and 10 % more peak
-    memory, and a sampling step at batch 16 from 9.8 to 7.9 s
-    (docs/performance.md). Not on a GPU, whose activations live in CUDA's
+    jemalloc or tcmalloc, without a library to install) made training and
+    sampling steps faster for a little more peak memory (docs/performance.md,
+    "Host memory"). Not on a GPU, whose activations live in CUDA's
     caching allocator, and not where the user set malloc up (MALLOC_*,
     GLIBC_TUNABLES, LD_PRELOAD of another allocator). Returns whether it applied.
     """

@@ -112,10 +112,9 @@ class PixelColumn:
     """The images of a prepared dataset as read-only numpy views of its memory-mapped Arrow files.
 
     🤗 datasets' own batch read (`dataset[indices]`) copies each image out of
-    the page cache into a Python `bytes` and formats the batch: reading eight
-    128-px images that way made a batch take 370-410 µs of a DataLoader
-    worker's time, through views 215-235 µs (docs/performance.md). A view costs
-    about a microsecond. Pickled (to a spawned DataLoader worker) as its table,
+    the page cache into a Python `bytes` and formats the batch, which took
+    most of a DataLoader worker's time per batch; a view is nearly free and the
+    batch is copied once (docs/performance.md). Pickled (to a spawned DataLoader worker) as its table,
     which 🤗 datasets pickles as the files' paths (and the slice taken of
     them), never as the pixels.
     """

@@ -123,8 +123,8 @@ def to_model_input(pixels: torch.Tensor, memory_format: torch.memory_format = to
     gives; `memory_format` for a batch (torch.channels_last).
 
     Training items carry uint8 pixels, and the training loop converts a batch once it is on the device:
-    a DataLoader worker then hands over a quarter of the bytes (1.7-2.5× the images per second through
-    one worker, docs/performance.md), a batch goes to a GPU in a quarter of the time, and channels_last
+    a DataLoader worker then hands over a quarter of the bytes (docs/performance.md), a batch goes to a GPU
+    in a quarter of the time, and channels_last
     costs no transposition, since (H, W, 3) already is its layout.
     """
     return pixels.movedim(-1, -3).float().div_(127.5).sub_(1.0).contiguous(memory_format=memory_format)

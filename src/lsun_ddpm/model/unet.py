@@ -86,8 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # micro-batch of 8 on a 24 GB GPU. Parameter count, FLOPs and memory are
     # measured by bench/model_stats.py and recorded in docs/model.md.
     "paper128": adm_config(128, (128, 128, 256, 256, 512, 512), attention_resolutions=(32, 16, 8)),
-    # The same architecture scaled down for the CPU demo (~110 img/s training on
-    # 2 cores with bf16): attention at 8 px, one residual block per level.
+    # The same architecture scaled down for the CPU demo and recipe: attention at
+    # 8 px, one residual block per level.
     "small32": adm_config(
         32, (32, 64, 128), attention_resolutions=(8,), layers_per_block=1, attention_head_dim=32,
         norm_num_groups=8, dropout=0.0,

@@ -11,9 +11,8 @@ from ..hardware import fast_precision_available
 
 # Unset --torch_compile compiles a CUDA run with at least this many micro-batches (forward + backward
 # passes) to train: compiling paper128 takes minutes, and a shorter run (a test, a smoke run) would spend
-# more time compiling than it saves. On a CPU it is never on by default: on this project's 2-core CPU,
-# compiling paper128 took 3-9 minutes and the compiled bf16 step was no faster than the eager one
-# (17.3 against 17.6 s, docs/performance.md).
+# more time compiling than it saves. On a CPU it is never on by default: there the compiled step was
+# measured no faster than the eager one, after minutes of compiling (docs/performance.md).
 COMPILE_BREAK_EVEN_MICRO_BATCHES = 2000
 
 
@@ -34,8 +33,8 @@ def default_mixed_precision(device: torch.device) -> str:
 
 
 def default_channels_last(mixed_precision: str) -> bool:
-    """channels_last unless the user chose: on with bf16 (CPU: 16 s → 11 s per paper128 step; GPU tensor cores
-    take NHWC convolutions), off in fp32, where it was not measured to help."""
+    """channels_last unless the user chose: on with bf16 (measured faster on a CPU with AMX, docs/performance.md;
+    GPU tensor cores take NHWC convolutions), off in fp32, where it was not measured to help."""
     return mixed_precision == "bf16"
 
 

@@ -118,8 +118,8 @@ def seed_stream_workers_apart_from_the_global_rng(dataloader) -> None:
         base.generator = torch.Generator()
 
 
-# Devices where torch's AdamW has a fused kernel (one kernel for every parameter instead of a loop
-# of small ones): 0.06 s against 0.16 s per step for paper128's 134 M parameters on a 2-core CPU.
+# Devices where torch's AdamW has a fused kernel: one kernel for every parameter instead of a loop of
+# small ones (docs/performance.md, "Adam").
 FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 
