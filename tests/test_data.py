@@ -390,6 +390,42 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert pixels(data)[0, :, 0].tolist() == [0, 128, 255, 4]
 
 
+def test_sixteen_bit_grey_is_divided_by_257_the_factor_that_maps_65535_to_255():
+    """Levels where dividing by 256 and by 257 round to different 8-bit values."""
+    values = np.array([[51400, 60000, 30000]], np.uint16)
+    by_257 = [round(v / 257) for v in values[0].tolist()]  # 200, 233, 117
+    assert by_257 != [round(v / 256) for v in values[0].tolist()]  # 201, 234, 117: the wrong scale
+    assert pixels(encoded(Image.fromarray(values)))[0, :, 0].tolist() == by_257
+
+
+# EXIF orientation → what a viewer does to the stored pixels to display them, as numpy on (H, W, 3) arrays.
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180°
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the top-left diagonal
+    6: lambda a: np.rot90(a, k=-1),  # rotated 90° clockwise
+    7: lambda a: np.rot90(a, k=-1)[::-1],  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, k=1),  # rotated 90° counter-clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_every_exif_orientation_is_shown_as_a_viewer_shows_it(orientation):
+    """A stored image with four differently coloured quadrants: after decoding, each quadrant is where the
+    EXIF orientation tag says a viewer displays it (mirrorings included)."""
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:16, :24], stored[:16, 24:] = (255, 0, 0), (0, 255, 0)
+    stored[16:, :24], stored[16:, 24:] = (0, 0, 255), (255, 255, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    decoded = pixels(encoded(image, "PNG", exif=exif))
+    expected = DISPLAYED[orientation](stored)
+    assert decoded.shape == expected.shape and np.array_equal(decoded, expected)
+
+
 def test_exif_orientation_is_applied():
     stored = Image.new("RGB", (64, 32), (0, 0, 255))
     stored.paste((255, 0, 0), (0, 0, 16, 16))  # red top-left corner as stored

@@ -89,3 +89,16 @@ def test_without_ema_the_model_is_used_as_is(model):
     with ema_weights(None, model):
         assert not model.training
     assert model.training and all(torch.equal(a, b) for a, b in zip(model.parameters(), training))
+
+
+@pytest.mark.slow
+def test_a_fresh_run_uses_its_own_ema_max_decay(tmp_path, image_folder):
+    """--ema_max_decay 0.5 caps the warm-up's decay from the third optimizer step on: 0, 1 − 2^−¾, then 0.5."""
+    from conftest import read_scalars, run_training
+
+    output_dir = tmp_path / "out"
+    run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), "--max_train_steps", "5",
+                                        "--gradient_accumulation_steps", "1", "--ema_max_decay", "0.5",
+                                        "--logger", "tensorboard"])
+    expected = {1: 0.0, 2: 1 - 2 ** -0.75, 3: 0.5, 4: 0.5, 5: 0.5}
+    assert read_scalars(output_dir, "train/ema_decay") == pytest.approx(expected)

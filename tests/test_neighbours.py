@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,31 @@ def test_two_processes_give_the_same_answer_as_one(cli_run, training_folder, tin
     assert len(one) == 15 and one == two
     assert json.loads((tmp_path / "one.json").read_text()) == json.loads((tmp_path / "two.json").read_text())
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+
+def test_exact_ties_are_listed_in_dataset_order_on_one_process_and_on_two(cli_run, tmp_path):
+    """Training image 02 is stored three times (02, 05, 09); a sample is a copy of it, so its distances to the
+    three tie exactly. In batches of 4, process 0 of two reads 02 and 09 (batches 0 and 2) and process 1 reads
+    05 (batch 1): with k = 2 the two neighbours listed are 02 and 05, the first two in dataset order, on one
+    process as on two, whatever order the processes' candidates arrive in."""
+    _, weights = cli_run
+    rng = np.random.default_rng(7)
+    training, samples = tmp_path / "training", tmp_path / "samples"
+    training.mkdir()
+    samples.mkdir()
+    for index in range(16):
+        make_image(rng, 40, 40).save(training / f"{index:02d}.png")
+    for copy in ("05.png", "09.png"):
+        shutil.copy2(training / "02.png", training / copy)
+    shutil.copy2(training / "02.png", samples / "a.png")
+    make_image(rng, 40, 40).save(samples / "b.png")
+    common = ["--samples", str(samples), "--train_data_dir", str(training), "--resolution", str(RESOLUTION),
+              "--lpips_weights", str(weights), "--batch_size", "4", "--k", "2", "--num_reference", "4"]
+    run_neighbours(tmp_path, *common, "--csv", "one.csv", "--out", "one.png")
+    run_neighbours(tmp_path, *common, "--csv", "two.csv", "--out", "two.png", processes=2)
+    one, two = read_csv(tmp_path / "one.csv"), read_csv(tmp_path / "two.csv")
+    assert one == two
+    assert [Path(row["neighbour"]).name for row in one if Path(row["sample"]).name == "a.png"] == ["02.png", "05.png"]
 
 
 def test_an_interrupted_pass_resumes_from_the_cache(training_folder, sample_folder, tmp_path, monkeypatch):

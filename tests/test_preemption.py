@@ -160,3 +160,45 @@ def test_max_nonfinite_steps_below_one_is_an_input_error():
 
     with pytest.raises(InputError, match="--max_nonfinite_steps must be at least 1, got 0"):
         TrainingConfig(max_nonfinite_steps=0)
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped_and_counted():
+    """In-process, through the loop's own functions: the loss is finite, one gradient is infinite (a hook sets
+    it so), so the gradient norm is not finite; the step changes no weight, Adam state, lr or EMA, and counts."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
+    from lsun_ddpm.train.ema import make_ema
+    from lsun_ddpm.train.loop import apply_or_skip_step, train_micro_batch
+    from lsun_ddpm.train.preemption import NonFiniteSteps
+    from lsun_ddpm.train.step_stats import StepStats
+    from conftest import random_tiny_unet
+
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    unet = random_tiny_unet().train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=10, num_training_steps=100)
+    ema = make_ema(unet)
+    before = {name: value.clone() for name, value in unet.state_dict().items()}
+    unet.conv_out.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    noise, timesteps = torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([10, 500])
+    losses, grad_norm = train_micro_batch(accelerator, model, Objective(make_noise_scheduler()), clean, noise,
+                                          timesteps, max_grad_norm=1.0)
+    assert torch.isfinite(losses["loss"]).all() and not torch.isfinite(torch.as_tensor(grad_norm))
+    stats = StepStats(accelerator.device)
+    stats.add(losses, torch.zeros(2, dtype=torch.long))
+    step = stats.finish_step(accelerator, 1000, grad_norm, [0.0, 0.0])
+    assert not step.finite
+
+    apply_or_skip_step(accelerator, optimizer, lr_scheduler, ema, unet, step.finite)
+    nonfinite = NonFiniteSteps(limit=10, last_good_step=0)
+    nonfinite.record(step.finite, 1)
+    assert nonfinite.total == 1 and nonfinite.in_a_row == 1
+    assert all(torch.equal(before[name], value) for name, value in unet.state_dict().items())
+    assert optimizer.optimizer.state == {} and lr_scheduler.last_epoch == 0 and ema.optimization_step == 0
+    assert all(parameter.grad is None for parameter in unet.parameters())

@@ -211,6 +211,16 @@ def test_training_at_another_resolution_is_refused(image_folder, tmp_path):
         load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION, center_crop=False))
 
 
+def test_training_with_another_min_image_size_is_refused(image_folder, tmp_path):
+    """Prepared without a minimum, the dataset holds images a run with --min_image_size 20 would have skipped."""
+    prepare_folder(image_folder, tmp_path / "prepared", shard_size=10)
+    with pytest.raises(InputError) as error:
+        load_prepared_images(str(tmp_path / "prepared"), ImagePreprocessor(RESOLUTION, min_image_size=20))
+    assert str(error.value) == (
+        f"--train_data_dir {str(tmp_path / 'prepared')!r} was prepared with min_image_size 0, but this run uses "
+        "min_image_size 20: train with --min_image_size 0, or prepare the images again with --min_image_size 20")
+
+
 def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
     prepare_folder(image_folder, tmp_path / "one", shard_size=10, num_proc=1)
     prepare_folder(image_folder, tmp_path / "two", shard_size=10, num_proc=2)
