@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
+from safetensors.torch import load_file
 
 from fake_hub import without_offline_variables
 
@@ -177,6 +178,18 @@ def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProce
 
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def exported_weights(output_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {folder: load_file(output_dir / folder / "diffusion_pytorch_model.safetensors")
+            for folder in ("unet", "unet_raw")}
+
+
+def assert_bitwise_equal(expected: dict, actual: dict) -> None:
+    for folder, tensors in expected.items():
+        assert actual[folder].keys() == tensors.keys(), folder
+        different = [k for k in tensors if not torch.equal(tensors[k], actual[folder][k])]
+        assert not different, f"{folder}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def read_scalars(output_dir: Path, tag: str) -> dict[int, float]:

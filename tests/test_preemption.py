@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (PROBED_SCRIPT, TINY_RUN, offline_env, read_scalars, read_summary, run_process_tree,
+from conftest import (assert_bitwise_equal, exported_weights, PROBED_SCRIPT, TINY_RUN, offline_env, read_scalars, read_summary, run_process_tree,
                       run_training)
-from test_training import assert_bitwise_equal, exported_weights
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ from lsun_ddpm.errors import InputError
 from lsun_ddpm.data.prepare import SourceOptions, prepare_dataset
 from lsun_ddpm.data.prepared import load_prepared_images
 
-from conftest import TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
-from test_training import assert_bitwise_equal, exported_weights
+from conftest import assert_bitwise_equal, exported_weights, TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
 
 RESOLUTION = 16
 

@@ -9,8 +9,7 @@ from lsun_ddpm.data.preprocessing import ImagePreprocessor
 from lsun_ddpm.data.sources import load_image_dataset
 from lsun_ddpm.data.datasets import make_dataloader, make_training_dataset
 
-from conftest import run_training
-from test_training import assert_bitwise_equal, exported_weights
+from conftest import assert_bitwise_equal, exported_weights, run_training
 
 # Random crops and flips on, and a shuffle buffer smaller than the 32 images: the order, the crops and the
 # flips all depend on where in the stream an image comes.

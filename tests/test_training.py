@@ -21,7 +21,7 @@ from lsun_ddpm.train.options import TrainingConfig
 from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
 from lsun_ddpm.model.unet import build_model
 
-from conftest import (TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
+from conftest import (assert_bitwise_equal, exported_weights, TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
                       run_training)
 
 pytestmark = pytest.mark.slow
@@ -119,18 +119,6 @@ def test_ema_decay_logged_per_optimizer_step_follows_the_warmup(run):
     logged = read_scalars(run[0], "train/ema_decay")
     expected = {s: 0.0 if s == 1 else min(0.9999, 1 - s ** -0.75) for s in range(1, STEPS + 1)}
     assert logged == pytest.approx(expected, abs=1e-6)
-
-
-def exported_weights(output_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {folder: load_file(output_dir / folder / "diffusion_pytorch_model.safetensors")
-            for folder in ("unet", "unet_raw")}
-
-
-def assert_bitwise_equal(expected: dict, actual: dict) -> None:
-    for folder, tensors in expected.items():
-        assert actual[folder].keys() == tensors.keys(), folder
-        different = [k for k in tensors if not torch.equal(tensors[k], actual[folder][k])]
-        assert not different, f"{folder}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def test_resume_continues_from_the_checkpoint_step(run, tmp_path, image_folder):
