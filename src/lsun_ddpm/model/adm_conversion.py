@@ -6,7 +6,7 @@ tensors and splitting each attention block's fused qkv convolution into
 `to_q`/`to_k`/`to_v`. What the tensors say (widths, depth, attention levels,
 learned Σ, resampling and time conditioning) is read from them; flags given
 as guided-diffusion spells them are checked against them, and what a stock
-`UNet2DModel` cannot express is refused. tests/test_convert_adm.py checks the
+`UNet2DModel` cannot express is refused. tests/model/test_convert_adm.py checks the
 converted network against an independent forward pass of ADM.
 """
 

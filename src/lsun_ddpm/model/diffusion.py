@@ -5,7 +5,7 @@ The forward process and the reverse step are diffusers' `DDPMScheduler`; this
 module fixes its configuration and defines the training objectives. diffusers
 has no L_vlb: `Posterior` holds the quantities it needs (q(x_{t-1} | x_t, x₀),
 p_θ(x_{t-1} | x_t)), named as in Ho et al. and Nichol & Dhariwal.
-tests/test_diffusion.py checks everything against the papers' formulas.
+tests/model/test_diffusion.py checks everything against the papers' formulas.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from lsun_ddpm.train.parsing import check_training_inputs, parse_training_config
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.train.fast_defaults import default_torch_compile
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_papers_recipe():

@@ -437,7 +437,7 @@ def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_cpu_threads_per_process", "1", "--main_process_port", "0", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--num_machines", "1",
-               str(Path(__file__).with_name("shard_check.py")), str(folder), seed]
+               str(Path(__file__).parents[1] / "shard_check.py"), str(folder), seed]
     result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
     assert "SHARDS-OK" in result.stdout
