@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fake_hub import without_offline_variables
+from in_process import LAUNCHED_ON_CPU, run_in_process
 
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
 pytest_plugins = ["fake_hub"]
@@ -122,20 +123,45 @@ TINY_RUN = [
 
 def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
                  check: bool = True, extra_env: dict[str, str] | None = None,
-                 probes: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch train_unconditional.py` on the CPU, as a user would run it (`accelerate_launch`).
+                 probes: list[str] | None = None, timeout: int = 600,
+                 launched: bool = False) -> subprocess.CompletedProcess:
+    """The training script on the CPU with TINY_RUN's options, offline.
 
-    `probes` runs tests/probed_training.py with those options instead of the script.
+    `accelerate launch train_unconditional.py`, as a user runs it (`accelerate_launch`), when the run needs
+    processes of its own: `launched`, several processes, `probes` (tests/probed_training.py with those
+    options, when one of them kills or signals its process) or `extra_env` (e.g. a fake Hub, whose address
+    huggingface_hub reads at import). Otherwise the script's main in this process (`in_process`).
     """
-    script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
-    command = accelerate_launch(num_processes) + [*script, *TINY_RUN, "--output_dir", str(output_dir), *args]
-    env = offline_env(tmp_path)
-    if extra_env is not None:  # e.g. a fake Hub: then the run must not be offline
-        env = without_offline_variables(env) | extra_env
-    result = run_process_tree(command, env, tmp_path, timeout)
+    argv = [*TINY_RUN, "--output_dir", str(output_dir), *args]
+    if launched or num_processes > 1 or not probes_run_in_process(probes or []) or extra_env is not None:
+        script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
+        env = offline_env(tmp_path)
+        if extra_env is not None:  # then the run must not be offline
+            env = without_offline_variables(env) | extra_env
+        result = run_process_tree(accelerate_launch(num_processes) + script + argv, env, tmp_path, timeout)
+    else:
+        result = train_in_process(tmp_path, *argv, probes=probes or [])
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def train_in_process(tmp_path: Path, *argv: str, probes: list[str] = ()) -> subprocess.CompletedProcess:
+    """train_unconditional.py's main(argv) in this process, configured as one launched process (`in_process`);
+    with `probes` (ones that may run here), tests/probed_training.py's."""
+    from probed_training import main_in_process
+
+    from lsun_ddpm.cli import train_main
+
+    if probes:
+        return run_in_process(main_in_process, [*probes, *argv], offline_env(tmp_path, **LAUNCHED_ON_CPU), tmp_path)
+    return run_in_process(train_main, list(argv), offline_env(tmp_path, **LAUNCHED_ON_CPU), tmp_path)
+
+
+def probes_run_in_process(probes: list[str]) -> bool:
+    from probed_training import IN_PROCESS_PROBES
+
+    return all(option in IN_PROCESS_PROBES for option in probes if option.startswith("--"))
 
 
 def accelerate_launch(num_processes: int = 1) -> list[str]:
@@ -170,8 +196,11 @@ def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def run_script_directly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The training script without `accelerate launch`, whose own report of a failed child is a traceback."""
+def run_script_directly(tmp_path: Path, *args: str, own_process: bool = False) -> subprocess.CompletedProcess:
+    """The training script without `accelerate launch` (whose own report of a failed child is a traceback):
+    its main in this process (`train_in_process`), or with `own_process` as `python train_unconditional.py`."""
+    if not own_process:
+        return train_in_process(tmp_path, *args)
     return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], env=offline_env(tmp_path), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
@@ -258,18 +287,32 @@ def tiny_pipeline_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=offline_env(tmp_path),
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def run_cli(tmp_path: Path, *args: str, check: bool = True, own_process: bool = False) -> subprocess.CompletedProcess:
+    """`lsun-ddpm ARGS` offline: its main in this process (`in_process`), or with `own_process` as
+    `python -m lsun_ddpm.cli ARGS` (what depends on HF_HUB_OFFLINE, which huggingface_hub reads at import)."""
+    if own_process:
+        result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=offline_env(tmp_path),
+                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    else:
+        from lsun_ddpm.cli import main
+
+        result = run_in_process(main, list(args), offline_env(tmp_path), tmp_path)
     if check and result.returncode != 0:
         raise AssertionError(f"lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
 
 
-def run_cli_launched(tmp_path: Path, num_processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch -m lsun_ddpm.cli ARGS` on the CPU, `num_processes` processes (`accelerate_launch`)."""
-    result = run_process_tree([*accelerate_launch(num_processes), "-m", "lsun_ddpm.cli", *args],
-                              offline_env(tmp_path), tmp_path, timeout=600)
+def run_cli_launched(tmp_path: Path, num_processes: int, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch -m lsun_ddpm.cli ARGS` on the CPU, `num_processes` processes (`accelerate_launch`),
+    offline, with `extra_env`; one process runs in this process, configured as a launched one (`in_process`)."""
+    env = offline_env(tmp_path, **extra_env)
+    if num_processes == 1:
+        from lsun_ddpm.cli import main
+
+        result = run_in_process(main, list(args), env | LAUNCHED_ON_CPU, tmp_path)
+    else:
+        result = run_process_tree([*accelerate_launch(num_processes), "-m", "lsun_ddpm.cli", *args], env, tmp_path,
+                                  timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"launched lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result

@@ -119,6 +119,23 @@ def unreadable_data_at_step(step: int):
     return refuse
 
 
+# What the probes replace; `main_in_process` puts them back.
+PROBED_FUNCTIONS = [(loop, "resume"), (loop, "train_micro_batch"), (loop, "finish_run"), (loop, "save_sample_grid"),
+                    (accelerate.accelerator, "save_custom_state")]
+# The probes that neither kill nor signal their process, so a test may run them in its own.
+IN_PROCESS_PROBES = ("--nan_loss_at_steps", "--unreadable_data_at_step", "--save_replicas")
+
+
+def main_in_process(argv: list[str]) -> None:
+    """`main` in a process that goes on afterwards: the functions the probes replaced are restored."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name in PROBED_FUNCTIONS]
+    try:
+        main(argv)
+    finally:
+        for owner, name, function in saved:
+            setattr(owner, name, function)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill_while_saving", type=int)

@@ -199,7 +199,8 @@ def run_in_process(entry: str, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def run_as_process(entry: str, argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    result = run_script_directly(cwd, *argv) if entry == "script-process" else run_cli(cwd, *argv, check=False)
+    result = (run_script_directly(cwd, *argv, own_process=True) if entry == "script-process"
+              else run_cli(cwd, *argv, check=False, own_process=True))
     return result.returncode, result.stdout, result.stderr
 
 
@@ -266,7 +267,8 @@ def test_an_unknown_command_names_the_close_one(capsys):
 def test_a_completed_run_whose_push_fails_offline_says_how_to_push_it_and_exits_3(tmp_path, image_folder):
     result = run_script_directly(tmp_path, *with_images(train("--max_train_steps", "2", "--train_batch_size", "4",
                                                               "--push_to_hub", "--hub_model_id", "someone/bedrooms"),
-                                                        image_folder))  # offline: the upload must fail
+                                                        image_folder),
+                                 own_process=True)  # offline (HF_HUB_OFFLINE, read at import): the upload must fail
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]

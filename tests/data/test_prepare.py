@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from lsun_ddpm.data import prepare, prepared
-from lsun_ddpm.data.preprocessing import ImagePreprocessor
 from lsun_ddpm.data.datasets import PreprocessedImages, make_dataloader
-from lsun_ddpm.data.sources import load_image_dataset
-from lsun_ddpm.errors import InputError
 from lsun_ddpm.data.prepare import SourceOptions, prepare_dataset
 from lsun_ddpm.data.prepared import load_prepared_images
+from lsun_ddpm.data.preprocessing import ImagePreprocessor
+from lsun_ddpm.data.sources import load_image_dataset
+from lsun_ddpm.errors import InputError
 
-from conftest import assert_bitwise_equal, exported_weights, TINY_RUN, make_image, read_summary, run_cli, run_script_directly, run_training
+from conftest import (TINY_RUN, assert_bitwise_equal, exported_weights, make_image, read_summary, run_cli,
+                      run_script_directly, run_training)
 
 RESOLUTION = 16
 

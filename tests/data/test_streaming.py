@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
+from lsun_ddpm.data.datasets import make_dataloader, make_training_dataset
 from lsun_ddpm.data.preprocessing import ImagePreprocessor
 from lsun_ddpm.data.sources import load_image_dataset
-from lsun_ddpm.data.datasets import make_dataloader, make_training_dataset
 
 from conftest import assert_bitwise_equal, exported_weights, run_training
 

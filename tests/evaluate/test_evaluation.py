@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import accelerate_launch, make_image, offline_env, run_cli
+from conftest import make_image, offline_env, run_cli, run_cli_launched
 
 RESOLUTION = 16  # the tiny pipeline's
 
@@ -343,12 +343,7 @@ def test_reference_file_holds_features_mean_and_covariance(tmp_path):
 
 def run_evaluate(tmp_path: Path, *args: str, processes: int = 1, cache: str = "cache"):
     """`accelerate launch -m lsun_ddpm.cli evaluate ARGS` offline, the reference cache in tmp_path/cache."""
-    env = offline_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / cache))
-    result = subprocess.run([*accelerate_launch(processes), "-m", "lsun_ddpm.cli", "evaluate", *args], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"evaluate failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return result
+    return run_cli_launched(tmp_path, processes, "evaluate", *args, XDG_CACHE_HOME=str(tmp_path / cache))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import accelerate_launch, make_image, offline_env
+from conftest import make_image, offline_env, run_cli_launched
 
 RESOLUTION = 64
 BUILDERS = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16,
@@ -100,12 +100,8 @@ def pair_by_pair(model, queries: list[Path], training: list[Path]) -> np.ndarray
     return distances
 
 
-def run_neighbours(tmp_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None):
-    result = subprocess.run([*accelerate_launch(processes), "-m", "lsun_ddpm.cli", "neighbours", *args], cwd=tmp_path,
-                            env=env or offline_env(tmp_path), capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"neighbours failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return result
+def run_neighbours(tmp_path: Path, *args: str, processes: int = 1):
+    return run_cli_launched(tmp_path, processes, "neighbours", *args)
 
 
 def read_csv(path: Path) -> list[dict]:

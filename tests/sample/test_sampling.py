@@ -198,7 +198,7 @@ def test_two_launched_processes_sample_each_image_once_as_one_process_does(tmp_p
 
 
 def test_sample_cli_without_network_names_the_problem(tmp_path):
-    result = run_cli(tmp_path, "sample", "someone/some-model", "--num_images", "1", check=False)
+    result = run_cli(tmp_path, "sample", "someone/some-model", "--num_images", "1", check=False, own_process=True)
     assert result.returncode != 0
     assert "cannot load" in result.stderr and "someone/some-model" in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (assert_bitwise_equal, exported_weights, PROBED_SCRIPT, TINY_RUN, offline_env, read_scalars, read_summary, run_process_tree,
-                      run_training)
+from conftest import (PROBED_SCRIPT, TINY_RUN, assert_bitwise_equal, exported_weights, offline_env,
+                      probes_run_in_process, read_scalars, read_summary, run_process_tree, run_training,
+                      train_in_process)
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +29,13 @@ NONFINITE_STATUS = 4
 
 
 def run_probed(tmp_path: Path, output_dir: Path, probes: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    """One training process without a launcher, so that its own exit status is what the test sees."""
-    command = [sys.executable, str(PROBED_SCRIPT), *probes, *TINY_RUN, "--output_dir", str(output_dir), *args]
-    return run_process_tree(command, offline_env(tmp_path), tmp_path, timeout=300)
+    """One training process without a launcher, so that its own exit status is what the test sees; in this
+    process unless a probe signals it (`train_in_process`)."""
+    args = [*TINY_RUN, "--output_dir", str(output_dir), *args]
+    if probes_run_in_process(probes):
+        return train_in_process(tmp_path, *args, probes=probes)
+    return run_process_tree([sys.executable, str(PROBED_SCRIPT), *probes, *args], offline_env(tmp_path), tmp_path,
+                            timeout=300)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -154,8 +159,8 @@ def test_a_second_ctrl_c_aborts_but_a_launcher_forwarding_the_first_does_not(mon
 
 
 def test_max_nonfinite_steps_below_one_is_an_input_error():
-    from lsun_ddpm.train.options import TrainingConfig
     from lsun_ddpm.errors import InputError
+    from lsun_ddpm.train.options import TrainingConfig
 
     with pytest.raises(InputError, match="--max_nonfinite_steps must be at least 1, got 0"):
         TrainingConfig(max_nonfinite_steps=0)
@@ -165,6 +170,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped_and_counted():
     """In-process, through the loop's own functions: the loss is finite, one gradient is infinite (a hook sets
     it so), so the gradient norm is not finite; the step changes no weight, Adam state, lr or EMA, and counts."""
     from accelerate import Accelerator
+    from conftest import random_tiny_unet
     from diffusers.optimization import get_scheduler
 
     from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
@@ -172,7 +178,6 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped_and_counted():
     from lsun_ddpm.train.loop import apply_or_skip_step, train_micro_batch
     from lsun_ddpm.train.preemption import NonFiniteSteps
     from lsun_ddpm.train.step_stats import StepStats
-    from conftest import random_tiny_unet
 
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     unet = random_tiny_unet().train()

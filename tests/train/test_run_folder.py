@@ -4,7 +4,6 @@ checkpoint of this run; the summary is strict JSON; short disk space is said bef
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +15,8 @@ from lsun_ddpm.train.options import TrainingConfig
 from lsun_ddpm.train.parsing import parse_training_config
 from lsun_ddpm.errors import InputError
 
-from conftest import (PROBED_SCRIPT, TINY_RUN, TRAIN_SCRIPT, offline_env, read_scalars, read_summary,
-                      run_script_directly, run_training)
+from conftest import (TINY_RUN, read_scalars, read_summary,
+                      run_script_directly, run_training, train_in_process)
 
 # What accelerate's save_state writes for a model and its Adam on process 0 (plus our lr schedule).
 STATE_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
@@ -498,12 +497,9 @@ REFUSALS = {
 
 
 def train_probed(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """The training script as one process (`python train_unconditional.py`), with tests/probed_training.py's
-    probes when `args` holds one."""
+    """The training script as one process, with tests/probed_training.py's probes when `args` holds one."""
     probes = args[:2] if args[:1] == ["--unreadable_data_at_step"] else []
-    script = [str(PROBED_SCRIPT), *probes] if probes else [str(TRAIN_SCRIPT)]
-    return subprocess.run([sys.executable, *script, *args[len(probes):]], env=offline_env(tmp_path), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return train_in_process(tmp_path, *args[len(probes):], probes=probes)
 
 
 @pytest.mark.slow

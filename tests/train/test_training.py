@@ -16,13 +16,13 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from lsun_ddpm.train import loop, outputs, resuming, run_folder, setup
-from lsun_ddpm.train.options import TrainingConfig
 from lsun_ddpm.model.diffusion import Objective, make_noise_scheduler
 from lsun_ddpm.model.unet import build_model
+from lsun_ddpm.train import loop, outputs, resuming, run_folder, setup
+from lsun_ddpm.train.options import TrainingConfig
 
-from conftest import (assert_bitwise_equal, exported_weights, TINY_RUN, offline_env, random_tiny_unet, read_scalars, read_summary, run_script_directly,
-                      run_training)
+from conftest import (TINY_RUN, assert_bitwise_equal, exported_weights, offline_env, random_tiny_unet, read_scalars,
+                      read_summary, run_script_directly, run_training)
 
 pytestmark = pytest.mark.slow
 
@@ -375,9 +375,9 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, i
 def test_the_grids_use_the_eval_scheduler_and_say_so(tmp_path, image_folder):
     """--eval_scheduler ddim with 3 steps: the run's last grid is exactly DDIM-3 from its exported EMA weights,
     the log names the sampler and steps, and a progress bar counts the grid's U-Net steps."""
-    from lsun_ddpm.sample.sampling import SamplingPlan, generate
     from lsun_ddpm.sample.figures import image_grid
     from lsun_ddpm.sample.loading import load_scheduler_config, load_unet
+    from lsun_ddpm.sample.sampling import SamplingPlan, generate
 
     output_dir = tmp_path / "out"
     result = run_training(tmp_path, output_dir, ["--train_data_dir", str(image_folder), "--max_train_steps", "2",
