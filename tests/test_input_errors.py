@@ -204,7 +204,9 @@ def run_as_process(entry: str, argv: list[str], cwd: Path) -> tuple[int, str, st
     return result.returncode, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("entry, argv, options_file, words", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("entry, argv, options_file, words", [
+    pytest.param(*case, id=name, marks=[pytest.mark.slow] if case[0].endswith("-process") else [])
+    for name, case in CASES.items()])
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(entry, argv, options_file, words, tmp_path,
                                                             image_folder, tiny_pipeline_folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -264,6 +266,7 @@ def test_an_unknown_command_names_the_close_one(capsys):
     assert "lsun-ddpm: error: unknown command 'trian'; did you mean train?" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_completed_run_whose_push_fails_offline_says_how_to_push_it_and_exits_3(tmp_path, image_folder):
     result = run_script_directly(tmp_path, *with_images(train("--max_train_steps", "2", "--train_batch_size", "4",
                                                               "--push_to_hub", "--hub_model_id", "someone/bedrooms"),

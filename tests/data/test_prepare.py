@@ -221,6 +221,7 @@ def test_training_with_another_min_image_size_is_refused(image_folder, tmp_path)
         "min_image_size 20: train with --min_image_size 0, or prepare the images again with --min_image_size 20")
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
     prepare_folder(image_folder, tmp_path / "one", shard_size=10, num_proc=1)
     prepare_folder(image_folder, tmp_path / "two", shard_size=10, num_proc=2)
@@ -231,6 +232,7 @@ def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
     assert one == two
 
 
+@pytest.mark.slow
 def test_training_from_a_prepared_dataset(image_folder, tmp_path):
     """It trains exactly as from the images it was made of: the same batches, flips and noise (10 steps of
     4 images are more than one pass over the 32, so two epochs' flips), read in the training process or by

@@ -257,6 +257,7 @@ def test_files_that_hold_no_inception_are_refused(tmp_path):
         load_inception(str(tmp_path / "other.pth"))
 
 
+@pytest.mark.slow
 def test_offline_without_weights_is_one_clear_line(tiny_pipeline_folder, image_folder, tmp_path):
     # A closed local port as the proxy: the download fails at once, as it does without network.
     env = offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",
@@ -468,6 +469,7 @@ def test_push_dry_run_puts_the_numbers_into_the_model_index(evaluated, tiny_pipe
     assert summary["note"] in card.text
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_samples_and_numbers(evaluated):
     from lsun_ddpm.evaluate.reference import ReferenceStats
 

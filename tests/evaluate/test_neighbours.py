@@ -202,6 +202,7 @@ def test_figure_shows_a_row_per_sample_with_flagged_copies_framed(cli_run, sampl
 # ---------------------------------------------------------------- scale out and resume
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_answer_as_one(cli_run, training_folder, tiny_pipeline_folder, tmp_path):
     _, weights = cli_run
     common = ["--model", str(tiny_pipeline_folder), "--num_samples", "3", "--num_inference_steps", "5",
@@ -215,6 +216,7 @@ def test_two_processes_give_the_same_answer_as_one(cli_run, training_folder, tin
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_exact_ties_are_listed_in_dataset_order_on_one_process_and_on_two(cli_run, tmp_path):
     """Training image 02 is stored three times (02, 05, 09); a sample is a copy of it, so its distances to the
     three tie exactly. In batches of 4, process 0 of two reads 02 and 09 (batches 0 and 2) and process 1 reads
@@ -414,6 +416,7 @@ def test_memorisation_verdict_against_hand_computed_percentiles():
     assert verdict["num_flagged"] == 2 and verdict["median_percentile"] == 25.0
 
 
+@pytest.mark.slow
 def test_offline_without_backbone_weights_is_one_clear_line(sample_folder, training_folder, tmp_path):
     # A closed local port as the proxy: the download fails at once, as it does without network.
     env = offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",

@@ -132,6 +132,7 @@ def test_every_exported_unet_config_names_the_stock_class(tmp_path, with_ema):
         assert json.loads((tmp_path / folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
 
 
+@pytest.mark.slow
 def test_saved_pipeline_loads_with_stock_diffusers_without_lsun_ddpm(tmp_path):
     torch.manual_seed(0)
     model = ADMUNet2DModel.from_preset("tiny16")

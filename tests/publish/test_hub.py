@@ -335,6 +335,7 @@ def cli(env, *args, cwd=None):
                           timeout=600, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_push_uploads_the_dry_run_folder_byte_for_byte(run_folder, tmp_path):
     before = digest(run_folder)
     with FakeHub() as hub:
@@ -354,6 +355,7 @@ def test_push_uploads_the_dry_run_folder_byte_for_byte(run_folder, tmp_path):
     assert digest(run_folder) == before
 
 
+@pytest.mark.slow
 def test_push_with_hub_token_flag_and_revision(run_folder, tmp_path):
     with FakeHub() as hub:
         env = hub.subprocess_env(offline_env(tmp_path))
@@ -384,6 +386,7 @@ def env_with_token_from(source, hub, tmp_path):
     return env, []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, failing", [("--hub_token", "commit"), ("HF_TOKEN", "create"),
                                              ("login cache", "commit")])
 def test_failed_push_is_clear_hides_the_token_and_changes_nothing(run_folder, tmp_path, source, failing):
@@ -400,6 +403,7 @@ def test_failed_push_is_clear_hides_the_token_and_changes_nothing(run_folder, tm
     assert digest(run_folder) == before
 
 
+@pytest.mark.slow
 def test_failed_space_variable_hides_the_token(tmp_path):
     with FakeHub(fail_with=403, fail_on="variables") as hub:
         env, _ = env_with_token_from("HF_TOKEN", hub, tmp_path)
@@ -409,6 +413,7 @@ def test_failed_space_variable_hides_the_token(tmp_path):
     assert TOKEN not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_push_space_uploads_the_app_and_sets_model_id(tmp_path):
     with FakeHub() as hub:
         env = hub.subprocess_env(offline_env(tmp_path), HF_TOKEN=TOKEN)
@@ -443,6 +448,7 @@ def test_push_to_hub_at_the_end_of_training(tmp_path, image_folder):
     assert read_summary(output_dir)["optimizer_steps"] == 2
 
 
+@pytest.mark.slow
 def test_published_folder_alone_loads_the_interpolation_pipeline_without_this_package(run_folder, tmp_path):
     upload = prepare_upload(run_folder, tmp_path / "upload", "someone/m", figures=False)
     script = f"""

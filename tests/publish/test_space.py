@@ -277,6 +277,7 @@ def test_the_about_tab_names_a_card_only_where_there_is_one(tiny_pipeline_folder
     ("CHECKPOINT", "is a training checkpoint (the state training resumes from), not a pipeline folder: pass its run "
                    "folder"),
 ])
+@pytest.mark.slow
 def test_a_model_id_that_is_no_pipeline_is_one_line_without_asking_the_hub(tmp_path, model_id, words):
     checkpoint = tmp_path / "run" / "checkpoint-20"
     checkpoint.mkdir(parents=True)

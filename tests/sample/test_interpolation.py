@@ -244,6 +244,7 @@ def test_interpolate_cli_pairs_file_gives_one_row_per_pair(tmp_path, tiny_pipeli
     assert Image.open(tmp_path / "rows.png").size == ((3 + 2) * 16 + 8, 2 * 16 + 4)
 
 
+@pytest.mark.slow
 def test_two_launched_processes_interpolate_each_pair_once_as_one_process_does(tmp_path, tiny_pipeline_folder):
     """Under `accelerate launch`, 3 pairs over 2 processes: each process interpolates its share, with the noise
     of each pair's own index; the strip is the one a single process writes."""

@@ -155,6 +155,7 @@ def test_sample_cli_writes_a_grid_and_one_png_per_image(tmp_path, tiny_pipeline_
     assert np.array_equal(tile, np.asarray(Image.open(tmp_path / "images" / "00001.png")))
 
 
+@pytest.mark.slow
 def test_sample_cli_compiled_gives_the_uncompiled_grid_up_to_rounding(tmp_path, tiny_pipeline_folder):
     grids = []
     for compile_flags in ([], ["--torch_compile"]):
@@ -176,6 +177,7 @@ def test_sample_cli_both_weights_puts_raw_beside_ema(tmp_path, tiny_pipeline_fol
     assert np.abs(raw - ema).max() > 0  # same seed, different weights
 
 
+@pytest.mark.slow
 def test_two_launched_processes_sample_each_image_once_as_one_process_does(tmp_path, tiny_pipeline_folder):
     """Under `accelerate launch`, 5 images over 2 processes: each process samples its share, the grid and the
     PNGs are the 5 images a single process samples (one grid, written once), not 10."""
@@ -197,6 +199,7 @@ def test_two_launched_processes_sample_each_image_once_as_one_process_does(tmp_p
         assert np.abs(a - b).max() <= 1, name
 
 
+@pytest.mark.slow
 def test_sample_cli_without_network_names_the_problem(tmp_path):
     result = run_cli(tmp_path, "sample", "someone/some-model", "--num_images", "1", check=False, own_process=True)
     assert result.returncode != 0

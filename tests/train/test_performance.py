@@ -81,6 +81,7 @@ def test_compiling_in_place_keeps_the_class_and_every_parameter_name():
         compile_in_place(random_tiny_unet(), "fastest")
 
 
+@pytest.mark.slow
 def test_a_compiled_training_step_agrees_with_the_eager_one():
     """Forward, backward and one Adam step of the same tiny U-Net, compiled and not, on the same batch."""
     eager, compiled = random_tiny_unet(), random_tiny_unet()
@@ -195,6 +196,7 @@ def test_commands_that_run_a_network_keep_freed_host_memory_on_the_cpu(monkeypat
     assert kept == ([torch.device("cpu")] if keeps else [])
 
 
+@pytest.mark.slow
 def test_the_peak_memory_of_a_fresh_process_is_its_own_not_its_launchers(tmp_path):
     """The benchmarks measure each setting in a process they start: its peak must not be the launcher's.
     Here the launcher first holds 2 GiB; the child, which allocates nothing, stays far below that."""
