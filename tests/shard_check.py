@@ -2,8 +2,10 @@
 functions training uses (`prepare_training_data`, `micro_batches`), must give each image to exactly one
 process per epoch.
 
+    shard_check.py FOLDER SEED [SEED...]     (a SEED of "none" runs without --seed)
+
 Image i of the folder is a flat grey of value i, so a batch tells which images it holds.
-Prints "SHARDS-OK" from the main process when each epoch is a partition of the data set.
+Prints "SHARDS-OK <seed>" from the main process for each seed whose epochs are each a partition of the data set.
 """
 
 import itertools
@@ -32,10 +34,10 @@ def main(folder: str, seed: str) -> None:
         if accelerator.is_main_process:
             assert everyone == list(range(len(dataloader.dataset))), (epoch, everyone)
     if accelerator.is_main_process:
-        print("SHARDS-OK", flush=True)
+        print(f"SHARDS-OK {seed}", flush=True)
     accelerator.wait_for_everyone()  # no process may leave while another is still in a collective
-    accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    for each_seed in sys.argv[2:]:  # one launch for all seeds: starting two processes costs more than the check
+        main(sys.argv[1], each_seed)

@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ from lsun_ddpm.model.unet import build_model
 from lsun_ddpm.train import loop, outputs, resuming, run_folder, setup
 from lsun_ddpm.train.options import TrainingConfig
 
-from conftest import (TINY_RUN, assert_bitwise_equal, exported_weights, offline_env, random_tiny_unet, read_scalars,
-                      read_summary, run_script_directly, run_training)
+from conftest import (TINY_RUN, accelerate_launch, assert_bitwise_equal, exported_weights, offline_env,
+                      random_tiny_unet, read_scalars, read_summary, run_cli_launched, run_script_directly,
+                      run_training)
 
 pytestmark = pytest.mark.slow
 
@@ -393,12 +393,9 @@ def test_the_grids_use_the_eval_scheduler_and_say_so(tmp_path, image_folder):
 
 def test_demo_command_writes_a_grid_and_a_pipeline(tmp_path):
     output_dir = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "lsun_ddpm.cli", "demo", "--output_dir", str(output_dir), "--max_train_steps", "3",
-         "--save_images_steps", "3", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "3",
-         "--logger", "none"],
-        env=offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch")), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli_launched(tmp_path, 1, "demo", "--output_dir", str(output_dir), "--max_train_steps", "3",
+                              "--save_images_steps", "3", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "3",
+                              "--logger", "none", TORCH_HOME=str(tmp_path / "torch"))
     for name in ("sample_grid.png", "demo_overview.png", "model_index.json", "raw_vs_ema.png", "interpolation.png",
                  "neighbours.png", "neighbours.csv"):
         assert (output_dir / name).is_file(), name
@@ -427,20 +424,16 @@ def test_streaming_bf16_channels_last_run(tmp_path, image_folder):
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
 
 
-@pytest.mark.parametrize("seed", ["3", "none"])
-def test_two_processes_split_each_epoch_without_overlap(tmp_path, seed):
+def test_two_processes_split_each_epoch_without_overlap_with_and_without_a_seed(tmp_path):
     """Each process draws its own noise, but both must shuffle the data identically to shard it."""
     folder = tmp_path / "greys"
     folder.mkdir()
     for value in range(16):
         Image.new("RGB", (8, 8), (value,) * 3).save(folder / f"{value:02d}.png")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_cpu_threads_per_process", "1", "--main_process_port", "0", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_machines", "1",
-               str(Path(__file__).parents[1] / "shard_check.py"), str(folder), seed]
+    command = [*accelerate_launch(2), str(Path(__file__).parents[1] / "shard_check.py"), str(folder), "3", "none"]
     result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
-    assert "SHARDS-OK" in result.stdout
+    assert "SHARDS-OK 3" in result.stdout and "SHARDS-OK none" in result.stdout
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
