@@ -125,22 +125,24 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
                  check: bool = True, extra_env: dict[str, str] | None = None,
                  probes: list[str] | None = None, timeout: int = 600,
                  launched: bool = False) -> subprocess.CompletedProcess:
-    """The training script on the CPU with TINY_RUN's options, offline.
+    """The training script on the CPU with TINY_RUN's options, offline; with `probes`, tests/probed_training.py.
 
-    `accelerate launch train_unconditional.py`, as a user runs it (`accelerate_launch`), when the run needs
-    processes of its own: `launched`, several processes, `probes` (tests/probed_training.py with those
-    options, when one of them kills or signals its process) or `extra_env` (e.g. a fake Hub, whose address
-    huggingface_hub reads at import). Otherwise the script's main in this process (`in_process`).
+    `accelerate launch`, as a user runs it (`accelerate_launch`), when `launched`, for several processes, or
+    with `extra_env` (e.g. a fake Hub, whose address huggingface_hub reads at import). One process whose
+    probes kill or signal it runs as a process of its own, without a launcher, so that its exit status is
+    its own. Otherwise the script's main runs in this process (`train_in_process`).
     """
     argv = [*TINY_RUN, "--output_dir", str(output_dir), *args]
-    if launched or num_processes > 1 or not probes_run_in_process(probes or []) or extra_env is not None:
-        script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
-        env = offline_env(tmp_path)
+    script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
+    env = offline_env(tmp_path)
+    if launched or num_processes > 1 or extra_env is not None:
         if extra_env is not None:  # then the run must not be offline
             env = without_offline_variables(env) | extra_env
         result = run_process_tree(accelerate_launch(num_processes) + script + argv, env, tmp_path, timeout)
-    else:
+    elif probes_run_in_process(probes or []):
         result = train_in_process(tmp_path, *argv, probes=probes or [])
+    else:
+        result = run_process_tree([sys.executable, *script, *argv], env, tmp_path, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

@@ -1,4 +1,5 @@
-"""The training script with probes that a test cannot place from outside; run it under `accelerate launch`.
+"""The training script with probes that a test cannot place from outside: as a process of its own, under
+`accelerate launch`, or (`main_in_process`, the probes that neither kill nor signal) in the test's process.
 
     probed_training.py [--kill_while_saving STEP] [--kill_before_results] [--save_replicas] [--nan_loss_at_steps S,S...]
                        [--signal_at_step STEP SIGNAL [--signal_rank R]] [--unreadable_data_at_step STEP]

@@ -9,6 +9,7 @@ from pathlib import Path
 import lsun_ddpm
 
 PACKAGE = Path(lsun_ddpm.__file__).parent
+TESTS = Path(__file__).parent
 MAX_LINES = 420  # "about 400": a module past that holds more than one concern
 
 
@@ -19,6 +20,12 @@ def modules() -> list[Path]:
 def test_every_stage_is_a_sub_package_with_its_modules():
     stages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
     assert stages == {"model", "data", "train", "sample", "evaluate", "publish"}
+
+
+def test_the_tests_have_one_folder_per_stage():
+    stages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
+    folders = {path.name for path in TESTS.iterdir() if path.is_dir() and any(path.glob("test_*.py"))}
+    assert folders == stages
 
 
 def test_no_module_is_longer_than_one_concern_needs():

@@ -4,16 +4,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (PROBED_SCRIPT, TINY_RUN, assert_bitwise_equal, exported_weights, offline_env,
-                      probes_run_in_process, read_scalars, read_summary, run_process_tree, run_training,
-                      train_in_process)
+from conftest import assert_bitwise_equal, exported_weights, read_scalars, read_summary, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +26,8 @@ NONFINITE_STATUS = 4
 
 
 def run_probed(tmp_path: Path, output_dir: Path, probes: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    """One training process without a launcher, so that its own exit status is what the test sees; in this
-    process unless a probe signals it (`train_in_process`)."""
-    args = [*TINY_RUN, "--output_dir", str(output_dir), *args]
-    if probes_run_in_process(probes):
-        return train_in_process(tmp_path, *args, probes=probes)
-    return run_process_tree([sys.executable, str(PROBED_SCRIPT), *probes, *args], offline_env(tmp_path), tmp_path,
-                            timeout=300)
+    """One training process without a launcher, so that its own exit status is what the test sees (`run_training`)."""
+    return run_training(tmp_path, output_dir, args, probes=probes, check=False, timeout=300)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
