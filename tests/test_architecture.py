@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import lsun_ddpm
@@ -41,3 +43,12 @@ def test_no_module_imports_another_modules_private_name():
                 private += [f"{path.relative_to(PACKAGE)}: {alias.name}" for alias in node.names
                             if alias.name.startswith("_") and alias.name != "__future__"]
     assert private == []
+
+
+def test_publishing_a_folder_imports_neither_torch_nor_diffusers():
+    """`lsun-ddpm push` and `push-space` read and upload files: they start in a moment, not after torch."""
+    code = ("import sys; import lsun_ddpm.publish.upload, lsun_ddpm.publish.space_upload, lsun_ddpm.publish.card; "
+            "print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

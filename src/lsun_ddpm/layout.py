@@ -18,6 +18,9 @@ UNET = "unet"  # the sampled weights: the EMA, or the raw weights of a run train
 SCHEDULER = "scheduler"
 UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+# The scheduler config's variance_type of a U-Net that outputs [ε, v] (learned Σ): the one value in a folder's
+# configs that its readers test, publishing included, which should not need torch to read a folder.
+LEARNED_VARIANCE = "learned_range"
 RAW_UNET = "unet_raw"  # the training (non-EMA) weights beside the EMA's
 WEIGHT_FOLDERS = {"ema": UNET, "raw": RAW_UNET}
 

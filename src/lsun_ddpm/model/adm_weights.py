@@ -13,8 +13,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ..errors import InputError
+from ..layout import LEARNED_VARIANCE
 from .adm_flags import ADMArchitecture, INFERRED_FLAGS, NOISE_SCHEDULES, infer_architecture, resolve_adm_flags
-from .diffusion import LEARNED_VARIANCE, make_noise_scheduler
+from .diffusion import make_noise_scheduler
 from .unet import adm_config
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "ema", "ema_model")

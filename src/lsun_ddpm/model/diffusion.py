@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..layout import LEARNED_VARIANCE
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
@@ -87,9 +89,6 @@ def timestep_quarter(timesteps: torch.Tensor, num_train_timesteps: int) -> torch
 def quarter_bounds(quarter: int, num_train_timesteps: int) -> tuple[int, int]:
     """The first and last t that `timestep_quarter` puts in `quarter`: 4t // T = q for ⌈qT/4⌉ ≤ t < ⌈(q+1)T/4⌉."""
     return -(-quarter * num_train_timesteps // 4), -(-(quarter + 1) * num_train_timesteps // 4) - 1
-
-
-LEARNED_VARIANCE = "learned_range"  # the scheduler's variance_type for a U-Net that outputs [ε, v]
 
 
 def learns_variance(scheduler: DDPMScheduler) -> bool:

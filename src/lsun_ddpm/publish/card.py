@@ -11,9 +11,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..layout import (CONFIG_FILE, EVALUATION_FILE, GRID_FILE, NEIGHBOURS_FIGURE, NEIGHBOURS_RECORD, RAW_UNET,
-                      SCHEDULER, SCHEDULER_CONFIG, SUMMARY_FILE, UNET, UNET_CONFIG)
-from ..model.diffusion import LEARNED_VARIANCE
+from ..layout import (CONFIG_FILE, EVALUATION_FILE, GRID_FILE, LEARNED_VARIANCE, NEIGHBOURS_FIGURE, NEIGHBOURS_RECORD,
+                      RAW_UNET, SCHEDULER, SCHEDULER_CONFIG, SUMMARY_FILE, UNET, UNET_CONFIG)
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
 

@@ -23,13 +23,14 @@ from ..files import staged
 from ..layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONFIG_FILE, CONVERSION_FILE, EVALUATION_FILE, GRID_FILE,
                       INTERPOLATION_FIGURE, MODEL_INDEX, NEIGHBOURS_FIGURE, RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET,
                       is_conversion)
-from ..pipelines import ddpm_interpolation
+from .. import pipelines
 from .card import build_model_card, read_json, read_yaml
 
 logger = logging.getLogger(__name__)
 
 
-PIPELINE_FILE = Path(ddpm_interpolation.__file__)
+# Named, not imported: importing it would import torch and diffusers, which publishing a folder does not need.
+PIPELINE_FILE = Path(pipelines.__file__).with_name("ddpm_interpolation.py")
 # Copied when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE); those of
 # PATH_BEARING_FILES with their local paths made publishable (`publishable_paths`).
 RUN_FILES = (MODEL_INDEX, CONFIG_FILE, SUMMARY_FILE, EVALUATION_FILE, GRID_FILE, INTERPOLATION_FIGURE,
