@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fake_hub import without_offline_variables
-from in_process import LAUNCHED_ON_CPU, run_in_process
+from in_process import LAUNCHED_ON_CPU, fresh_process_state, run_in_process
 
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
 pytest_plugins = ["fake_hub"]
@@ -82,6 +82,12 @@ def isolated_hf_home(tmp_path, monkeypatch):
     # huggingface_hub caches its agent registry in the HF_HOME it saw at import: not the user's.
     monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH",
                         str(tmp_path / "hf_home" / ".agent_harnesses.json"), raising=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process():
+    """What the package counts per process starts from nothing in each test, as in a fresh process."""
+    fresh_process_state()
 
 
 @pytest.fixture(autouse=True)

@@ -35,9 +35,18 @@ def run_in_process(main: Callable[[list[str]], None], argv: list[str], env: dict
     """`main(argv)` with `env` as the whole environment, `cwd` as the working directory and one torch thread
     (the subprocesses' OMP_NUM_THREADS=1, so results are bitwise those of a launched run)."""
     stdout, stderr = io.StringIO(), io.StringIO()
+    fresh_process_state()
     with _process_like(env, cwd, stderr), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         returncode = _exit_status(main, argv)
     return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def fresh_process_state() -> None:
+    """Reset what the package keeps per process: how many skipped and upscaled images it has logged (it logs
+    the first few of each kind in a process, lsun_ddpm.data.report)."""
+    from lsun_ddpm.data import report
+
+    report._logged.update(dict.fromkeys(report._logged, 0))
 
 
 def _exit_status(main: Callable[[list[str]], None], argv: list[str]) -> int:

@@ -122,11 +122,10 @@ def test_a_snapshot_removes_what_was_added_and_puts_back_a_rewritten_file(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second_job", [["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]],
-                         ids=["resubmitted", "overwrite"])
-def test_a_second_job_on_a_live_run_is_refused_and_the_live_run_goes_on(tmp_path, image_folder, second_job):
-    """A scheduler resubmits a job while the first still trains (before its first checkpoint): the second is
-    refused in one sentence naming the holder, moves and writes nothing, and the first finishes normally."""
+def test_a_second_job_on_a_live_run_is_refused_and_the_live_run_goes_on(tmp_path, image_folder):
+    """A scheduler resubmits a job while the first still trains (before its first checkpoint), or a user starts
+    one with --overwrite_output_dir: each second job is refused in one sentence naming the holder, moves and
+    writes nothing, and the first finishes normally."""
     output_dir = tmp_path / "run"
     args = [*TINY_RUN, "--train_data_dir", str(image_folder), "--output_dir", str(output_dir),
             "--gradient_accumulation_steps", "1", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
@@ -140,21 +139,22 @@ def test_a_second_job_on_a_live_run_is_refused_and_the_live_run_goes_on(tmp_path
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()[-3000:]
             time.sleep(0.5)
         holder = json.loads((output_dir / LOCK_FILE).read_text())
-        before = snapshot(tmp_path)
+        for second_job in (["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
+            before = snapshot(tmp_path)
 
-        second = run_script_directly(tmp_path, *args, *second_job)
+            second = run_script_directly(tmp_path, *args, *second_job)
 
-        assert second.returncode == 2, second.stderr[-3000:]
-        assert "Traceback" not in second.stderr
-        message = second.stderr.strip().splitlines()[-1]
-        assert message == (f"train_unconditional.py: error: {output_dir} is in use by another training job (pid "
-                           f"{holder['pid']} on host {holder['host']}, started {holder['started']}): wait for it "
-                           "to end, or stop it, or give another --output_dir")
-        after = snapshot(tmp_path)
-        changed = {path for path in set(before) | set(after) if before.get(path) != after.get(path)}
-        # only what the live run itself writes as it trains (its log and TensorBoard events) changed
-        assert all(path == "first.err" or path.startswith(("run/logs/", "hf_home")) for path in changed), changed
-        assert not list(tmp_path.glob("run.replaced-*"))
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert "Traceback" not in second.stderr
+            message = second.stderr.strip().splitlines()[-1]
+            assert message == (f"train_unconditional.py: error: {output_dir} is in use by another training job (pid "
+                               f"{holder['pid']} on host {holder['host']}, started {holder['started']}): wait for it "
+                               "to end, or stop it, or give another --output_dir"), second_job
+            after = snapshot(tmp_path)
+            changed = {path for path in set(before) | set(after) if before.get(path) != after.get(path)}
+            # only what the live run itself writes as it trains (its log and TensorBoard events) changed
+            assert all(path == "first.err" or path.startswith(("run/logs/", "hf_home")) for path in changed), changed
+            assert not list(tmp_path.glob("run.replaced-*"))
     finally:
         first.send_signal(signal.SIGTERM)  # the live run saves a checkpoint and exits
         first.wait(timeout=120)
