@@ -236,7 +236,7 @@ def test_two_processes_write_the_same_dataset_as_one(image_folder, tmp_path):
 def test_training_from_a_prepared_dataset(image_folder, tmp_path):
     """It trains exactly as from the images it was made of: the same batches, flips and noise (10 steps of
     4 images are more than one pass over the 32, so two epochs' flips), read in the training process or by
-    2 DataLoader workers (whose batch slots are written again and again: 3 per worker, 5 batches each)."""
+    2 DataLoader workers (5 batches each)."""
     run_cli(tmp_path, "prepare", "--train_data_dir", str(image_folder), "--resolution", "16",
             "--output_dir", str(tmp_path / "prepared"), "--shard_size", "16")
     quick = ["--save_images_steps", "100", "--save_model_steps", "100", "--logger", "none"]
