@@ -129,11 +129,10 @@ TINY_RUN = [
 
 def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processes: int = 1,
                  check: bool = True, extra_env: dict[str, str] | None = None,
-                 probes: list[str] | None = None, timeout: int = 600,
-                 launched: bool = False) -> subprocess.CompletedProcess:
+                 probes: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The training script on the CPU with TINY_RUN's options, offline; with `probes`, tests/probed_training.py.
 
-    `accelerate launch`, as a user runs it (`accelerate_launch`), when `launched`, for several processes, or
+    `accelerate launch`, as a user runs it (`accelerate_launch`), for several processes or
     with `extra_env` (e.g. a fake Hub, whose address huggingface_hub reads at import). One process whose
     probes kill or signal it runs as a process of its own, without a launcher, so that its exit status is
     its own. Otherwise the script's main runs in this process (`train_in_process`).
@@ -141,7 +140,7 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     argv = [*TINY_RUN, "--output_dir", str(output_dir), *args]
     script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
     env = offline_env(tmp_path)
-    if launched or num_processes > 1 or extra_env is not None:
+    if num_processes > 1 or extra_env is not None:
         if extra_env is not None:  # then the run must not be offline
             env = without_offline_variables(env) | extra_env
         result = run_process_tree(accelerate_launch(num_processes) + script + argv, env, tmp_path, timeout)
