@@ -11,6 +11,7 @@ Prints "SHARDS-OK <seed>" from the main process for each seed whose epochs are e
 import itertools
 import sys
 
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from lsun_ddpm.train.parsing import parse_training_config
@@ -18,7 +19,7 @@ from lsun_ddpm.train.setup import make_accelerator, prepare_training_data, seed_
 from lsun_ddpm.train.batches import micro_batches
 
 
-def main(folder: str, seed: str) -> None:
+def main(folder: str, seed: str) -> Accelerator:
     config = parse_training_config(["--train_data_dir", folder, "--train_batch_size", "2", "--resolution", "8",
                                     "--gradient_accumulation_steps", "1", "--logger", "none",
                                     "--output_dir", folder + "-out", "--max_train_steps", "1"]
@@ -33,11 +34,15 @@ def main(folder: str, seed: str) -> None:
         everyone = sorted(sum(gather_object([seen]), []))
         if accelerator.is_main_process:
             assert everyone == list(range(len(dataloader.dataset))), (epoch, everyone)
+    batches.close()
     if accelerator.is_main_process:
         print(f"SHARDS-OK {seed}", flush=True)
     accelerator.wait_for_everyone()  # no process may leave while another is still in a collective
+    return accelerator
 
 
 if __name__ == "__main__":
     for each_seed in sys.argv[2:]:  # one launch for all seeds: starting two processes costs more than the check
-        main(sys.argv[1], each_seed)
+        accelerator = main(sys.argv[1], each_seed)
+    # As training ends: a process that exits with its process group alive may abort in gloo's threads.
+    accelerator.end_training()
