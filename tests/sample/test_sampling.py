@@ -156,6 +156,7 @@ def test_sample_cli_writes_a_grid_and_one_png_per_image(tmp_path, tiny_pipeline_
 
 
 @pytest.mark.slow
+@pytest.mark.compiles
 def test_sample_cli_compiled_gives_the_uncompiled_grid_up_to_rounding(tmp_path, tiny_pipeline_folder):
     grids = []
     for compile_flags in ([], ["--torch_compile"]):

@@ -82,6 +82,7 @@ def test_compiling_in_place_keeps_the_class_and_every_parameter_name():
 
 
 @pytest.mark.slow
+@pytest.mark.compiles
 def test_a_compiled_training_step_agrees_with_the_eager_one():
     """Forward, backward and one Adam step of the same tiny U-Net, compiled and not, on the same batch."""
     eager, compiled = random_tiny_unet(), random_tiny_unet()

@@ -161,6 +161,7 @@ def assert_close_weights(expected: dict, actual: dict, atol: float) -> None:
         assert worst <= atol, f"{folder}: weights differ by up to {worst}"
 
 
+@pytest.mark.compiles
 def test_a_compiled_run_checkpoints_resumes_and_exports_the_weights_of_an_uncompiled_one(run, tmp_path, image_folder):
     """checkpoint-21 of the uncompiled run resumed with --torch_compile to the end (24); the compiled run's
     checkpoint-24 then resumed without it for two more steps. Compiled kernels round differently (fp32
