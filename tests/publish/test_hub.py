@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from PIL import Image
 from adm_reference import Spec, random_adm_state_dict
 from conftest import REPO_ROOT, offline_env, read_summary, run_training
 from fake_hub import FakeHub
+from forked_process import run_forked
 from lsun_ddpm.publish.card import build_model_card
 from lsun_ddpm.publish.upload import prepare_upload, push_run
 from lsun_ddpm.publish.space_upload import push_space
@@ -331,8 +333,7 @@ def test_a_bare_repo_name_is_the_token_users_in_the_card_and_the_space(run_folde
 
 
 def cli(env, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lsun_ddpm.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    return run_forked(["-m", "lsun_ddpm.cli", *args], env, cwd or Path.cwd())
 
 
 @pytest.mark.slow

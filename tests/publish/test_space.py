@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT, make_image, offline_env
 from fake_hub import without_offline_variables
+from forked_process import run_forked
 from lsun_ddpm.publish import app
 from lsun_ddpm.errors import InputError
 from lsun_ddpm.publish.app import Limits, SpaceModel, build_demo, main, offline_theme
@@ -285,8 +286,7 @@ def test_a_model_id_that_is_no_pipeline_is_one_line_without_asking_the_hub(tmp_p
     model_id = str(checkpoint) if model_id == "CHECKPOINT" else model_id
     # Online, with the Hub at a closed local port: a lookup would end in a connection error, not this line.
     env = without_offline_variables(offline_env(tmp_path, MODEL_ID=model_id)) | {"HF_ENDPOINT": "http://127.0.0.1:9"}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "space" / "app.py")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = run_forked([str(REPO_ROOT / "space" / "app.py")], env, tmp_path, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"MODEL_ID={model_id}: ") and words in lines[0]

@@ -18,6 +18,7 @@ from lsun_ddpm.layout import LOCK_FILE
 from lsun_ddpm.train.run_lock import FolderSnapshot, RunFolderInUse, acquire_run_lock
 
 from conftest import TINY_RUN, TRAIN_SCRIPT, offline_env, run_script_directly
+from forked_process import ForkedProcess
 
 HOLD_LOCK = """
 import sys, time
@@ -130,9 +131,8 @@ def test_a_second_job_on_a_live_run_is_refused_and_the_live_run_goes_on(tmp_path
     args = [*TINY_RUN, "--train_data_dir", str(image_folder), "--output_dir", str(output_dir),
             "--gradient_accumulation_steps", "1", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
             "--logger", "tensorboard"]
-    with open(tmp_path / "first.err", "w") as first_err:
-        first = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=offline_env(tmp_path), cwd=tmp_path,
-                                 stdout=subprocess.DEVNULL, stderr=first_err)
+    first = ForkedProcess([str(TRAIN_SCRIPT), *args], offline_env(tmp_path), tmp_path, stdout=Path(os.devnull),
+                          stderr=tmp_path / "first.err")
     try:
         deadline = time.monotonic() + 240
         while "train:" not in (tmp_path / "first.err").read_text():  # training, so its logs and config exist
