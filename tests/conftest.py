@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,7 +152,7 @@ def run_training(tmp_path: Path, output_dir: Path, args: list[str], num_processe
     if num_processes > 1 or extra_env is not None:
         if extra_env is not None:  # then the run must not be offline
             env = without_offline_variables(env) | extra_env
-        result = run_process_tree(accelerate_launch(num_processes) + script + argv, env, tmp_path, timeout)
+        result = run_forked(accelerate_launch(num_processes) + script + argv, env, tmp_path, timeout)
     elif probes_run_in_process(probes or []):
         result = train_in_process(tmp_path, *argv, probes=probes or [])
     else:
@@ -182,35 +181,16 @@ def probes_run_in_process(probes: list[str]) -> bool:
 
 
 def accelerate_launch(num_processes: int = 1) -> list[str]:
-    """`accelerate launch` on the CPU with one thread per process, before the script and its arguments.
+    """`accelerate launch` on the CPU with one thread per process: python's arguments, before the script's.
 
     Two processes need `--multi_gpu` (with ACCELERATE_USE_CPU=true, gloo):
     `--cpu --num_processes 2` would silently start a single process.
     """
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+    launch = ["-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
     if num_processes > 1:
         return launch + ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
     return launch + ["--cpu", "--num_processes", "1"]
-
-
-def run_process_tree(command: list[str], env: dict[str, str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    """`subprocess.run`, but a timeout (or an interrupted test) also kills the launcher's workers, which
-    torchrun starts in sessions of their own: a hung worker would otherwise outlive the test, holding
-    its CPU and the output pipes."""
-    import psutil  # accelerate's own dependency
-
-    with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except BaseException:
-            for child in psutil.Process(process.pid).children(recursive=True):
-                child.kill()
-            process.kill()
-            process.communicate()
-            raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_script_directly(tmp_path: Path, *args: str, own_process: bool = False) -> subprocess.CompletedProcess:
@@ -328,7 +308,7 @@ def run_cli_launched(tmp_path: Path, num_processes: int, *args: str, **extra_env
 
         result = run_in_process(main, list(args), env | LAUNCHED_ON_CPU, tmp_path)
     else:
-        result = run_process_tree([*accelerate_launch(num_processes), "-m", "lsun_ddpm.cli", *args], env, tmp_path,
+        result = run_forked([*accelerate_launch(num_processes), "-m", "lsun_ddpm.cli", *args], env, tmp_path,
                                   timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"launched lsun-ddpm {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")

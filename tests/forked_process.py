@@ -7,8 +7,9 @@ imports once what is costly and reads no environment at import (torch, dynamo, n
 child then takes the command's environment, working directory, `sys.path` and `sys.argv`, imports the rest
 (diffusers, huggingface_hub, datasets, lsun_ddpm) under that environment, as a fresh interpreter does, and
 runs the command as `python` would: `python SCRIPT`, `-m MODULE` or `-c CODE`. Its stdout and stderr go to
-files. What a fresh interpreter must show (stock diffusers loading a folder with lsun_ddpm hidden, a process's
-own peak memory) and `accelerate launch` still start with `subprocess`.
+files. `accelerate launch` is forked too; its torchrun starts the workers as fresh interpreters. What a fresh
+interpreter must show (stock diffusers loading a folder with lsun_ddpm hidden, a process's own peak memory)
+still starts with `subprocess`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+import psutil  # accelerate's own dependency
 
 # Costly to import and read no environment variable that a test sets (huggingface_hub, diffusers and
 # datasets read HF_HOME, HF_HUB_OFFLINE and the like at import: the child imports those itself).
@@ -70,8 +73,12 @@ class ForkedProcess:
             os.kill(self.pid, signum)
 
     def kill(self) -> None:
-        """SIGKILL the command and what it started (its session: DataLoader workers, say)."""
+        """SIGKILL the command and what it started: its session (DataLoader workers, say), and the workers of
+        an `accelerate launch`, which torchrun starts in sessions of their own."""
         if self.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for descendant in psutil.Process(self.pid).children(recursive=True):
+                    descendant.kill()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):  # had it not made its session yet

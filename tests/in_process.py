@@ -5,8 +5,8 @@ single-process command does does not depend on its having a process of its own, 
 it writes, prints or refuses run its `main(argv)` here instead and get the same `CompletedProcess`: exit
 status, stdout, and stderr with its log lines, warnings and, for an uncaught exception, the traceback.
 What does need a process — signals, kills, several processes, a fresh import, the offline switches that
-huggingface_hub reads once at import — stays in processes of its own: forked from a server that has
-imported torch (`forked_process.py`), or `accelerate launch` (conftest's `run_process_tree`).
+huggingface_hub reads once at import — stays in processes of its own, forked from a server that has
+imported torch (`forked_process.py`); so does `accelerate launch`, whose workers torchrun starts afresh.
 """
 
 from __future__ import annotations

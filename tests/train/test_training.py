@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from lsun_ddpm.train.options import TrainingConfig
 from conftest import (TINY_RUN, accelerate_launch, assert_bitwise_equal, exported_weights, offline_env,
                       random_tiny_unet, read_scalars, read_summary, run_cli_launched, run_script_directly,
                       run_training)
+from forked_process import run_forked
 
 pytestmark = pytest.mark.slow
 
@@ -432,7 +432,7 @@ def test_two_processes_split_each_epoch_without_overlap_with_and_without_a_seed(
     for value in range(16):
         Image.new("RGB", (8, 8), (value,) * 3).save(folder / f"{value:02d}.png")
     command = [*accelerate_launch(2), str(Path(__file__).parents[1] / "shard_check.py"), str(folder), "3", "none"]
-    result = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = run_forked(command, offline_env(tmp_path), tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
     assert "SHARDS-OK 3" in result.stdout and "SHARDS-OK none" in result.stdout
 
