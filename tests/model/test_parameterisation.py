@@ -44,14 +44,20 @@ def test_an_unknown_prediction_type_is_refused(truth):
         to_x0(truth["v"], "velocity", truth["z"], truth["alpha"], truth["sigma"])
 
 
+def two_draws(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+
+
+def levels(timesteps: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """α and σ of the paper's schedule at each image's t, in float64."""
+    return alpha_sigma(make_noise_scheduler().alphas_cumprod.double(), torch.tensor(timesteps), like)
+
+
 def test_a_ddim_step_with_the_true_x0_keeps_the_noise_and_moves_its_level():
     """From z_t = α_t x₀ + σ_t ε, DDIM with the exact x₀ lands on z_s = α_s x₀ + σ_s ε: the same ε."""
-    alphas_cumprod = make_noise_scheduler().alphas_cumprod.double()
-    generator = torch.Generator().manual_seed(1)
-    x0 = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
-    epsilon = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, torch.tensor([999, 600]), x0)
-    alpha_s, sigma_s = alpha_sigma(alphas_cumprod, torch.tensor([749, 100]), x0)
+    x0, epsilon = two_draws(1)
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = levels([999, 600], x0), levels([749, 100], x0)
     z_s = ddim_step(alpha_t * x0 + sigma_t * epsilon, x0, alpha_t, sigma_t, alpha_s, sigma_s)
     torch.testing.assert_close(z_s, alpha_s * x0 + sigma_s * epsilon, rtol=0, atol=1e-12)
 
@@ -59,12 +65,8 @@ def test_a_ddim_step_with_the_true_x0_keeps_the_noise_and_moves_its_level():
 def test_the_one_step_x0_makes_a_single_ddim_step_land_where_two_steps_landed():
     """Algorithm 2's target: one DDIM step from z_t with x̃ reaches the z_s the teacher's two steps reached;
     at s = 0 (α = 1, σ = 0) x̃ is z_s itself."""
-    alphas_cumprod = make_noise_scheduler().alphas_cumprod.double()
-    generator = torch.Generator().manual_seed(2)
-    z_t = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
-    z_s = torch.randn(z_t.shape, generator=generator, dtype=torch.float64)
-    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, torch.tensor([999, 500]), z_t)
-    alpha_s, sigma_s = alpha_sigma(alphas_cumprod, torch.tensor([499, 250]), z_t)
+    z_t, z_s = two_draws(2)
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = levels([999, 500], z_t), levels([499, 250], z_t)
     target = one_step_x0(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
     torch.testing.assert_close(ddim_step(z_t, target, alpha_t, sigma_t, alpha_s, sigma_s), z_s, rtol=0, atol=1e-9)
     at_zero = one_step_x0(z_t, z_s, alpha_t, sigma_t, torch.ones(()), torch.zeros(()))
