@@ -152,9 +152,7 @@ def _run_command(args: list[str], env: dict[str, str], cwd: str, stdout: str, st
         traceback.print_exc()
         raise SystemExit(1) from None
     finally:
-        atexit._run_exitfuncs()  # a forked child leaves with os._exit, which skips them
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _wind_up()
 
 
 def _run_as_main(args: list[str], fresh_path: list[str]) -> None:
@@ -173,10 +171,15 @@ def _run_as_main(args: list[str], fresh_path: list[str]) -> None:
         runpy.run_path(script, run_name="__main__")
 
 
-def _exit_by_signal(signum: int) -> None:
+def _wind_up() -> None:
+    """What the interpreter does on its way out: a forked child leaves with os._exit, which skips atexit."""
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _exit_by_signal(signum: int) -> None:
+    _wind_up()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     time.sleep(1)
