@@ -68,6 +68,7 @@ def run_evaluate_command(args) -> None:
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}; wrote {path}"
               + (f" (reference statistics: {reference_file})" if computed else ""))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # ends the process group: a worker exiting with it alive may abort in gloo's threads
 
 
 def check_evaluation_inputs(args) -> tuple[bool, str]:

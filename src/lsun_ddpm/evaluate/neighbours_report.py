@@ -156,6 +156,7 @@ def run_neighbours_command(args) -> None:
         for line in write_outputs(report, args.out, args.csv, args.run_dir):
             print(line)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # ends the process group: a worker exiting with it alive may abort in gloo's threads
 
 
 def write_outputs(report: NeighbourReport, out: str | None, csv_path: str | None, run_dir: str | None) -> list[str]:

@@ -41,6 +41,7 @@ def run_sample(args) -> None:
             for index, image in zip(share, images):
                 save_image(image, folder / f"{index:05d}.png")
         panels.append((weights, gather_object(images)))  # every process's share, in index order
+    state.destroy_process_group()  # the last collective is done; a worker exiting with it alive may abort in gloo
     if not state.is_main_process:
         return
     grids = [image_grid(images) for _, images in panels]
@@ -63,6 +64,7 @@ def run_interpolate(args, pairs: list[Pair], t: int | str) -> None:
         first_index=share.start,
     )
     results = gather_object(results)  # every process's pairs, in order
+    state.destroy_process_group()
     if not state.is_main_process:
         return
     save_image(strip(results), args.out)
