@@ -165,8 +165,9 @@ class FolderSnapshot:
         self.contents = {name: (folder / name).read_bytes() for name in restored_files if (folder / name).is_file()}
 
     def new_checkpoints(self) -> list[str]:
-        """Checkpoint folders made since the snapshot."""
-        return [path for path in _relative_paths(self.folder) - self.paths if CHECKPOINT_PATTERN.match(path)]
+        """Checkpoint folders made since the snapshot, at any depth (a distillation's are in its stages' folders)."""
+        return [path for path in _relative_paths(self.folder) - self.paths
+                if CHECKPOINT_PATTERN.match(os.path.basename(path))]
 
     def restore(self) -> None:
         """Remove every file and folder added since the snapshot; put back the saved files' bytes."""
