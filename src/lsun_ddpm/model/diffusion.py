@@ -219,6 +219,9 @@ class Objective:
     def learns_variance(self) -> bool:
         return learns_variance(self.scheduler)
 
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return sample_timesteps(batch_size, self.scheduler.config.num_train_timesteps, device)
+
     def losses(self, model_output: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-image terms, fp32: "loss" (what is minimised); with a learned Σ also "loss_simple" and

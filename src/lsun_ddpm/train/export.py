@@ -1,4 +1,4 @@
-"""The pipeline folder a run exports: a stock `DDPMPipeline` with the EMA weights, and the raw ones beside."""
+"""The pipeline folder a run exports: a stock pipeline with the EMA weights, and the raw ones beside."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from ..files import replace_path
 from ..layout import RAW_UNET
 from .ema import ema_weights
 
-def save_pipeline_folder(
-    unet: UNet2DModel, scheduler: DDPMScheduler, output_dir: str | os.PathLike, ema: EMAModel | None = None
-) -> None:
-    """Write a stock `DDPMPipeline` folder into `output_dir` (safetensors).
+def save_pipeline_folder(unet: UNet2DModel, scheduler, output_dir: str | os.PathLike, ema: EMAModel | None = None,
+                         pipeline_class: type[DiffusionPipeline] = DDPMPipeline) -> None:
+    """Write a stock pipeline folder into `output_dir` (safetensors): a `DDPMPipeline`, or the class that
+    samples with `scheduler` (a distilled student's `DDIMPipeline`).
 
     With `ema`, `unet/` holds the EMA weights and `unet_raw/` the training
     weights, which `unet` keeps (they are swapped back bit-identically). Other
@@ -29,7 +29,7 @@ def save_pipeline_folder(
         if ema is not None:
             _stock(unet).save_pretrained(staging / RAW_UNET, safe_serialization=True)
         with ema_weights(ema, unet):
-            DDPMPipeline(unet=_stock(unet), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+            pipeline_class(unet=_stock(unet), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         for entry in sorted(staging.iterdir()):
             replace_path(entry, output_dir / entry.name)
 

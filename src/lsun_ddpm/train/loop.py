@@ -21,7 +21,6 @@ from ..data.preprocessing import to_model_input
 from ..data.report import ImageReport
 from ..layout import CONFIG_FILE, IDENTITY_FILE
 from ..model import diffusion
-from ..model.unet import build_model
 from . import run_folder
 from .batches import micro_batches
 from .ema import make_ema
@@ -29,12 +28,13 @@ from .options import TrainingConfig
 from .outputs import end_run_early, export_pipeline, finish_run, save_checkpoint, save_sample_grid
 from .parsing import check_training_inputs
 from .preemption import NonFiniteSteps, StopRequest, stop_reason
+from .recipe import Recipe, paper_recipe
 from .run_history import RunHistory, read_segments
 from .resuming import resume, use_this_runs_settings
 from .run_lock import RunFolderClaim
 from .setup import (check_run_folder, choose_precision, compile_if_asked_or_worthwhile, make_accelerator,
                     make_optimizer, move_previous_run_aside, optimizer_steps_per_epoch, prepare_training_data,
-                    seed_this_process, set_up_logging, size_override, start_run)
+                    seed_this_process, set_up_logging, start_run)
 from .step_stats import StepStats
 
 logger = get_logger(__name__)
@@ -52,18 +52,18 @@ def train(config: TrainingConfig) -> Path:
     accelerator = make_accelerator(config)
     set_up_logging(accelerator)
     with RunFolderClaim(accelerator, config.output_dir, restored_files=(CONFIG_FILE, IDENTITY_FILE)):
-        train_in_claimed_folder(accelerator, config)
+        train_in_claimed_folder(accelerator, config, paper_recipe(config))
+        accelerator.end_training()  # flush the trackers, end the process group
     return Path(config.output_dir)
 
 
-def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) -> None:
-    """The paper's recipe, in a run folder this job holds."""
+def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig, recipe: Recipe) -> None:
+    """One run of `recipe` (the paper's, or a distillation stage's), in a run folder this job holds."""
     output_dir = Path(config.output_dir)
     # Every process builds the same initial weights; noise and dropout then differ per process.
     if config.seed is not None:
         set_seed(config.seed)
-    model = build_model(config.model_preset, config.model_config_name_or_path, config.learn_sigma,
-                        config.pretrained_model_name_or_path, **size_override(config))
+    model = recipe.make_model()
     config.resolution = model.config.sample_size
     checkpoint, move_aside = check_run_folder(config, model)  # one run per folder; before any work
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format  # weights and batches
@@ -76,7 +76,8 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) ->
         config.ddpm_num_steps, config.ddpm_beta_schedule, config.prediction_type,
         variance_type=diffusion.LEARNED_VARIANCE if config.learn_sigma else "fixed_small",
     )
-    objective = diffusion.Objective(noise_scheduler, config.vlb_weight)  # simple loss, or hybrid with a learned Σ
+    objective = recipe.make_objective(noise_scheduler)  # the paper's: simple loss, or hybrid with a learned Σ
+    sampling_scheduler = recipe.sampling_scheduler(noise_scheduler)  # what the grids and the export sample with
     dataloader = prepare_training_data(accelerator, config)
 
     optimizer = make_optimizer(model, config, accelerator.device)  # Adam, as in the paper
@@ -107,7 +108,7 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) ->
     compile_if_asked_or_worthwhile(accelerator, config, model, max_train_steps - global_step)
     if move_aside:
         move_previous_run_aside(accelerator, config)
-    start_run(accelerator, config, unet, max_train_steps, global_step, checkpoint)
+    start_run(accelerator, config, unet, max_train_steps, global_step, checkpoint, recipe.description)
     stats = StepStats(accelerator.device)
     nonfinite = NonFiniteSteps(limit=config.max_nonfinite_steps, last_good_step=global_step)
     history = RunHistory(read_segments(checkpoint), global_step, accelerator.num_processes,
@@ -125,7 +126,7 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) ->
             image_report.add_batch(batch)
             clean_images = to_model_input(batch["pixels"], memory_format)  # fp32 under mixed precision too
             noise = torch.randn_like(clean_images)
-            timesteps = diffusion.sample_timesteps(clean_images.shape[0], config.ddpm_num_steps, clean_images.device)
+            timesteps = objective.sample_timesteps(clean_images.shape[0], clean_images.device)
             losses, grad_norm = train_micro_batch(accelerator, model, objective, clean_images, noise, timesteps,
                                                   config.max_grad_norm)
             stats.add(losses, diffusion.timestep_quarter(timesteps, config.ddpm_num_steps))
@@ -161,20 +162,20 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig) ->
             if is_last:
                 break  # the last step's samples and pipeline are the run's results, written below
             if global_step % config.save_images_steps == 0:
-                save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
+                save_sample_grid(accelerator, unet, ema, sampling_scheduler, config, global_step)
             if global_step % config.save_model_steps == 0:
-                export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
+                export_pipeline(accelerator, unet, ema, sampling_scheduler, output_dir, recipe.pipeline_class)
             step_started = time.perf_counter()
 
     progress.close()
     # After the last checkpoint: a run stopped in here is finished by resuming it.
-    save_sample_grid(accelerator, unet, ema, noise_scheduler, config, global_step)
-    export_pipeline(accelerator, unet, ema, noise_scheduler, output_dir)
+    save_sample_grid(accelerator, unet, ema, sampling_scheduler, config, global_step)
+    export_pipeline(accelerator, unet, ema, sampling_scheduler, output_dir, recipe.pipeline_class)
     segments = history.until(global_step, stats.micro_batches, nonfinite.total)
     finish_run(accelerator, config, unet, ema, optimizer, global_step, segments, stats, image_report)
 
 
-def train_micro_batch(accelerator: Accelerator, model, objective: diffusion.Objective, clean_images: torch.Tensor,
+def train_micro_batch(accelerator: Accelerator, model, objective, clean_images: torch.Tensor,
                       noise: torch.Tensor, timesteps: torch.Tensor, max_grad_norm: float):
     """The objective on one micro-batch: forward and backward; at the end of an accumulation group, clip.
 

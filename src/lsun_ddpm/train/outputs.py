@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
+from diffusers import DDPMPipeline, DiffusionPipeline
 
 from ..data.report import ImageReport, summarise_image_reports
 from ..files import replace_path, save_image
@@ -83,10 +84,11 @@ def log_grid(accelerator: Accelerator, logger_name: str, grid, step: int) -> Non
         accelerator.get_tracker("wandb").log({"samples/ema": wandb.Image(grid)}, step=step)
 
 
-def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, scheduler, output_dir: Path) -> None:
-    """Write the stock `DDPMPipeline` folder: EMA weights in `unet/`, raw weights in `unet_raw/`."""
+def export_pipeline(accelerator: Accelerator, unet: ADMUNet2DModel, ema, scheduler, output_dir: Path,
+                    pipeline_class: type[DiffusionPipeline] = DDPMPipeline) -> None:
+    """Write the stock pipeline folder: EMA weights in `unet/`, raw weights in `unet_raw/`."""
     if accelerator.is_main_process:
-        save_pipeline_folder(unet, scheduler, output_dir, ema=ema)
+        save_pipeline_folder(unet, scheduler, output_dir, ema=ema, pipeline_class=pipeline_class)
     accelerator.wait_for_everyone()
 
 
@@ -109,7 +111,7 @@ def end_run_early(accelerator: Accelerator, stop: RunStopped) -> None:
 def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, optimizer, global_step: int,
                segments: list[Segment], stats: StepStats, image_report: ImageReport) -> None:
     """Check that all processes hold the same weights, report skipped images, write the run summary (whole-run
-    totals over its `segments`), push if asked."""
+    totals over its `segments`)."""
     fingerprint = weights_fingerprint(list(unet.parameters()) + (ema.shadow_params if ema else []))
     fingerprints = gather_object([fingerprint])
     image_counts, image_lines = summarise_image_reports(gather_object([image_report.collect()]))
@@ -151,7 +153,6 @@ def finish_run(accelerator: Accelerator, config: TrainingConfig, unet, ema, opti
         }
         run_folder.write_summary(config.output_dir, summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 def _or_unknown(value) -> str:

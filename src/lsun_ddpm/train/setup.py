@@ -182,7 +182,7 @@ def move_previous_run_aside(accelerator: Accelerator, config: TrainingConfig) ->
 
 
 def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DModel,
-              max_train_steps: int, global_step: int, checkpoint: Path | None) -> None:
+              max_train_steps: int, global_step: int, checkpoint: Path | None, objective: str) -> None:
     """Record the run's config and identity (a resumed run keeps its checkpoint's), start the trackers, and
     say what is trained how."""
     effective = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
@@ -212,8 +212,6 @@ def start_run(accelerator: Accelerator, config: TrainingConfig, unet: ADMUNet2DM
         start = f"fine-tuning {config.pretrained_model_name_or_path}"
     else:
         start = "from a fresh initialisation"
-    objective = (f"learned Σ, hybrid loss L_simple + {config.vlb_weight:g}·L_vlb" if config.learn_sigma
-                 else "fixed Σ, simple loss")
     logger.info("  %s; %s", start, objective, main_process_only=True)
 
 
