@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from lsun_ddpm.model.diffusion import make_noise_scheduler
 from lsun_ddpm.model.parameterisation import alpha_sigma, ddim_step, one_step_x0, to_epsilon, to_v, to_x0
@@ -54,12 +55,21 @@ def levels(timesteps: list[int], like: torch.Tensor) -> tuple[torch.Tensor, torc
     return alpha_sigma(make_noise_scheduler().alphas_cumprod.double(), torch.tensor(timesteps), like)
 
 
-def test_a_ddim_step_with_the_true_x0_keeps_the_noise_and_moves_its_level():
-    """From z_t = α_t x₀ + σ_t ε, DDIM with the exact x₀ lands on z_s = α_s x₀ + σ_s ε: the same ε."""
+def test_a_ddim_step_from_an_exact_prediction_is_diffusers_ddim_step_and_keeps_the_noise():
+    """From z_t = α_t x₀ + σ_t ε, DDIM with the exact prediction (ε or v) lands on z_s = α_s x₀ + σ_s ε, as
+    diffusers' DDIMScheduler's step does."""
     x0, epsilon = two_draws(1)
-    (alpha_t, sigma_t), (alpha_s, sigma_s) = levels([999, 600], x0), levels([749, 100], x0)
-    z_s = ddim_step(alpha_t * x0 + sigma_t * epsilon, x0, alpha_t, sigma_t, alpha_s, sigma_s)
-    torch.testing.assert_close(z_s, alpha_s * x0 + sigma_s * epsilon, rtol=0, atol=1e-12)
+    t, s = 999, 749
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = levels([t, t], x0), levels([s, s], x0)
+    z_t = alpha_t * x0 + sigma_t * epsilon
+    for prediction_type, prediction in (("epsilon", epsilon), ("v_prediction", alpha_t * epsilon - sigma_t * x0)):
+        x0_hat = to_x0(prediction, prediction_type, z_t, alpha_t, sigma_t)
+        epsilon_hat = to_epsilon(prediction, prediction_type, z_t, alpha_t, sigma_t)
+        z_s = ddim_step(x0_hat, epsilon_hat, alpha_s, sigma_s)
+        torch.testing.assert_close(z_s, alpha_s * x0 + sigma_s * epsilon, rtol=0, atol=1e-12)
+        scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing")
+        scheduler.set_timesteps(4)  # 999 → 749
+        torch.testing.assert_close(scheduler.step(prediction, t, z_t).prev_sample, z_s, rtol=0, atol=1e-5)
 
 
 def test_the_one_step_x0_makes_a_single_ddim_step_land_where_two_steps_landed():
@@ -68,6 +78,7 @@ def test_the_one_step_x0_makes_a_single_ddim_step_land_where_two_steps_landed():
     z_t, z_s = two_draws(2)
     (alpha_t, sigma_t), (alpha_s, sigma_s) = levels([999, 500], z_t), levels([499, 250], z_t)
     target = one_step_x0(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
-    torch.testing.assert_close(ddim_step(z_t, target, alpha_t, sigma_t, alpha_s, sigma_s), z_s, rtol=0, atol=1e-9)
+    epsilon = (z_t - alpha_t * target) / sigma_t  # what one DDIM step from z_t with x̃ implies
+    torch.testing.assert_close(ddim_step(target, epsilon, alpha_s, sigma_s), z_s, rtol=0, atol=1e-9)
     at_zero = one_step_x0(z_t, z_s, alpha_t, sigma_t, torch.ones(()), torch.zeros(()))
     torch.testing.assert_close(at_zero, z_s, rtol=0, atol=0)

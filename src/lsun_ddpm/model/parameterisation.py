@@ -61,10 +61,10 @@ def to_v(prediction: torch.Tensor, prediction_type: str, z: torch.Tensor, alpha:
     return (alpha * z - to_x0(prediction, prediction_type, z, alpha, sigma)) / sigma
 
 
-def ddim_step(z_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
-              alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
-    """DDIM's deterministic step (η = 0) from t to s < t: z_s = α_s x̂₀ + σ_s ε̂, with ε̂ = (z_t − α_t x̂₀) / σ_t."""
-    return alpha_s * x0 + sigma_s * (z_t - alpha_t * x0) / sigma_t
+def ddim_step(x0: torch.Tensor, epsilon: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
+    """DDIM's deterministic step (η = 0) to s: z_s = α_s x̂₀ + σ_s ε̂. diffusers' DDIMScheduler takes ε̂ from
+    the prediction itself and x̂₀ clipped (`clip_sample`); unclipped, ε̂ = (z_t − α_t x̂₀)/σ_t, the same."""
+    return alpha_s * x0 + sigma_s * epsilon
 
 
 def one_step_x0(z_t: torch.Tensor, z_s: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
