@@ -3,7 +3,7 @@
 import pytest
 from diffusers import DDIMScheduler
 
-from lsun_ddpm.model.step_grids import X0, teacher_pairs, trailing_grid
+from lsun_ddpm.model.step_grids import X0, teacher_paths, trailing_grid
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 4, 8, 16, 25, 64, 256, 1000])
@@ -23,11 +23,15 @@ def test_each_halving_keeps_every_other_point(num_steps):
 
 
 def test_each_student_step_spans_two_teacher_steps_and_the_last_ends_on_x0():
-    assert teacher_pairs(2, 1000) == [(999, 749, 499), (499, 249, X0)]
-    pairs = teacher_pairs(4, 1000)
+    assert teacher_paths(2, 1000) == [(999, 749, 499), (499, 249, X0)]
+    pairs = teacher_paths(4, 1000)
     assert [t for t, _, _ in pairs] == trailing_grid(4, 1000)
     assert [t2 for _, _, t2 in pairs] == [*trailing_grid(4, 1000)[1:], X0]
     assert [t1 for _, t1, _ in pairs] == trailing_grid(8, 1000)[1::2]
+
+
+def test_a_span_of_one_is_the_teachers_own_grid_step_by_step():
+    assert teacher_paths(4, 1000, span=1) == [(999, 749), (749, 499), (499, 249), (249, X0)]
 
 
 @pytest.mark.parametrize("num_steps", [0, 1001])

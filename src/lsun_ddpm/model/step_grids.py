@@ -22,8 +22,9 @@ def trailing_grid(num_steps: int, num_train_timesteps: int) -> list[int]:
     return [round(num_train_timesteps - i * num_train_timesteps / num_steps) - 1 for i in range(num_steps)]
 
 
-def teacher_pairs(student_steps: int, num_train_timesteps: int) -> list[tuple[int, int, int]]:
-    """For each step t → t″ of the N-step student (t″ = X0 after the last): (t, t′, t″), where t → t′ → t″
-    are the two steps of the 2N-step teacher that it replaces."""
-    teacher = [*trailing_grid(2 * student_steps, num_train_timesteps), X0]
-    return [(teacher[2 * i], teacher[2 * i + 1], teacher[2 * i + 2]) for i in range(student_steps)]
+def teacher_paths(student_steps: int, num_train_timesteps: int, span: int = 2) -> list[tuple[int, ...]]:
+    """For each step t → t_end of the N-step student (t_end = X0 after the last): the timesteps t → … → t_end
+    of the `span` steps of its (span·N)-step teacher that it replaces. Span 2 is a halving (t, t′, t″);
+    span 1 is the teacher's own step, which a student of another parameterisation learns first."""
+    teacher = [*trailing_grid(span * student_steps, num_train_timesteps), X0]
+    return [tuple(teacher[span * i: span * (i + 1) + 1]) for i in range(student_steps)]
