@@ -1,10 +1,12 @@
 """The training script with probes that a test cannot place from outside: as a process of its own, under
 `accelerate launch`, or (`main_in_process`, the probes that neither kill nor signal) in the test's process.
 
-    probed_training.py [--kill_while_saving STEP] [--kill_before_results] [--save_replicas] [--nan_loss_at_steps S,S...]
+    probed_training.py [--distill] [--kill_while_saving STEP] [--kill_before_results] [--save_replicas] [--nan_loss_at_steps S,S...]
                        [--signal_at_step STEP SIGNAL [--signal_rank R]] [--unreadable_data_at_step STEP]
                        TRAINING OPTIONS...
 
+--distill                 run `lsun-ddpm distill` (the options after the probes are its own) instead of
+                          training; a probe's STEP is then counted within each stage.
 --kill_while_saving STEP  SIGKILL this process while it saves checkpoint STEP: the model, optimizer and
                           RNG states are written, the EMA and lr schedule (saved after them) and the
                           rename are not.
@@ -19,6 +21,7 @@
                           send SIGNAL (e.g. SIGTERM) to this process at the first micro-batch of
                           optimizer step STEP, in the middle of its accumulation group.
 --signal_rank R           only the process with index R sends itself the signal (default: every one).
+--signal_in_folder NAME   only a run whose output folder is named NAME (a distillation's stage) sends it.
 --unreadable_data_at_step STEP
                           raise the error of 100 unreadable images in a row at the first micro-batch of
                           optimizer step STEP, as bad data found in the middle of the data set would.
@@ -79,6 +82,7 @@ def on_each_micro_batch(probe) -> None:
 
     def resume_and_remember(accelerator, config, checkpoint, ema):
         position["start"] = resume(accelerator, config, checkpoint, ema)
+        position["micro_batches"] = 0  # a distillation resumes (or starts) each stage in turn
         return position["start"]
 
     def probed_micro_batch(accelerator, model, objective, clean_images, noise, *args, **kwargs):
@@ -100,9 +104,10 @@ def nan_loss_at_steps(steps: set[int]):
     return poison
 
 
-def signal_at_step(step: int, signal_name: str, rank: int | None):
+def signal_at_step(step: int, signal_name: str, rank: int | None, folder_name: str | None):
     def send(accelerator, current_step, first_of_step, noise):
-        if current_step == step and first_of_step and rank in (None, accelerator.process_index):
+        in_folder = folder_name in (None, os.path.basename(accelerator.project_dir))
+        if current_step == step and first_of_step and rank in (None, accelerator.process_index) and in_folder:
             os.kill(os.getpid(), signal.Signals[signal_name])
         return noise
 
@@ -139,19 +144,21 @@ def main_in_process(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--distill", action="store_true")
     parser.add_argument("--kill_while_saving", type=int)
     parser.add_argument("--kill_before_results", action="store_true")
     parser.add_argument("--save_replicas", action="store_true")
     parser.add_argument("--nan_loss_at_steps", type=lambda text: {int(step) for step in text.split(",")})
     parser.add_argument("--signal_at_step", nargs=2, metavar=("STEP", "SIGNAL"))
     parser.add_argument("--signal_rank", type=int)
+    parser.add_argument("--signal_in_folder")
     parser.add_argument("--unreadable_data_at_step", type=int)
     probes, training_argv = parser.parse_known_args(argv)
     if probes.nan_loss_at_steps:
         on_each_micro_batch(nan_loss_at_steps(probes.nan_loss_at_steps))
     if probes.signal_at_step:
         step, signal_name = probes.signal_at_step
-        on_each_micro_batch(signal_at_step(int(step), signal_name, probes.signal_rank))
+        on_each_micro_batch(signal_at_step(int(step), signal_name, probes.signal_rank, probes.signal_in_folder))
     if probes.unreadable_data_at_step is not None:
         on_each_micro_batch(unreadable_data_at_step(probes.unreadable_data_at_step))
     if probes.kill_while_saving is not None:
@@ -160,7 +167,10 @@ def main(argv: list[str]) -> None:
         kill_before_results()
     if probes.save_replicas:
         save_replicas()
-    cli.train_main(training_argv)
+    if probes.distill:
+        cli.main(training_argv)
+    else:
+        cli.train_main(training_argv)
 
 
 if __name__ == "__main__":

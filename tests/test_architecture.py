@@ -21,7 +21,7 @@ def modules() -> list[Path]:
 
 def test_every_stage_is_a_sub_package_with_its_modules():
     stages = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()}
-    assert stages == {"model", "data", "train", "sample", "evaluate", "publish"}
+    assert stages == {"model", "data", "train", "sample", "evaluate", "publish", "distill"}
 
 
 def test_the_tests_have_one_folder_per_stage():

@@ -10,6 +10,7 @@ from conftest import REPO_ROOT
 from lsun_ddpm import cli
 from lsun_ddpm.train.parsing import parse_training_config
 from lsun_ddpm.demo import demo_defaults
+from lsun_ddpm.distill.options import parse_distillation_options
 from lsun_ddpm.errors import InputError
 
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -49,7 +50,8 @@ def documented_commands() -> list:
 def test_the_documents_show_commands_of_every_kind():
     """The extraction finds what the README is known to show, so the test below does not pass on nothing."""
     shown = {argv[0] for argv in (param.values[0] for param in documented_commands())}
-    assert {"train", "demo", "sample", "interpolate", "neighbours", "evaluate", "prepare", "push", "convert-adm"} <= shown
+    assert {"train", "demo", "sample", "interpolate", "neighbours", "evaluate", "prepare", "push", "convert-adm",
+            "distill"} <= shown
 
 
 @pytest.mark.parametrize("argv", documented_commands())
@@ -59,6 +61,13 @@ def test_a_documented_command_line_parses(argv, monkeypatch):
     if command in ("train", "demo"):  # one parser for both, the demo's defaults under the demo's flags
         try:
             parse_training_config(arguments, defaults=demo_defaults("demo-run") if command == "demo" else None)
+        except InputError as error:
+            pytest.fail(f"{' '.join(argv)}: {error}")
+        return
+
+    if command == "distill":  # its own flags, then training's
+        try:
+            parse_distillation_options(arguments)
         except InputError as error:
             pytest.fail(f"{' '.join(argv)}: {error}")
         return

@@ -27,6 +27,10 @@ def train(*extra: str) -> list[str]:
             *extra]
 
 
+def distill(*extra: str, teacher: str = "PIPELINE", output_dir: str = "out") -> list[str]:
+    return ["distill", teacher, "--output_dir", output_dir, "--train_data_dir", "IMAGES", *extra]
+
+
 # (entry, argv, options file text or None, words the message must hold)
 #   script: train_unconditional.py's main(argv), in-process; cli: lsun-ddpm's main(argv), in-process;
 #   *-process: the same as a real process, whose whole stderr is checked for a traceback.
@@ -158,6 +162,27 @@ CASES = {
                                                      "--resolution", "32", "--random_backbone", "--scheduler", "ddpm",
                                                      "--num_inference_steps", "1001"], None,
                                              ["1001 inference steps (ddpm)", "1000 timesteps"]),
+    "distill 5 steps": ("cli", distill("--student_steps", "5"), None,  # 5 divides T = 1000
+                        ["--student_steps 5", "power of two", "T = 1000", "1, 2, 4, 8"]),
+    "distill 16 steps with T = 1000": ("cli", distill("--student_steps", "16"), None,
+                                       ["--student_steps 16", "stock DDIMScheduler", "1, 2, 4, 8"]),
+    "distill as many steps as the start": ("cli", distill("--student_steps", "8", "--start_steps", "8"), None,
+                                           ["--student_steps 8 must be fewer than --start_steps 8"]),
+    "distill a teacher of another T": ("cli", distill("--student_steps", "8", teacher="t100"), None,
+                                       ["--student_steps 8", "T = 100", "1, 2, 4"]),
+    "distill a teacher that is no pipeline": ("cli", distill(teacher="eps_unet"), None,
+                                              ["eps_unet is a folder but no pipeline folder"]),
+    "distill a v-prediction teacher": ("cli", distill(teacher="vteacher"), None,
+                                       ["TEACHER vteacher predicts 'v_prediction'", "a DDPM that predicts ε",
+                                        "a student that distill wrote"]),
+    "distill a student to as many steps": ("cli", distill("--student_steps", "2", teacher="student2"), None,
+                                           ["TEACHER student2 is a student that samples in 2 steps",
+                                            "--student_steps 1 or less"]),
+    "distill with a model flag": ("cli", distill("--model_preset", "tiny16"), None,
+                                  ["--model_preset is not a distill flag", "its teacher's"]),
+    "distill without an output folder": ("cli", ["distill", "PIPELINE", "--train_data_dir", "IMAGES"], None,
+                                         ["--output_dir is required"]),
+    "distill into a training run": ("cli", distill(output_dir="run"), None, ["--output_dir run holds"]),
 }
 
 
@@ -168,8 +193,9 @@ def with_images(argv: list[str], folder: Path, pipeline_folder: Path | None = No
 
 
 def make_starting_state(root: Path) -> None:
-    """A file where a folder might be asked for, a model config, a run folder with a checkpoint, and two tiny
-    guided-diffusion checkpoints (one class-conditional)."""
+    """A file where a folder might be asked for, a model config, a run folder with a checkpoint, two tiny
+    guided-diffusion checkpoints (one class-conditional), and the configs of three pipelines that distill
+    refuses as teachers."""
     (root / "a-file").write_bytes(b"not a folder")
     torch.save(random_adm_state_dict(Spec()), root / "adm.pt")
     torch.save(random_adm_state_dict(Spec(class_cond=True)), root / "adm-classes.pt")
@@ -182,6 +208,19 @@ def make_starting_state(root: Path) -> None:
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.safetensors").write_bytes(b"weights")
     (root / "run" / "training_config.yaml").write_text("learning_rate: 0.0003\n")
+    linear = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+    write_pipeline_configs(root / "vteacher", {**linear, "prediction_type": "v_prediction"})
+    write_pipeline_configs(root / "t100", {**linear, "num_train_timesteps": 100})
+    write_pipeline_configs(root / "student2", {**linear, "prediction_type": "v_prediction"})
+    (root / "student2" / "distillation.json").write_text(json.dumps({"student_steps": 2}))
+
+
+def write_pipeline_configs(folder: Path, scheduler_config: dict) -> None:
+    """What a command reads of a pipeline folder before its weights: model_index.json and the scheduler's config."""
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDIMPipeline"}))
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", **scheduler_config}))
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -289,3 +328,17 @@ def test_convert_adm_help_names_the_download_and_an_example(capsys):
     assert exit_info.value.code == 0
     assert "curl -LO https://openaipublic.blob.core.windows.net/diffusion/jul-2021/lsun_bedroom.pt" in out
     assert "lsun-ddpm convert-adm lsun_bedroom.pt adm-lsun-bedroom-256" in out and "--resblock_updown True" in out
+
+
+def test_distill_into_a_folder_another_job_holds_is_refused_and_changes_nothing(tmp_path, image_folder,
+                                                                              tiny_pipeline_folder, monkeypatch,
+                                                                              capsys):
+    from lsun_ddpm.train.run_lock import acquire_run_lock
+
+    monkeypatch.chdir(tmp_path)
+    with acquire_run_lock(tmp_path / "out"):  # as another job's lock: flock conflicts between two opens
+        before = snapshot(tmp_path)
+        status, _, err = run_in_process("cli", with_images(distill(), image_folder, tiny_pipeline_folder), capsys)
+        assert snapshot(tmp_path) == before
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().startswith("lsun-ddpm distill: error: out is in use by another training job")

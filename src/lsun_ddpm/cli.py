@@ -18,6 +18,7 @@ COMMANDS = {
     "prepare": "decode and resize the training images once into a dataset that training reads without decoding",
     "push": "publish a run folder as a Hub model repo, with its model card (or --dry_run DIR)",
     "push-space": "publish the Gradio Space for a published model (or --dry_run DIR)",
+    "distill": "progressive distillation: a student of the model that samples in 1-8 steps (stock DDIMPipeline)",
     "convert-adm": "convert an OpenAI guided-diffusion (ADM) checkpoint, e.g. lsun_bedroom.pt, into a stock "
                    "DDPMPipeline folder",
 }
@@ -60,6 +61,13 @@ def demo_command(argv: list[str]) -> None:
     pre_parser.add_argument("--output_dir", "--output-dir", default="demo-run")  # as the training parser takes it
     output_dir = pre_parser.parse_known_args(argv)[0].output_dir
     run_demo(parse_training_config(argv, defaults=demo_defaults(output_dir), prog="lsun-ddpm demo"))
+
+
+def distill_command(argv: list[str]) -> None:
+    from .distill.options import parse_distillation_options
+    from .distill.run import distill
+
+    distill(*parse_distillation_options(argv))
 
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
@@ -145,12 +153,7 @@ def interpolate_command(argv: list[str]) -> None:
     if args.gif and Path(check_image_output(args.gif, "--gif")).suffix.lower() != ".gif":
         raise InputError(f"--gif {args.gif!r} must end in .gif (an animated GIF is written there)")
 
-    if args.pairs:
-        pairs = read_pairs(args.pairs)
-    elif args.seeds:
-        pairs = [Pair(*args.seeds)]
-    else:
-        pairs = [Pair(*args.images)]
+    pairs = read_pairs(args.pairs) if args.pairs else [Pair(*(args.seeds or args.images))]
     check_pair_images(pairs)  # every image opened now, not after the first pair has been computed
     num_train_timesteps = load_scheduler_config(args.model).get("num_train_timesteps", 1000)
     if t != "auto" and not 1 <= t < num_train_timesteps:
@@ -374,7 +377,7 @@ def _int_or_error(parser: argparse.ArgumentParser, value: str) -> int:
 
 HANDLERS = {"train": train_command, "demo": demo_command, "sample": sample_command,
             "interpolate": interpolate_command, "neighbours": neighbours_command, "evaluate": evaluate_command,
-            "prepare": prepare_command,
+            "prepare": prepare_command, "distill": distill_command,
             "push": push_command, "push-space": push_space_command, "convert-adm": convert_adm_command}
 
 

@@ -43,6 +43,7 @@ NEIGHBOURS_TABLE = "neighbours.csv"
 INTERPOLATION_FIGURE = "interpolation.png"  # the demo; `push` makes one when the run has none
 RAW_VS_EMA_FIGURE = "raw_vs_ema.png"  # the demo's Fig. 1
 DEMO_OVERVIEW = "demo_overview.png"
+DISTILLATION_FILE = "distillation.json"  # a student `distill` wrote: its teacher, stages and step count
 CONVERSION_FILE = "adm_conversion.json"  # a folder `convert-adm` wrote: its source and flags
 CARD_FILE = "README.md"  # a model card (a converted folder has its own; `push` writes the others')
 # What a converted folder's card loads in its usage code until the folder is pushed; `push` puts the repo id there.

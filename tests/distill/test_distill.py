@@ -1,0 +1,167 @@
+"""`lsun-ddpm distill` end to end on a tiny teacher: the stages, their folders and grids, the student in stock
+diffusers, and resuming after a kill."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import LAUNCHED_ON_CPU, PROBED_SCRIPT, assert_bitwise_equal, offline_env
+from diffusers import DDIMScheduler, UNet2DModel
+from forked_process import run_forked
+from in_process import run_in_process
+from safetensors.torch import load_file
+
+from lsun_ddpm.cli import main
+from lsun_ddpm.model.diffusion import make_noise_scheduler
+
+pytestmark = pytest.mark.slow
+
+# fp32 (as the training tests), a tiny batch, a high learning rate: a few steps move the student
+DISTILL_RUN = ["--mixed_precision", "no", "--train_batch_size", "4", "--learning_rate", "2e-3", "--eval_batch_size",
+               "4", "--gradient_accumulation_steps", "2", "--seed", "0", "--dataloader_num_workers", "0",
+               "--checkpointing_steps", "3"]
+# From the teacher's 4 DDIM steps to a 1-step student: a bridge stage (2 optimizer steps), then 4 → 2 and
+# 2 → 1, the last two halvings, each twice --steps_per_stage.
+STAGES = {"stage-4": 2, "stage-2": 8, "stage-1": 8}
+
+
+def student_weights(folder):
+    """The weights a stage or the final student exports (no EMA: the paper's distillation keeps none)."""
+    return {"unet": load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")}
+
+
+def distill(tmp_path, teacher, output_dir, image_folder, *extra, probes=None, check=True):
+    args = ["distill", str(teacher), "--output_dir", str(output_dir), "--train_data_dir", str(image_folder),
+            "--start_steps", "4", "--student_steps", "1", "--steps_per_stage", "4", "--bridge_steps", "2",
+            *DISTILL_RUN, *extra]
+    if probes is None:
+        result = run_in_process(main, args, offline_env(tmp_path, **LAUNCHED_ON_CPU), tmp_path)
+    else:  # a probe that kills: a process of its own
+        result = run_forked([str(PROBED_SCRIPT), "--distill", *probes, *args], offline_env(tmp_path), tmp_path)
+    if check and result.returncode != 0:
+        raise AssertionError(f"distill failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, tiny_pipeline_folder, image_folder):
+    tmp_path = tmp_path_factory.mktemp("distilled")
+    result = distill(tmp_path, tiny_pipeline_folder, tmp_path / "student", image_folder)
+    return tmp_path / "student", result
+
+
+def test_each_stage_is_a_finished_run_of_its_length_and_a_stock_ddim_pipeline(distilled):
+    student, _ = distilled
+    for name, steps in STAGES.items():
+        summary = json.loads((student / name / "training_summary.json").read_text())
+        assert summary["optimizer_steps"] == summary["adam_step"] == steps, name
+        index = json.loads((student / name / "model_index.json").read_text())
+        assert index["_class_name"] == "DDIMPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+        assert (student / name / "sample_grid.png").is_file()
+    assert json.loads((student / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    record = json.loads((student / "distillation.json").read_text())
+    assert record["student_steps"] == 1 and record["prediction_type"] == "v_prediction"
+    assert [(s["name"], s["teacher_steps"], s["student_steps"], s["optimizer_steps"]) for s in record["stages"]] == [
+        ("stage-4", 4, 4, 2), ("stage-2", 4, 2, 8), ("stage-1", 2, 1, 8)]
+
+
+def test_each_saved_scheduler_visits_exactly_its_students_grid_a_subset_of_the_stage_befores(distilled):
+    student, _ = distilled
+    grids = {}
+    for name in STAGES:
+        scheduler = DDIMScheduler.from_pretrained(student / name, subfolder="scheduler")
+        assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.set_alpha_to_one
+        steps = int(name.split("-")[1])
+        scheduler.set_timesteps(steps)
+        grids[name] = scheduler.timesteps.tolist()
+        assert scheduler.final_alpha_cumprod == 1.0  # the last step lands on x₀
+    assert grids == {"stage-4": [999, 749, 499, 249], "stage-2": [999, 499], "stage-1": [999]}
+
+
+def test_the_last_stage_brought_one_student_step_closer_to_two_teacher_steps(distilled):
+    """From the same noise, one step of diffusers' DDIM with the 1-step student lands closer to where two
+    steps with its teacher (stage-2's student) land than one step with the teacher's own weights, where the
+    last stage started."""
+    student, _ = distilled
+    z = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def sample(folder, steps):
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        scheduler.set_timesteps(steps)
+        x = z
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        return x
+
+    target = sample(student / "stage-2", 2)
+    error = {name: (sample(folder, 1) - target).pow(2).mean().item()
+             for name, folder in (("start", student / "stage-2"), ("end", student))}
+    assert error["end"] < 0.9 * error["start"], error  # a student trained toward another target stays at ~1.0
+
+
+def test_the_student_samples_in_stock_diffusers_with_the_package_hidden(distilled, tmp_path):
+    """DDIMPipeline at the student's 1 step is x₀ = clip(α z − σ v̂(z, 999)); DDPMPipeline, told the same
+    step count, runs the saved DDIMScheduler and gives the same images."""
+    student, _ = distilled
+    unet = UNet2DModel.from_pretrained(student, subfolder="unet").eval()
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    alpha_bar = make_noise_scheduler().alphas_cumprod[999]
+    with torch.no_grad():
+        x0 = alpha_bar.sqrt() * z - (1 - alpha_bar).sqrt() * unet(z, torch.tensor([999, 999])).sample
+    expected = (x0.clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+    torch.save({"expected": torch.from_numpy(expected)}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["lsun_ddpm"] = None  # as on a machine without the package
+        import torch
+        from diffusers import DDIMPipeline, DDPMPipeline
+        expected = torch.load({str(tmp_path / "expected.pt")!r})["expected"].numpy()
+        for cls in (DDIMPipeline, DDPMPipeline):
+            pipeline = cls.from_pretrained({str(student)!r}, use_safetensors=True)
+            images = pipeline(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(5),
+                              output_type="np").images
+            assert abs(images - expected).max() < 1e-5, (cls.__name__, abs(images - expected).max())
+        print("stock-student-ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stock-student-ok" in result.stdout
+
+
+def test_a_kill_mid_stage_then_a_rerun_gives_the_uninterrupted_student_bit_for_bit(distilled, tmp_path,
+                                                                                      tiny_pipeline_folder, image_folder):
+    """SIGKILL at step 5 of stage-2 (checkpoint-3 saved), then the same command: stage-4 is not run again,
+    stage-2 resumes from its checkpoint, and every stage's weights equal the uninterrupted run's."""
+    uninterrupted, _ = distilled
+    output_dir = tmp_path / "student"
+    killed = distill(tmp_path, tiny_pipeline_folder, output_dir, image_folder, check=False,
+                     probes=["--signal_at_step", "5", "SIGKILL", "--signal_in_folder", "stage-2"])
+    assert killed.returncode != 0 and (output_dir / "stage-2" / "checkpoint-3").is_dir()
+    assert not (output_dir / "stage-2" / "training_summary.json").exists()
+    stage_4_summary = (output_dir / "stage-4" / "training_summary.json").read_bytes()
+
+    result = distill(tmp_path, tiny_pipeline_folder, output_dir, image_folder)
+    assert "stage-4: finished earlier" in result.stderr + result.stdout
+    assert (output_dir / "stage-4" / "training_summary.json").read_bytes() == stage_4_summary
+    for name in STAGES:
+        assert_bitwise_equal(student_weights(uninterrupted / name), student_weights(output_dir / name))
+    assert_bitwise_equal(student_weights(uninterrupted), student_weights(output_dir))
+
+
+def test_a_kill_at_a_stage_boundary_continues_with_the_next_stage(distilled, tmp_path, tiny_pipeline_folder,
+                                                                  image_folder):
+    """SIGKILL at the first step of stage-1, stage-2 finished: the rerun trains stage-1 only."""
+    uninterrupted, _ = distilled
+    output_dir = tmp_path / "student"
+    killed = distill(tmp_path, tiny_pipeline_folder, output_dir, image_folder, check=False,
+                     probes=["--signal_at_step", "1", "SIGKILL", "--signal_in_folder", "stage-1"])
+    assert killed.returncode != 0 and (output_dir / "stage-2" / "training_summary.json").is_file()
+    result = distill(tmp_path, tiny_pipeline_folder, output_dir, image_folder)
+    output = result.stderr + result.stdout
+    assert "stage-4: finished earlier" in output and "stage-2: finished earlier" in output
+    assert_bitwise_equal(student_weights(uninterrupted), student_weights(output_dir))
