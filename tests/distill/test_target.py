@@ -18,12 +18,13 @@ def ddim(num_steps: int, prediction_type: str, clip_sample: bool) -> DDIMSchedul
 
 
 def teacher_steps(teacher, z: torch.Tensor, start: int, count: int, num_steps: int) -> torch.Tensor:
-    """`count` steps of diffusers' DDIM (ε, clipped x₀) of a `num_steps`-step sampler, from timestep `start`."""
+    """`count` steps of diffusers' DDIM of a `num_steps`-step sampler from timestep `start`, as the project
+    samples with it: x₀ clipped, ε re-derived from it (`use_clipped_model_output`)."""
     scheduler = ddim(num_steps, "epsilon", clip_sample=True)
     timesteps = scheduler.timesteps.tolist()
     for t in timesteps[timesteps.index(start):][:count]:
         epsilon = teacher(z, torch.full((z.shape[0],), t)).sample
-        z = scheduler.step(epsilon, t, z).prev_sample
+        z = scheduler.step(epsilon, t, z, use_clipped_model_output=True).prev_sample
     return z
 
 

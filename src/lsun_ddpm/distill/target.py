@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..model.diffusion import per_sample_loss
-from ..model.parameterisation import alpha_sigma, ddim_step, one_step_x0, to_epsilon, to_v, to_x0
+from ..model.parameterisation import alpha_sigma, ddim_step, one_step_x0, to_v, to_x0
 from ..model.step_grids import teacher_paths
 
 
@@ -50,8 +50,8 @@ class DistillationObjective:
         return self.paths[:, 0].to(device)[rows]
 
     def teacher_step(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """One DDIM step of the teacher from z_t to z_s, as diffusers' DDIMScheduler takes it: x̂₀ clipped
-        (`clip_sample`), ε̂ from the prediction itself."""
+        """One DDIM step of the teacher from z_t to z_s, as this project's DDIM sampler and ADM take it (and
+        Salimans & Ho): x̂₀ clipped (`clip_sample`), ε̂ re-derived from it (diffusers' `use_clipped_model_output`)."""
         alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, z)
         alpha_s, sigma_s = alpha_sigma(self.alphas_cumprod, s, z)
         with self.teacher_precision():
@@ -60,8 +60,7 @@ class DistillationObjective:
         x0 = to_x0(prediction, self.teacher_prediction_type, z, alpha_t, sigma_t)
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
-        epsilon = to_epsilon(prediction, self.teacher_prediction_type, z, alpha_t, sigma_t)
-        return ddim_step(x0, epsilon, alpha_s, sigma_s)
+        return ddim_step(x0, (z - alpha_t * x0) / sigma_t, alpha_s, sigma_s)
 
     @torch.no_grad()
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
