@@ -25,6 +25,7 @@ from ..files import check_output_folder, remove_path, replace_path, write_text
 from ..layout import (CONFIG_FILE, DISTILLATION_FILE, IDENTITY_FILE, LOGS_FOLDER, MODEL_INDEX, RAW_UNET,
                       SCHEDULER, SUMMARY_FILE, UNET)
 from ..model.unet import load_model_config, weights_fingerprint
+from ..sample.loading import model_file
 from ..train import run_folder
 from ..train.loop import train_in_claimed_folder
 from ..train.options import TrainingConfig
@@ -153,12 +154,7 @@ def teacher_record(teacher: Teacher) -> dict:
 
 
 def read_student_record(source: str) -> dict:
-    path = Path(source) / DISTILLATION_FILE
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-
-        path = Path(hf_hub_download(source, DISTILLATION_FILE))
-    return json.loads(path.read_text())
+    return json.loads(model_file(source, DISTILLATION_FILE).read_text())
 
 
 def stage_record(record: dict, stage: Stage, stage_dir: Path) -> dict:

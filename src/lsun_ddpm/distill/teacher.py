@@ -8,19 +8,16 @@ distilled further. Each refusal is one sentence that says what is supported.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
 from ..errors import InputError, ModelUnavailableError
-from ..layout import DISTILLATION_FILE
 from ..model import diffusion
 from ..model.unet import ADMUNet2DModel
 from ..sample.loading import (check_model_source, has_ema_weights, load_scheduler_config, recorded_training_options,
-                              weights_subfolder)
+                              student_steps, weights_subfolder)
 from .stages import is_power_of_two
 
 STUDENT_PREDICTION = "v_prediction"
@@ -56,22 +53,7 @@ def read_teacher(source: str) -> Teacher:
     check_model_source(source)
     scheduler_config = load_scheduler_config(source)
     weights_folder = weights_subfolder("ema", has_ema_weights(recorded_training_options(source)))
-    return Teacher(source, scheduler_config, weights_folder, read_student_steps(source))
-
-
-def read_student_steps(source: str) -> int | None:
-    """The step count a student of this command was distilled for (its `distillation.json`); None otherwise."""
-    path = Path(source) / DISTILLATION_FILE
-    if not Path(source).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(source, DISTILLATION_FILE))
-        except Exception:  # no such file (a DDPM), no network: the scheduler config decides
-            return None
-    if not path.is_file():
-        return None
-    return int(json.loads(path.read_text())["student_steps"])
+    return Teacher(source, scheduler_config, weights_folder, student_steps(source))
 
 
 def check_teacher(teacher: Teacher, student_steps: int, start_steps: int) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..errors import InputError, ModelUnavailableError
-from ..layout import CHECKPOINT_PATTERN, CONFIG_FILE, MODEL_INDEX, SCHEDULER, UNET, WEIGHT_FOLDERS
+from ..layout import CHECKPOINT_PATTERN, CONFIG_FILE, DISTILLATION_FILE, MODEL_INDEX, SCHEDULER, UNET, WEIGHT_FOLDERS
 
 MODEL_HINT = "pass a pipeline folder written by training or convert-adm, or a Hub repo id (USER/NAME)"
 
@@ -42,6 +43,19 @@ def check_model_source(model: str) -> None:
         raise ModelUnavailableError(f"{model}: no such folder; {MODEL_HINT}")
 
 
+def model_file(model: str, name: str) -> Path | None:
+    """The file `name` of a pipeline folder or Hub repo, or None where it has none (or, offline, no cached copy)."""
+    if Path(model).is_dir():
+        path = Path(model) / name
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, name))
+    except Exception:  # no such file, no network, or not a repo id
+        return None
+
+
 def recorded_training_options(model: str) -> dict:
     """The training options a run recorded (`training_config.yaml`), from a folder or a Hub repo; {} if none.
 
@@ -53,18 +67,16 @@ def recorded_training_options(model: str) -> dict:
     """
     import yaml
 
-    path = Path(model) / CONFIG_FILE
-    if not Path(model).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(model, CONFIG_FILE))
-        except Exception:  # no such file, no network, or not a repo id: nothing recorded
-            return {}
-    if not path.is_file():
-        return {}
-    values = yaml.safe_load(path.read_text())
+    path = model_file(model, CONFIG_FILE)
+    values = yaml.safe_load(path.read_text()) if path else None
     return values if isinstance(values, dict) else {}
+
+
+def student_steps(model: str) -> int | None:
+    """The step count a student of `lsun-ddpm distill` was distilled for (its `distillation.json`); None for
+    any other model."""
+    path = model_file(model, DISTILLATION_FILE)
+    return int(json.loads(path.read_text())["student_steps"]) if path else None
 
 
 def has_ema_weights(run_config: dict) -> bool:
