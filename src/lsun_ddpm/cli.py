@@ -97,14 +97,16 @@ def _require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def sample_command(argv: list[str]) -> None:
     from .files import check_image_output, check_output_folder
     from .sample.commands import run_sample
-    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
+    from .sample.sampling import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm sample", description=COMMANDS["sample"])
     _add_inference_flags(parser)
     parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                        help="dpmsolver++ (25 steps) by default; ddpm with 1000 steps is the paper's sampler")
-    parser.add_argument("--num_inference_steps", type=int, help="default: 25 (dpmsolver++, unipc), 50 (ddim), 1000 (ddpm)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                        help="dpmsolver++ (25 steps) by default, a distilled student's own DDIM for a student; ddpm "
+                             "with 1000 steps is the paper's sampler")
+    parser.add_argument("--num_inference_steps", type=int,
+                        help="default: 25 (dpmsolver++, unipc), 50 (ddim), 1000 (ddpm); a student's own step count")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--weights", choices=("ema", "raw", "both"), default="ema",
                         help="both: the same seeds from the raw and the EMA weights side by side (the paper's Fig. 1); "
@@ -164,7 +166,7 @@ def interpolate_command(argv: list[str]) -> None:
 def neighbours_command(argv: list[str]) -> None:
     from .files import check_image_output, check_output_folder
     from .evaluate.neighbours_report import run_neighbours_command
-    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
+    from .sample.sampling import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm neighbours", description=COMMANDS["neighbours"])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -172,7 +174,7 @@ def neighbours_command(argv: list[str]) -> None:
     source.add_argument("--model", metavar="MODEL", help="generate the samples from this pipeline folder or Hub repo")
     parser.add_argument("--num_samples", type=int, default=64, help="with --model")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the reference images")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: as `sample` chooses")
     parser.add_argument("--num_inference_steps", type=int, help="default: the scheduler's (see `sample`)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="sample in fp32")
@@ -226,12 +228,12 @@ def _add_data_flags(parser: argparse.ArgumentParser, streaming: bool) -> None:
 def evaluate_command(argv: list[str]) -> None:
     from .evaluate.evaluation_report import run_evaluate_command
     from .evaluate.metrics import MIN_IMAGES
-    from .sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS
+    from .sample.sampling import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="lsun-ddpm evaluate", description=COMMANDS["evaluate"])
     _add_inference_flags(parser)
     parser.add_argument("--num_samples", type=int, default=50_000, help="generated images (image i from (seed, i))")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=DEFAULT_SCHEDULER)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: as `sample` chooses")
     parser.add_argument("--num_inference_steps", type=int, help="default: the scheduler's (see `sample`)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--batch_size", type=int, default=64, help="images per sampling and feature batch")

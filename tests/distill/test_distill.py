@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from conftest import LAUNCHED_ON_CPU, PROBED_SCRIPT, assert_bitwise_equal, offline_env
+from conftest import LAUNCHED_ON_CPU, PROBED_SCRIPT, assert_bitwise_equal, offline_env, run_cli
 from diffusers import DDIMScheduler, UNet2DModel
 from forked_process import run_forked
 from in_process import run_in_process
+from PIL import Image
 from safetensors.torch import load_file
 
 from lsun_ddpm.cli import main
@@ -133,8 +135,8 @@ def test_the_student_samples_in_stock_diffusers_with_the_package_hidden(distille
     assert "stock-student-ok" in result.stdout
 
 
-def test_a_kill_mid_stage_then_a_rerun_gives_the_uninterrupted_student_bit_for_bit(distilled, tmp_path,
-                                                                                      tiny_pipeline_folder, image_folder):
+def test_a_kill_mid_stage_then_a_rerun_gives_the_uninterrupted_student_bit_for_bit(
+        distilled, tmp_path, tiny_pipeline_folder, image_folder):
     """SIGKILL at step 5 of stage-2 (checkpoint-3 saved), then the same command: stage-4 is not run again,
     stage-2 resumes from its checkpoint, and every stage's weights equal the uninterrupted run's."""
     uninterrupted, _ = distilled
@@ -165,3 +167,22 @@ def test_a_kill_at_a_stage_boundary_continues_with_the_next_stage(distilled, tmp
     output = result.stderr + result.stdout
     assert "stage-4: finished earlier" in output and "stage-2: finished earlier" in output
     assert_bitwise_equal(student_weights(uninterrupted), student_weights(output_dir))
+
+
+def test_sample_draws_from_a_student_with_its_own_steps_and_says_what_other_steps_do(distilled, tmp_path,
+                                                                                     tiny_pipeline_folder):
+    student, _ = distilled
+    result = run_cli(tmp_path, "sample", str(student), "--num_images", "4", "--no_bf16", "--out", "default.png")
+    assert "ddim, 1 steps" in result.stdout and "not trained at" not in result.stdout
+    explicit_run = run_cli(tmp_path, "sample", str(student), "--num_images", "4", "--no_bf16", "--out", "explicit.png",
+                       "--scheduler", "ddim", "--num_inference_steps", "1")
+    assert "not trained at" not in explicit_run.stdout
+    default, explicit = (np.asarray(Image.open(tmp_path / name)) for name in ("default.png", "explicit.png"))
+    assert np.array_equal(default, explicit)
+    more = run_cli(tmp_path, "sample", str(student), "--num_images", "4", "--no_bf16", "--num_inference_steps", "4")
+    assert "distilled to sample with ddim in 1 steps; ddim with 4 steps visits timesteps it was not trained at" in (
+        more.stdout)
+    other = run_cli(tmp_path, "sample", str(student), "--num_images", "4", "--no_bf16", "--scheduler", "unipc")
+    assert "unipc with 1 steps visits timesteps it was not trained at" in other.stdout
+    teacher = run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--no_bf16")
+    assert "dpmsolver++, 25 steps" in teacher.stdout and "not trained at" not in teacher.stdout  # as before

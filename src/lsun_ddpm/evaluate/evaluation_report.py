@@ -18,7 +18,7 @@ from ..files import check_output_folder
 from ..hardware import fast_precision_available
 from ..layout import EVALUATION_FILE
 from ..sample.loading import load_scheduler_config, load_unet, weights_to_use
-from ..sample.sampling import SamplingPlan, check_inference_steps
+from ..sample.sampling import SamplingPlan, check_inference_steps, choose_sampler
 from .inception_features import InceptionFeatures, load_inception
 from .metrics import KID_SUBSETS, MIN_IMAGES, PRC_NEIGHBOURS, check_libraries, compute_metrics
 from .neighbours_report import data_options, finite_or_none, model_resolution, write_json
@@ -84,6 +84,7 @@ def check_evaluation_inputs(args) -> tuple[bool, str]:
     if args.samples_dir:
         check_output_folder(args.samples_dir, "--samples_dir")
     check_libraries()
+    args.scheduler, args.num_inference_steps = choose_sampler(args.model, args.scheduler, args.num_inference_steps)
     # fails fast on a model that is not there, and on more steps than it has timesteps
     check_inference_steps(SamplingPlan(args.scheduler, args.num_inference_steps), load_scheduler_config(args.model))
     return weights_to_use(args.model, args.weights)

@@ -228,11 +228,12 @@ def generate_samples(args, accelerator) -> tuple[list[str], list[Image.Image]]:
     """
     from accelerate.utils import gather_object
 
-    from ..sample.sampling import SamplingPlan, check_inference_steps, generate
+    from ..sample.sampling import SamplingPlan, check_inference_steps, choose_sampler, generate
     from ..sample.loading import load_scheduler_config, load_unet
 
     config = load_scheduler_config(args.model)
-    plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16)
+    scheduler, steps = choose_sampler(args.model, args.scheduler, args.num_inference_steps)
+    plan = SamplingPlan(scheduler, steps, args.batch_size, args.bf16)
     check_inference_steps(plan, config)  # before the weights are loaded
     unet = load_unet(args.model, args.weights).to(accelerator.device)
     with accelerator.split_between_processes(list(range(args.num_samples))) as mine:

@@ -16,11 +16,13 @@ from ..hardware import is_compiled
 from .figures import image_grid, labelled_side_by_side
 from .interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, save_gif, strip
 from .loading import load_scheduler_config, load_unet, weights_to_use
-from .sampling import SamplingPlan, check_inference_steps, generate, launched_process, progress_bar, this_process_share
+from .sampling import (SamplingPlan, check_inference_steps, choose_sampler, generate, launched_process, progress_bar,
+                       this_process_share)
 
 
 def run_sample(args) -> None:
     """Sample `args.num_images` images of `args.model` into the grid `args.out` (and `args.out_dir`)."""
+    args.scheduler, args.num_inference_steps = choose_sampler(args.model, args.scheduler, args.num_inference_steps)
     plan = SamplingPlan(args.scheduler, args.num_inference_steps, args.batch_size, args.bf16, args.torch_compile,
                         args.torch_compile_mode)
     config = load_scheduler_config(args.model)  # fails fast on a model that is not there

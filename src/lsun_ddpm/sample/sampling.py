@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import InputError
 from ..hardware import compile_in_place, fast_precision_available
+from .loading import student_steps
 from ..pipelines.ddpm_interpolation import scheduler_model_output
 
 # Clip every x₀ estimate to [-1, 1], as ADM does (`clip_denoised`) and as the
@@ -101,6 +102,24 @@ class SamplingPlan:
     @property
     def steps(self) -> int:
         return self.num_inference_steps or SCHEDULERS[self.scheduler][2]
+
+
+STUDENT_SCHEDULER = "ddim"  # what a distilled student samples with: deterministic DDIM on its own grid
+
+
+def choose_sampler(model: str, scheduler: str | None, num_inference_steps: int | None) -> tuple[str, int | None]:
+    """The sampler and step count for `model`: those asked for, else a distilled student's own (DDIM at the
+    N steps it was distilled for), else DPM-Solver++ at its default. A student asked for another sampler or
+    step count is told what that does: it samples timesteps the student was never trained at."""
+    steps = student_steps(model)
+    if steps is None:
+        return scheduler or DEFAULT_SCHEDULER, num_inference_steps
+    chosen = scheduler or STUDENT_SCHEDULER, num_inference_steps or steps
+    if chosen != (STUDENT_SCHEDULER, steps):
+        print(f"note: {model} is a student distilled to sample with {STUDENT_SCHEDULER} in {steps} steps; "
+              f"{chosen[0]} with {chosen[1]} steps visits timesteps it was not trained at, which usually makes "
+              "worse images, not better", flush=True)
+    return chosen
 
 
 def check_inference_steps(plan: SamplingPlan, scheduler_config: dict) -> None:
