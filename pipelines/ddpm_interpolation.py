@@ -274,7 +274,12 @@ class DDPMInterpolationPipeline(DiffusionPipeline):
         return self.unet(x.to(self.unet.dtype), timestep).sample.float()
 
     def _eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        return self._model_output(x, t)[:, : x.shape[1]]
+        """ε at x_t; from a U-Net that predicts v (a distilled student), ε = √(1 − ᾱ_t) x_t + √ᾱ_t v."""
+        prediction = self._model_output(x, t)[:, : x.shape[1]]
+        if self.scheduler.config.get("prediction_type", "epsilon") != "v_prediction":
+            return prediction
+        alpha_bar = self._alpha_bar(t)
+        return math.sqrt(1.0 - alpha_bar) * x + math.sqrt(alpha_bar) * prediction
 
     # These steps are also called on their own, outside __call__'s no_grad: the graph of every
     # U-Net call would be kept, a large share of memory per step at 128 px.

@@ -63,6 +63,30 @@ def test_ddim_inversion_then_decoding_is_the_identity_for_an_exact_model():
     torch.testing.assert_close(pipe.ddim_decode(latent, 600, 30), target, atol=1e-4, rtol=0)
 
 
+def test_ddim_inversion_of_a_v_predicting_model_is_that_of_the_same_model_predicting_epsilon():
+    """A distilled student predicts v = √ᾱ ε − √(1 − ᾱ) x₀: the pipeline takes ε from it, so the exact
+    v-model inverts to the exact ε-model's latent, and decodes back."""
+    target = torch.rand(1, 3, 8, 8) * 1.6 - 0.8
+    epsilon_scheduler, v_scheduler = make_noise_scheduler(), make_noise_scheduler(prediction_type="v_prediction")
+    oracle = SingleImageOracle(target, epsilon_scheduler.alphas_cumprod)
+
+    class VOracle(torch.nn.Module):
+        config, device, dtype = oracle.config, oracle.device, oracle.dtype
+
+        def forward(self, x, t):
+            alpha_bar = epsilon_scheduler.alphas_cumprod[int(torch.as_tensor(t).reshape(-1)[0])].double()
+            v = alpha_bar.sqrt() * oracle(x, t).sample.double() - (1 - alpha_bar).sqrt() * target.double()
+            return type(oracle(x, t))(sample=v.to(x.dtype))
+
+    latents = []
+    for unet, scheduler in ((oracle, epsilon_scheduler), (VOracle(), v_scheduler)):
+        pipe = DDPMInterpolationPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        latents.append(pipe.ddim_invert(target, 600, 30))
+        torch.testing.assert_close(pipe.ddim_decode(latents[-1], 600, 30), target, atol=1e-4, rtol=0)
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------- noise statistics
 
 
