@@ -186,3 +186,14 @@ def test_sample_draws_from_a_student_with_its_own_steps_and_says_what_other_step
     assert "unipc with 1 steps visits timesteps it was not trained at" in other.stdout
     teacher = run_cli(tmp_path, "sample", str(tiny_pipeline_folder), "--num_images", "4", "--no_bf16")
     assert "dpmsolver++, 25 steps" in teacher.stdout and "not trained at" not in teacher.stdout  # as before
+
+
+def test_the_space_offers_a_students_own_steps_and_generates_with_them(distilled, tiny_pipeline_folder):
+    from lsun_ddpm.publish.app import SpaceModel
+
+    student, _ = distilled
+    space = SpaceModel(str(student), bf16=False)
+    assert space.default_sampler == ("ddim", 1)
+    images = space.generate(2, *space.default_sampler, seed=0)
+    assert [image.size for image in images] == [(16, 16)] * 2
+    assert SpaceModel(str(tiny_pipeline_folder), bf16=False).default_sampler == ("dpmsolver++", 25)

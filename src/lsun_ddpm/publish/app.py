@@ -26,8 +26,9 @@ from ..pipelines.ddpm_interpolation import METHODS
 from ..sample.figures import image_grid
 from ..sample.interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, magnified,
                                     save_gif, strip)
-from ..sample.loading import check_model_source, has_ema_weights, load_scheduler_config, recorded_training_options
-from ..sample.sampling import SamplingPlan, generate, pick_device
+from ..sample.loading import (check_model_source, has_ema_weights, load_scheduler_config, recorded_training_options,
+                              student_steps)
+from ..sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS, STUDENT_SCHEDULER, SamplingPlan, generate, pick_device
 from .card import training_data
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
@@ -74,6 +75,14 @@ class SpaceModel:
         self.pipeline = load_interpolation_pipeline(model_id, "ema", pick_device(), has_ema=self.has_ema)
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = load_scheduler_config(model_id)
+        self.student_steps = student_steps(model_id)  # a distilled student samples in its own steps
+
+    @property
+    def default_sampler(self) -> tuple[str, int]:
+        """What "Generate" offers first: a student's own DDIM steps, else DPM-Solver++ at 25."""
+        if self.student_steps is not None:
+            return STUDENT_SCHEDULER, self.student_steps
+        return DEFAULT_SCHEDULER, SCHEDULERS[DEFAULT_SCHEDULER][2]
 
     @property
     def resolution(self) -> int:
@@ -258,8 +267,9 @@ def build_demo(model: SpaceModel):
             with gr.Row():
                 with gr.Column(scale=1):
                     num_images = gr.Slider(1, limits.max_images, value=4, step=1, label="Number of images")
-                    sampler = gr.Dropdown(list(SAMPLERS), value="dpmsolver++", label="Sampler")
-                    steps = gr.Slider(1, limits.max_steps, value=25, step=1, label="Steps")
+                    default_sampler, default_steps = model.default_sampler
+                    sampler = gr.Dropdown(list(SAMPLERS), value=default_sampler, label="Sampler")
+                    steps = gr.Slider(1, limits.max_steps, value=default_steps, step=1, label="Steps")
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     generate_button = gr.Button("Generate", variant="primary")
                 with gr.Column(scale=2):
