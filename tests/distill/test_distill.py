@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import LAUNCHED_ON_CPU, PROBED_SCRIPT, assert_bitwise_equal, offline_env, run_cli
+from conftest import LAUNCHED_ON_CPU, PROBED_SCRIPT, assert_bitwise_equal, offline_env, run_cli, run_cli_launched
 from diffusers import DDIMScheduler, UNet2DModel
 from forked_process import run_forked
 from in_process import run_in_process
@@ -197,3 +197,17 @@ def test_the_space_offers_a_students_own_steps_and_generates_with_them(distilled
     images = space.generate(2, *space.default_sampler, seed=0)
     assert [image.size for image in images] == [(16, 16)] * 2
     assert SpaceModel(str(tiny_pipeline_folder), bf16=False).default_sampler == ("dpmsolver++", 25)
+
+
+def test_two_launched_processes_distill_every_stage_in_step(tmp_path, tiny_pipeline_folder, image_folder):
+    """`accelerate launch` with 2 processes: each stage is a 2-process run whose replicas end with the same
+    weights (the loop's own check), and the student is written."""
+    output_dir = tmp_path / "student"
+    args = ["distill", str(tiny_pipeline_folder), "--output_dir", str(output_dir), "--train_data_dir",
+            str(image_folder), "--start_steps", "2", "--student_steps", "1", "--steps_per_stage", "2",
+            "--bridge_steps", "0", *DISTILL_RUN]
+    result = run_cli_launched(tmp_path, 2, *args)
+    summary = json.loads((output_dir / "stage-1" / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["replicas_in_sync"] and summary["optimizer_steps"] == 4
+    assert "the student of 1 steps is" in result.stderr
+    assert json.loads((output_dir / "distillation.json").read_text())["student_steps"] == 1
