@@ -211,3 +211,20 @@ def test_two_launched_processes_distill_every_stage_in_step(tmp_path, tiny_pipel
     assert summary["num_processes"] == 2 and summary["replicas_in_sync"] and summary["optimizer_steps"] == 4
     assert "the student of 1 steps is" in result.stderr
     assert json.loads((output_dir / "distillation.json").read_text())["student_steps"] == 1
+
+
+def test_push_publishes_a_student_with_a_card_that_says_what_it_is_and_how_to_sample_it(distilled, tmp_path):
+    from huggingface_hub import ModelCard
+
+    student, _ = distilled
+    run_cli(tmp_path, "push", str(student), "--hub_model_id", "me/student", "--dry_run", str(tmp_path / "upload"))
+    upload = tmp_path / "upload"
+    assert {"distillation.json", "sample_grid.png", "model_index.json", "README.md"} <= {p.name for p in upload.iterdir()}
+    record = json.loads((student / "distillation.json").read_text())
+    assert record["teacher"] not in (upload / "distillation.json").read_text()  # the teacher's local path is not
+    card = ModelCard.load(upload / "README.md")
+    assert "distillation" in card.data.tags and card.data.base_model is None  # the teacher is a local folder
+    for words in ("distilled student", "num_inference_steps=1", "DDIMPipeline.from_pretrained(\"me/student\"",
+                  record["teacher_weights_sha256"], "| stage-4 | 4 | 4 | 2 |", "| stage-2 | 4 | 2 | 8 |",
+                  "| stage-1 | 2 | 1 | 8 |", "No FID/KID evaluation has been run for this student"):
+        assert words in card.text, words

@@ -22,8 +22,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
 from ..errors import InputError
 from ..files import check_output_folder, remove_path, replace_path, write_text
-from ..layout import (CONFIG_FILE, DISTILLATION_FILE, IDENTITY_FILE, LOGS_FOLDER, MODEL_INDEX, RAW_UNET,
-                      SCHEDULER, SUMMARY_FILE, UNET)
+from ..layout import (CONFIG_FILE, DISTILLATION_FILE, GRID_FILE, IDENTITY_FILE, LOGS_FOLDER, MODEL_INDEX,
+                      RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET)
 from ..model.unet import load_model_config, weights_fingerprint
 from ..sample.loading import model_file
 from ..train import run_folder
@@ -39,8 +39,8 @@ from .teacher import STUDENT_PREDICTION, Teacher, check_teacher, read_teacher, s
 
 logger = get_logger(__name__)
 
-# What DIR takes from the last stage's folder to be the final student's pipeline.
-STUDENT_ENTRIES = (MODEL_INDEX, SCHEDULER, UNET, RAW_UNET, CONFIG_FILE, DISTILLATION_FILE)
+# What DIR takes from the last stage's folder to be the final student's pipeline (and its last grid).
+STUDENT_ENTRIES = (MODEL_INDEX, SCHEDULER, UNET, RAW_UNET, CONFIG_FILE, DISTILLATION_FILE, GRID_FILE)
 
 
 def distill(options: DistillationOptions, config: TrainingConfig) -> Path:

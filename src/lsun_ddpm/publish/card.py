@@ -1,4 +1,4 @@
-"""The model card of a run, from what the run wrote (config, summary, evaluation, figures)."""
+"""The model card of a run or a distilled student, from what it wrote (config, summary, evaluation, figures)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..layout import (CONFIG_FILE, EVALUATION_FILE, GRID_FILE, LEARNED_VARIANCE, NEIGHBOURS_FIGURE, NEIGHBOURS_RECORD,
-                      RAW_UNET, SCHEDULER, SCHEDULER_CONFIG, SUMMARY_FILE, UNET, UNET_CONFIG)
+from ..layout import (CONFIG_FILE, DISTILLATION_FILE, EVALUATION_FILE, GRID_FILE, LEARNED_VARIANCE, NEIGHBOURS_FIGURE,
+                      NEIGHBOURS_RECORD, RAW_UNET, SCHEDULER, SCHEDULER_CONFIG, SUMMARY_FILE, UNET, UNET_CONFIG)
 
 CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
+STUDENT_CARD_TEMPLATE = Path(__file__).with_name("student_card_template.md")
 
 
 TAGS = ["diffusers", "unconditional-image-generation", "ddpm", "diffusion", "pytorch"]
@@ -120,8 +121,11 @@ def training_data(config: dict[str, Any]) -> TrainingData:
 
 def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "apache-2.0",
                      include_raw: bool = True, has_interpolation: bool = False) -> ModelCard:
-    """The model card of a run, from what the run wrote (config, summary, evaluation, figures)."""
+    """The model card of a run, from what the run wrote (config, summary, evaluation, figures); a distilled
+    student's (`build_student_card`) for a folder `distill` wrote."""
     run_dir = Path(run_dir)
+    if (run_dir / DISTILLATION_FILE).is_file():
+        return build_student_card(run_dir, repo_id, license)
     config = read_yaml(run_dir / CONFIG_FILE)
     summary = read_json(run_dir / SUMMARY_FILE)
     evaluation = read_json(run_dir / EVALUATION_FILE)
@@ -182,6 +186,37 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str, license: str = "a
         "neighbours_note": read_json(run_dir / NEIGHBOURS_RECORD).get("note", ""),
     }
     return ModelCard.from_template(card_data, template_str=CARD_TEMPLATE.read_text(), **values)
+
+
+def build_student_card(run_dir: Path, repo_id: str, license: str = "apache-2.0") -> ModelCard:
+    """A distilled student's card: what it is, how to sample it (its own step count), its teacher (source and
+    weights' SHA-256), its stages and what they cost, and its evaluation when `evaluate` has run."""
+    record = read_json(run_dir / DISTILLATION_FILE)
+    config = read_yaml(run_dir / CONFIG_FILE)
+    evaluation = read_json(run_dir / EVALUATION_FILE)
+    unet_config = read_json(run_dir / UNET / UNET_CONFIG)
+    data = training_data(config)
+    teacher = str(record.get("teacher", "unknown"))
+    teacher_is_local = Path(teacher).expanduser().exists() or teacher.startswith((".", "/", "~"))
+    card_data = ModelCardData(
+        library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
+        tags=TAGS + ["distillation", "progressive-distillation"] + data.tags,
+        datasets=[data.dataset] if data.dataset else None, model_name=repo_id.split("/")[-1],
+        base_model=None if teacher_is_local else teacher, eval_results=_eval_results(evaluation, data),
+    )
+    stages = [{**stage, "images": f"{stage['images']:,}" if stage.get("images") is not None else "unknown",
+               "wall_time": _duration(stage.get("wall_time_seconds")), "hardware": stage.get("hardware") or "unknown"}
+              for stage in record.get("stages", [])]
+    values = {
+        "title": repo_id.split("/")[-1], "repo_id": repo_id, "subject": data.subject,
+        "resolution": unet_config.get("sample_size", "?"), "student_steps": record.get("student_steps", "?"),
+        "teacher": f"a local folder, {Path(teacher).name}" if teacher_is_local else teacher,
+        "teacher_sha": record.get("teacher_weights_sha256", "unknown"),
+        "parameters": f"{count_parameters_on_disk(run_dir / UNET) / 1e6:.1f} M", "stages": stages,
+        "data_description": data.description, "has_grid": (run_dir / GRID_FILE).is_file(),
+        "evaluation": _evaluation_rows(evaluation), "evaluation_note": evaluation.get("note", ""),
+    }
+    return ModelCard.from_template(card_data, template_str=STUDENT_CARD_TEMPLATE.read_text(), **values)
 
 
 def _attention_resolutions(unet_config: dict[str, Any]) -> str:

@@ -20,8 +20,8 @@ import yaml
 
 from ..errors import HubUploadError, RunNotPushedError
 from ..files import staged
-from ..layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONFIG_FILE, CONVERSION_FILE, EVALUATION_FILE, GRID_FILE,
-                      INTERPOLATION_FIGURE, MODEL_INDEX, NEIGHBOURS_FIGURE, RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET,
+from ..layout import (CARD_FILE, CARD_MODEL_ID_PLACEHOLDER, CONFIG_FILE, CONVERSION_FILE, DISTILLATION_FILE,
+                      EVALUATION_FILE, GRID_FILE, INTERPOLATION_FIGURE, MODEL_INDEX, NEIGHBOURS_FIGURE, RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET,
                       is_conversion)
 from .. import pipelines
 from .card import build_model_card, read_json, read_yaml
@@ -34,8 +34,8 @@ PIPELINE_FILE = Path(pipelines.__file__).with_name("ddpm_interpolation.py")
 # Copied when the run has them (a folder `convert-adm` wrote has CONVERSION_FILE); those of
 # PATH_BEARING_FILES with their local paths made publishable (`publishable_paths`).
 RUN_FILES = (MODEL_INDEX, CONFIG_FILE, SUMMARY_FILE, EVALUATION_FILE, GRID_FILE, INTERPOLATION_FIGURE,
-             NEIGHBOURS_FIGURE, CONVERSION_FILE)
-PATH_BEARING_FILES = (CONFIG_FILE, EVALUATION_FILE)
+             NEIGHBOURS_FIGURE, CONVERSION_FILE, DISTILLATION_FILE)
+PATH_BEARING_FILES = (CONFIG_FILE, EVALUATION_FILE, DISTILLATION_FILE)
 COMPONENT_FOLDERS = (UNET, SCHEDULER)
 # What a push of a run may upload: on the repo, those the new upload lacks are deleted (`--no_raw` after a push
 # with raw weights, a run without evaluation.json); anything else there (a user's own files) is left alone.
@@ -69,7 +69,8 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
             card = (run_dir / CARD_FILE).read_text().replace(CARD_MODEL_ID_PLACEHOLDER, repo_id)
             (staging / CARD_FILE).write_text(card)
         else:
-            if figures and not (staging / INTERPOLATION_FIGURE).is_file():
+            student = (run_dir / DISTILLATION_FILE).is_file()  # its strip waits for interpolate's student defaults
+            if figures and not student and not (staging / INTERPOLATION_FIGURE).is_file():
                 make_interpolation_figure(run_dir, staging / INTERPOLATION_FIGURE)
             card = build_model_card(run_dir, repo_id, license, include_raw, (staging / INTERPOLATION_FIGURE).is_file())
             card.save(staging / CARD_FILE)
