@@ -119,6 +119,14 @@ def test_a_snapshot_removes_what_was_added_and_puts_back_a_rewritten_file(tmp_pa
     assert snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_in_a_sub_folder_is_progress_too(tmp_path):
+    """A distillation's folder holds its stages' run folders: a checkpoint there counts as one here."""
+    taken = FolderSnapshot(tmp_path)
+    (tmp_path / "stage-4" / "checkpoint-3" / "x").mkdir(parents=True)
+    (tmp_path / "stage-4" / "checkpoint-x").mkdir()  # not a checkpoint's name
+    assert taken.new_checkpoints() == [str(Path("stage-4") / "checkpoint-3")]
+
+
 # ---------------------------------------------------------------- two real training jobs
 
 
