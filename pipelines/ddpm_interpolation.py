@@ -233,9 +233,12 @@ def auto_noise_level(
 
 
 def respaced_timesteps(t: int, num_steps: int) -> list[int]:
-    """Ascending timesteps from near 0 up to and including t, at most `num_steps` of them."""
+    """Ascending timesteps from near 0 up to and including t, `num_steps` of them (at most t + 1), spaced as
+    diffusers' "trailing" spacing spaces a sampler's below T: from t = T − 1, exactly the timesteps a
+    `DDIMScheduler(timestep_spacing="trailing")` of `num_steps` visits, so that a distilled student is run
+    on its own grid (from t on its grid too)."""
     num_steps = max(1, min(num_steps, t + 1))
-    return sorted({round(t * k / num_steps) for k in range(1, num_steps + 1)} | {t})
+    return sorted(round((t + 1) - j * (t + 1) / num_steps) - 1 for j in range(num_steps))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, SingleImageOracle, make_image, random_tiny_unet,
 from lsun_ddpm.model.diffusion import make_noise_scheduler
 from lsun_ddpm.pipelines import ddpm_interpolation
 from lsun_ddpm.pipelines.ddpm_interpolation import (DDPMInterpolationPipeline, auto_noise_level, ddim_step,
-                                                    slerp)
+                                                    respaced_timesteps, slerp)
 
 PIPELINE_FILE = REPO_ROOT / "pipelines" / "ddpm_interpolation.py"
 
@@ -61,6 +61,19 @@ def test_ddim_inversion_then_decoding_is_the_identity_for_an_exact_model():
     pipe.set_progress_bar_config(disable=True)
     latent = pipe.ddim_invert(target, 600, 30)
     torch.testing.assert_close(pipe.ddim_decode(latent, 600, 30), target, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 8, 25, 1000])
+def test_respacing_from_the_last_timestep_is_diffusers_trailing_grid_and_from_a_grid_point_its_rest(num_steps):
+    """From t = T − 1 the pipeline steps through what DDIMScheduler(timestep_spacing="trailing") visits; from
+    a point of that grid, with as many steps as remain, through the rest of it: a student's own grid."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    scheduler.set_timesteps(num_steps)
+    grid = scheduler.timesteps.tolist()
+    assert respaced_timesteps(999, num_steps) == sorted(grid)
+    if num_steps in (2, 4, 8):  # T / N whole: every grid point is exact
+        for i, t in enumerate(grid):
+            assert respaced_timesteps(t, num_steps - i) == sorted(grid[i:])
 
 
 def test_ddim_inversion_of_a_v_predicting_model_is_that_of_the_same_model_predicting_epsilon():
