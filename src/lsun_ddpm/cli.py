@@ -138,16 +138,16 @@ def interpolate_command(argv: list[str]) -> None:
     source.add_argument("--seeds", nargs=2, type=int, metavar=("S1", "S2"), help="two seeds: sample, then interpolate")
     source.add_argument("--pairs", metavar="FILE",
                         help="one pair a line: two seeds or two image paths (relative to FILE); # comments")
-    parser.add_argument("--t", default="500", help="noise level (a timestep in 1..T-1) or 'auto' (chosen per pair)")
+    parser.add_argument("--t", help="noise level (a timestep in 1..T-1; default 500) or 'auto' (chosen per pair)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--method", choices=METHODS, default="slerp",
                         help="lerp (the paper's), slerp (keeps the noise level), ddim (deterministic)")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps from t (paper: t)")
+    parser.add_argument("--num_inference_steps", type=int, help="denoising steps from t (paper: t; default 50)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     parser.add_argument("--out", default="interpolation.png", help="the strip: one row per pair")
     parser.add_argument("--gif", help="also write an animated GIF")
     args = parser.parse_args(argv)
-    t = args.t if args.t == "auto" else _int_or_error(parser, args.t)
+    t = args.t if args.t in (None, "auto") else _int_or_error(parser, args.t)
     if args.frames < 2:
         parser.error("--frames must be at least 2")
     _require_positive(parser, args, ("num_inference_steps",))
@@ -158,9 +158,9 @@ def interpolate_command(argv: list[str]) -> None:
     pairs = read_pairs(args.pairs) if args.pairs else [Pair(*(args.seeds or args.images))]
     check_pair_images(pairs)  # every image opened now, not after the first pair has been computed
     num_train_timesteps = load_scheduler_config(args.model).get("num_train_timesteps", 1000)
-    if t != "auto" and not 1 <= t < num_train_timesteps:
+    if t not in (None, "auto") and not 1 <= t < num_train_timesteps:
         parser.error(f"--t must be 'auto' or a timestep from 1 to {num_train_timesteps - 1}, got {t}")
-    run_interpolate(args, pairs, t)
+    run_interpolate(args, pairs, t, num_train_timesteps)
 
 
 def neighbours_command(argv: list[str]) -> None:

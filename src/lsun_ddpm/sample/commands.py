@@ -14,7 +14,8 @@ from accelerate.utils import gather_object
 from ..files import save_image
 from ..hardware import is_compiled
 from .figures import image_grid, labelled_side_by_side
-from .interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, save_gif, strip
+from .interpolation import (Pair, choose_interpolation_steps, interpolate_pairs, load_interpolation_pipeline,
+                            save_gif, strip)
 from .loading import load_scheduler_config, load_unet, weights_to_use
 from .sampling import (SamplingPlan, check_inference_steps, choose_sampler, generate, launched_process, progress_bar,
                        this_process_share)
@@ -54,16 +55,18 @@ def run_sample(args) -> None:
           f"seed {args.seed}{', compiled U-Net' if is_compiled(unet) else ''}{processes})")
 
 
-def run_interpolate(args, pairs: list[Pair], t: int | str) -> None:
-    """Interpolate each of `pairs` at noise level `t` into the strip `args.out` (and the GIF `args.gif`)."""
+def run_interpolate(args, pairs: list[Pair], t: int | str | None, num_train_timesteps: int) -> None:
+    """Interpolate each of `pairs` at noise level `t` (None: the model's default) into the strip `args.out`
+    (and the GIF `args.gif`)."""
+    chosen = choose_interpolation_steps(args.model, t, args.num_inference_steps, num_train_timesteps)
     has_ema, _ = weights_to_use(args.model, args.weights)
     state = launched_process()  # under `accelerate launch`, each process interpolates its share of the pairs
     share = this_process_share(len(pairs))
     pipeline = load_interpolation_pipeline(args.model, args.weights, state.device, has_ema=has_ema)
     results = interpolate_pairs(
-        pipeline, pairs[share.start:share.stop], t, args.frames, args.method, args.num_inference_steps, args.seed,
+        pipeline, pairs[share.start:share.stop], chosen.t, args.frames, args.method, chosen.steps, args.seed,
         args.bf16, on_pair=lambda i, level: print(f"pair {i + 1}/{len(pairs)}: t = {level}", flush=True),
-        first_index=share.start,
+        first_index=share.start, endpoint_steps=chosen.endpoint_steps,
     )
     results = gather_object(results)  # every process's pairs, in order
     state.destroy_process_group()

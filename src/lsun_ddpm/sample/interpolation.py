@@ -18,7 +18,8 @@ from diffusers import DDPMScheduler
 
 from ..errors import InputError
 from ..pipelines.ddpm_interpolation import DDPMInterpolationPipeline, preprocess
-from .loading import load_scheduler_config, load_unet
+from ..model.step_grids import trailing_grid
+from .loading import load_scheduler_config, load_unet, student_steps
 from .sampling import inference_precision, pick_device, to_pil
 
 @dataclass
@@ -35,6 +36,37 @@ class InterpolatedPair:
     endpoints: tuple[Image.Image, Image.Image]
     frames: list[Image.Image]
     noise_level: int
+
+
+DEFAULT_NOISE_LEVEL = 500  # t; an integer, or "auto"
+DEFAULT_STEPS = 50  # denoising steps from t
+
+
+@dataclass(frozen=True)
+class InterpolationSteps:
+    t: int | str  # the noise level, or "auto" (chosen per pair)
+    steps: int  # denoising steps from t
+    endpoint_steps: int  # steps that sample an endpoint from a seed, from T − 1
+
+
+def choose_interpolation_steps(model: str, t: int | str | None, num_inference_steps: int | None,
+                               num_train_timesteps: int) -> InterpolationSteps:
+    """What was asked; where not: t = 500 and 50 steps, or for a distilled student of N steps the point of
+    its grid nearest 500 and its own steps from there (N for an endpoint). A student given a t or a step
+    count off its grid is told what that does."""
+    student = student_steps(model)
+    if student is None:
+        steps = num_inference_steps or DEFAULT_STEPS
+        return InterpolationSteps(DEFAULT_NOISE_LEVEL if t is None else t, steps, steps)
+    grid = trailing_grid(student, num_train_timesteps)
+    if t is None:
+        t = min(grid, key=lambda point: abs(point - DEFAULT_NOISE_LEVEL))
+    own_steps = sum(point <= t for point in grid) if t in grid else None
+    steps = num_inference_steps or own_steps or student
+    if own_steps is None or steps != own_steps:
+        print(f"note: {model} is a student distilled for the {student} timesteps {grid}; t = {t} with {steps} "
+              "steps from it visits timesteps it was not trained at, which usually makes worse images", flush=True)
+    return InterpolationSteps(t, steps, student)
 
 
 def load_interpolation_pipeline(model: str, weights: str = "ema", device: torch.device | None = None,
@@ -95,15 +127,16 @@ def _seed_or_path(item: str, base: Path) -> str | int:
     return str(candidate)
 
 
-def interpolate_pairs(pipeline: DDPMInterpolationPipeline, pairs: list[Pair], t: int | str = 500,
-                      num_frames: int = 8, method: str = "slerp", num_inference_steps: int = 50, seed: int = 0,
-                      bf16: bool = True, on_pair: Callable[[int, int], None] = lambda i, t: None,
-                      first_index: int = 0) -> list[InterpolatedPair]:
-    """Interpolate each pair; the q-sample/ancestral noise of pair i is seeded by (seed + first_index + i)."""
+def interpolate_pairs(pipeline: DDPMInterpolationPipeline, pairs: list[Pair], t: int | str = DEFAULT_NOISE_LEVEL,
+                      num_frames: int = 8, method: str = "slerp", num_inference_steps: int = DEFAULT_STEPS,
+                      seed: int = 0, bf16: bool = True, on_pair: Callable[[int, int], None] = lambda i, t: None,
+                      first_index: int = 0, endpoint_steps: int | None = None) -> list[InterpolatedPair]:
+    """Interpolate each pair; the q-sample/ancestral noise of pair i is seeded by (seed + first_index + i).
+    Endpoints from seeds are sampled in `endpoint_steps` (default: `num_inference_steps`) from T − 1."""
     results = []
     with inference_precision(pipeline.unet, bf16):
         for index, pair in enumerate(pairs, start=first_index):
-            a, b = _endpoint_tensors(pipeline, pair, num_inference_steps)
+            a, b = _endpoint_tensors(pipeline, pair, endpoint_steps or num_inference_steps)
             output = pipeline(image_a=a, image_b=b, t=t, num_frames=num_frames, method=method,
                               num_inference_steps=num_inference_steps,
                               generator=torch.Generator().manual_seed(seed + index))
