@@ -219,7 +219,8 @@ def test_push_publishes_a_student_with_a_card_that_says_what_it_is_and_how_to_sa
     student, _ = distilled
     run_cli(tmp_path, "push", str(student), "--hub_model_id", "me/student", "--dry_run", str(tmp_path / "upload"))
     upload = tmp_path / "upload"
-    assert {"distillation.json", "sample_grid.png", "model_index.json", "README.md"} <= {p.name for p in upload.iterdir()}
+    published = {p.name for p in upload.iterdir()}
+    assert {"distillation.json", "sample_grid.png", "interpolation.png", "model_index.json", "README.md"} <= published
     record = json.loads((student / "distillation.json").read_text())
     assert record["teacher"] not in (upload / "distillation.json").read_text()  # the teacher's local path is not
     card = ModelCard.load(upload / "README.md")
@@ -228,3 +229,27 @@ def test_push_publishes_a_student_with_a_card_that_says_what_it_is_and_how_to_sa
                   record["teacher_weights_sha256"], "| stage-4 | 4 | 4 | 2 |", "| stage-2 | 4 | 2 | 8 |",
                   "| stage-1 | 2 | 1 | 8 |", "No FID/KID evaluation has been run for this student"):
         assert words in card.text, words
+
+
+def test_interpolate_takes_a_students_grid_point_and_its_own_steps_from_there(distilled, tmp_path, monkeypatch):
+    """The 2-step student (stage-2: grid 999, 499): t = 499, the grid point nearest 500, one step from it, and
+    two for an endpoint from a seed; a t off its grid is done as asked, with a note."""
+    from lsun_ddpm.publish.app import SpaceModel
+    from lsun_ddpm.sample import commands
+
+    student = distilled[0] / "stage-2"
+    calls = []
+    interpolate_pairs = commands.interpolate_pairs
+
+    def recorded(pipeline, pairs, t, frames, method, steps, *args, **kwargs):
+        calls.append((t, steps, kwargs["endpoint_steps"]))
+        return interpolate_pairs(pipeline, pairs, t, frames, method, steps, *args, **kwargs)
+
+    monkeypatch.setattr(commands, "interpolate_pairs", recorded)
+    args = ["interpolate", str(student), "--seeds", "1", "2", "--frames", "3", "--no_bf16"]
+    result = run_cli(tmp_path, *args)
+    assert calls == [(499, 1, 2)] and "pair 1/1: t = 499" in result.stdout and "not trained at" not in result.stdout
+    off_grid = run_cli(tmp_path, *args, "--t", "600")
+    assert calls[-1] == (600, 2, 2) and "t = 600 with 2 steps from it visits timesteps it was not trained at" in (
+        off_grid.stdout)
+    assert SpaceModel(str(student), bf16=False).default_noise_level == (False, 499)

@@ -24,8 +24,8 @@ from ..hardware import keep_freed_host_memory
 from ..layout import CARD_FILE, NEIGHBOURS_FIGURE
 from ..pipelines.ddpm_interpolation import METHODS
 from ..sample.figures import image_grid
-from ..sample.interpolation import (InterpolatedPair, Pair, interpolate_pairs, load_interpolation_pipeline, magnified,
-                                    save_gif, strip)
+from ..sample.interpolation import (InterpolatedPair, InterpolationSteps, Pair, choose_interpolation_steps,
+                                    interpolate_pairs, load_interpolation_pipeline, magnified, save_gif, strip)
 from ..sample.loading import (check_model_source, has_ema_weights, load_scheduler_config, recorded_training_options,
                               student_steps)
 from ..sample.sampling import DEFAULT_SCHEDULER, SCHEDULERS, STUDENT_SCHEDULER, SamplingPlan, generate, pick_device
@@ -85,6 +85,18 @@ class SpaceModel:
         return DEFAULT_SCHEDULER, SCHEDULERS[DEFAULT_SCHEDULER][2]
 
     @property
+    def default_noise_level(self) -> tuple[bool, int]:
+        """What "Interpolate" offers first: t chosen per pair, or for a student the point of its grid that
+        `interpolate` takes (an automatic t would fall between its timesteps); the slider's t."""
+        if self.student_steps is None:
+            return True, (self.max_noise_level + 1) // 2
+        return False, self._interpolation_steps(None).t
+
+    def _interpolation_steps(self, t: int | str | None) -> InterpolationSteps:
+        steps = None if self.student_steps is not None else 25  # a student's own; 25 for the rest
+        return choose_interpolation_steps(self.model_id, t, steps, self.max_noise_level + 1)
+
+    @property
     def resolution(self) -> int:
         return self.pipeline.resolution
 
@@ -120,8 +132,9 @@ class SpaceModel:
             pair = Pair(*(self._uploaded(image, label) for image, label in ((image_a, "A"), (image_b, "B"))))
         else:
             pair = Pair(_check_range("Seed A", seed_a, 0, 2**32 - 1), _check_range("Seed B", seed_b, 0, 2**32 - 1))
-        result = interpolate_pairs(self.pipeline, [pair], noise_level, frames, method, num_inference_steps=25,
-                                   bf16=self.bf16)[0]
+        chosen = self._interpolation_steps(noise_level)
+        result = interpolate_pairs(self.pipeline, [pair], chosen.t, frames, method, num_inference_steps=chosen.steps,
+                                   bf16=self.bf16, endpoint_steps=chosen.endpoint_steps)[0]
         return result, strip([result])
 
     def _uploaded(self, image: Image.Image | None, label: str) -> Image.Image:
@@ -288,8 +301,9 @@ def build_demo(model: SpaceModel):
                     with gr.Row():
                         image_a = photo_upload("Photo A", limits.max_upload_pixels)
                         image_b = photo_upload("Photo B", limits.max_upload_pixels)
-                    auto_t = gr.Checkbox(value=True, label="Choose the noise level automatically")
-                    t = gr.Slider(1, model.max_noise_level, value=(model.max_noise_level + 1) // 2, step=1,
+                    default_auto_t, default_t = model.default_noise_level
+                    auto_t = gr.Checkbox(value=default_auto_t, label="Choose the noise level automatically")
+                    t = gr.Slider(1, model.max_noise_level, value=default_t, step=1,
                                   label="Noise level t (when not automatic)")
                     frames = gr.Slider(2, limits.max_frames, value=8, step=1, label="Frames")
                     method = gr.Radio(list(METHODS), value="slerp", label="Method")

@@ -69,8 +69,7 @@ def prepare_upload(run_dir: str | os.PathLike, destination: str | os.PathLike, r
             card = (run_dir / CARD_FILE).read_text().replace(CARD_MODEL_ID_PLACEHOLDER, repo_id)
             (staging / CARD_FILE).write_text(card)
         else:
-            student = (run_dir / DISTILLATION_FILE).is_file()  # its strip waits for interpolate's student defaults
-            if figures and not student and not (staging / INTERPOLATION_FIGURE).is_file():
+            if figures and not (staging / INTERPOLATION_FIGURE).is_file():
                 make_interpolation_figure(run_dir, staging / INTERPOLATION_FIGURE)
             card = build_model_card(run_dir, repo_id, license, include_raw, (staging / INTERPOLATION_FIGURE).is_file())
             card.save(staging / CARD_FILE)
@@ -139,14 +138,19 @@ def new_folder(destination: str | os.PathLike) -> Iterator[Path]:
 
 
 def make_interpolation_figure(run_dir: Path, path: Path, seed_pairs=((0, 1), (2, 3))) -> None:
-    """A small interpolation strip (slerp, t chosen per pair) from the run's EMA weights."""
+    """A small interpolation strip (slerp, t chosen per pair; a distilled student's own t and steps) from the
+    run's EMA weights."""
     from ..files import save_image
-    from ..sample.interpolation import Pair, interpolate_pairs, load_interpolation_pipeline, strip
+    from ..sample.interpolation import (Pair, choose_interpolation_steps, interpolate_pairs,
+                                        load_interpolation_pipeline, strip)
 
     pipeline = load_interpolation_pipeline(str(run_dir))
     pipeline.set_progress_bar_config(disable=True)
-    results = interpolate_pairs(pipeline, [Pair(a, b) for a, b in seed_pairs], t="auto", num_frames=6,
-                                method="slerp", num_inference_steps=25)
+    student = (run_dir / DISTILLATION_FILE).is_file()
+    chosen = choose_interpolation_steps(str(run_dir), None if student else "auto", None if student else 25,
+                                        pipeline.scheduler.config.num_train_timesteps)
+    results = interpolate_pairs(pipeline, [Pair(a, b) for a, b in seed_pairs], t=chosen.t, num_frames=6,
+                                method="slerp", num_inference_steps=chosen.steps, endpoint_steps=chosen.endpoint_steps)
     save_image(strip(results), path)
 
 
