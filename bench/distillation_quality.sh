@@ -2,7 +2,7 @@
 # Distillation quality: FID of a teacher's samplers by step count against its distilled students'.
 #
 #   DATA=path/to/photos bash bench/distillation_quality.sh            # the defaults below
-#   DATA=... TEACHER_STEPS=200 STAGE_STEPS=20 NUM_SAMPLES=64 OUT=/tmp/q bash bench/distillation_quality.sh   # a smoke run
+#   DATA=... TEACHER_STEPS=200 STAGE_STEPS=20 NUM_SAMPLES=64 OUT=smoke bash bench/distillation_quality.sh   # a smoke run
 #
 # 1. prepares DATA at RESOLUTION (lsun-ddpm prepare);
 # 2. trains a teacher (configs/cpu_small.yaml's small32 recipe, TEACHER_STEPS optimizer steps);
