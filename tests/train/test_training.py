@@ -456,3 +456,22 @@ def test_a_hundred_unreadable_images_in_a_row_stop_a_streamed_run_with_a_one_lin
     assert result.returncode != 0
     assert "train_unconditional.py: error: 100 unreadable images in a row" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_from_pretrained_weights_trains_with_dropout_on(tmp_path, image_folder, tiny_pipeline_folder,
+                                                              monkeypatch):
+    """diffusers' from_pretrained returns a model in eval mode: fine-tuning (and a distillation's student, which
+    starts from its teacher's weights) must still train in training mode, dropout on, at every micro-batch."""
+    modes = []
+    train_micro_batch = loop.train_micro_batch
+
+    def recording(accelerator, model, *args, **kwargs):
+        modes.append(model.training)
+        return train_micro_batch(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_micro_batch", recording)
+    run_training(tmp_path, tmp_path / "run", ["--train_data_dir", str(image_folder), "--pretrained_model_name_or_path",
+                                              str(tiny_pipeline_folder), "--max_train_steps", "3",
+                                              "--gradient_accumulation_steps", "1", "--save_images_steps", "1",
+                                              "--ddpm_num_inference_steps", "2", "--logger", "none"])
+    assert len(modes) == 3 and all(modes), modes

@@ -63,7 +63,8 @@ def train_in_claimed_folder(accelerator: Accelerator, config: TrainingConfig, re
     # Every process builds the same initial weights; noise and dropout then differ per process.
     if config.seed is not None:
         set_seed(config.seed)
-    model = recipe.make_model()
+    # from_pretrained (fine-tuning, a distillation's student) returns a model in eval mode, its dropout off
+    model = recipe.make_model().train()
     config.resolution = model.config.sample_size
     checkpoint, move_aside = check_run_folder(config, model)  # one run per folder; before any work
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format  # weights and batches
