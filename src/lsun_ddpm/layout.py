@@ -44,6 +44,7 @@ INTERPOLATION_FIGURE = "interpolation.png"  # the demo; `push` makes one when th
 RAW_VS_EMA_FIGURE = "raw_vs_ema.png"  # the demo's Fig. 1
 DEMO_OVERVIEW = "demo_overview.png"
 DISTILLATION_FILE = "distillation.json"  # a student `distill` wrote: its teacher, stages and step count
+STAGE_FOLDER_GLOB = "stage-*"  # in a distillation's folder: the run folder of each stage
 CONVERSION_FILE = "adm_conversion.json"  # a folder `convert-adm` wrote: its source and flags
 CARD_FILE = "README.md"  # a model card (a converted folder has its own; `push` writes the others')
 # What a converted folder's card loads in its usage code until the folder is pushed; `push` puts the repo id there.
@@ -53,6 +54,11 @@ CARD_MODEL_ID_PLACEHOLDER = "path/to/this/folder"
 def grid_path(run_dir: str | os.PathLike, step: int) -> Path:
     """Where the grid sampled at optimizer `step` is kept."""
     return Path(run_dir) / SAMPLES_FOLDER / f"step-{step:07d}.png"
+
+
+def stage_folder_name(student_steps: int) -> str:
+    """The run folder, in a distillation's folder, of the stage whose student samples in `student_steps`."""
+    return f"stage-{student_steps}"
 
 
 def checkpoint_name(step: int) -> str:

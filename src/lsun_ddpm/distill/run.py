@@ -23,7 +23,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 from ..errors import InputError
 from ..files import check_output_folder, remove_path, replace_path, write_text
 from ..layout import (CONFIG_FILE, DISTILLATION_FILE, GRID_FILE, IDENTITY_FILE, LOGS_FOLDER, MODEL_INDEX,
-                      RAW_UNET, SCHEDULER, SUMMARY_FILE, UNET)
+                      RAW_UNET, SCHEDULER, STAGE_FOLDER_GLOB, SUMMARY_FILE, UNET)
 from ..model.unet import load_model_config, weights_fingerprint
 from ..sample.loading import model_file
 from ..train import run_folder
@@ -49,8 +49,9 @@ def distill(options: DistillationOptions, config: TrainingConfig) -> Path:
     start_steps = options.start_steps or teacher.student_steps or default_start_steps(teacher.num_train_timesteps)
     check_teacher(teacher, options.student_steps, start_steps)
     check_output_folder(config.output_dir, "--output_dir")
-    bridge_steps = 0 if teacher.prediction_type == STUDENT_PREDICTION else (
-        options.steps_per_stage // 4 if options.bridge_steps is None else options.bridge_steps)
+    bridge_steps = options.steps_per_stage // 4 if options.bridge_steps is None else options.bridge_steps
+    if teacher.prediction_type == STUDENT_PREDICTION:
+        bridge_steps = 0  # a student teacher already predicts v
     stages = plan_stages(start_steps, options.student_steps, options.steps_per_stage, bridge_steps)
     choose_precision(config)
     accelerator = make_accelerator(config)
@@ -81,7 +82,7 @@ def distill(options: DistillationOptions, config: TrainingConfig) -> Path:
 def check_distillation_folder(output_dir: Path) -> None:
     """Refuse a folder that holds a training run or a pipeline that no distillation wrote."""
     holds_run = run_folder.run_entries(output_dir, LOGS_FOLDER)
-    if holds_run and not (output_dir / DISTILLATION_FILE).is_file() and not list(output_dir.glob("stage-*")):
+    if holds_run and not (output_dir / DISTILLATION_FILE).is_file() and not list(output_dir.glob(STAGE_FOLDER_GLOB)):
         raise InputError(f"--output_dir {output_dir} holds {holds_run[0]} of another run or pipeline: give a new "
                          "folder, or the folder of the distillation to resume")
 

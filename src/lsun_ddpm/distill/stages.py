@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layout import stage_folder_name
+
 MAX_START_STEPS = 1024  # the paper's first teacher samples in 1024 steps (T = 1024 there)
 
 
@@ -28,7 +30,7 @@ class Stage:
     @property
     def name(self) -> str:
         """The stage's run folder inside the distillation's: `stage-<student steps>`."""
-        return f"stage-{self.student_steps}"
+        return stage_folder_name(self.student_steps)
 
 
 def is_power_of_two(n: int) -> bool:

@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 
-from ..errors import InputError, ModelUnavailableError
+from ..errors import InputError
 from ..model import diffusion
-from ..model.unet import ADMUNet2DModel
-from ..sample.loading import (check_model_source, has_ema_weights, load_scheduler_config, recorded_training_options,
-                              student_steps, weights_subfolder)
+from ..sample.loading import check_model_source, load_scheduler_config, load_unet, student_steps
 from .stages import is_power_of_two
 
 STUDENT_PREDICTION = "v_prediction"
@@ -27,7 +25,6 @@ STUDENT_PREDICTION = "v_prediction"
 class Teacher:
     source: str  # a folder or a Hub repo id
     scheduler_config: dict
-    weights_folder: str  # `unet/` (EMA, or the only weights) or `unet_raw/`
     student_steps: int | None  # a student of this command: its step count; a DDPM: None
 
     @property
@@ -41,19 +38,16 @@ class Teacher:
     def noise_scheduler(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.scheduler_config)
 
-    def load_unet(self) -> ADMUNet2DModel:
-        try:
-            return ADMUNet2DModel.from_pretrained(self.source, subfolder=self.weights_folder, use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise ModelUnavailableError(f"TEACHER {self.source}: cannot load its U-Net ({error})") from None
+    def load_unet(self) -> UNet2DModel:
+        """Its sampled weights: the EMA's, or a run's only weights when it kept no EMA."""
+        return load_unet(self.source)
 
 
 def read_teacher(source: str) -> Teacher:
     """The teacher at `source`, read from its configs only (no weights); an InputError for what is no pipeline."""
     check_model_source(source)
     scheduler_config = load_scheduler_config(source)
-    weights_folder = weights_subfolder("ema", has_ema_weights(recorded_training_options(source)))
-    return Teacher(source, scheduler_config, weights_folder, student_steps(source))
+    return Teacher(source, scheduler_config, student_steps(source))
 
 
 def check_teacher(teacher: Teacher, student_steps: int, start_steps: int) -> None:
@@ -87,13 +81,13 @@ def check_teacher(teacher: Teacher, student_steps: int, start_steps: int) -> Non
                          "teacher's step count that the first stage halves")
 
 
-def student_of(teacher_unet: ADMUNet2DModel) -> ADMUNet2DModel:
+def student_of(teacher_unet: UNet2DModel) -> UNet2DModel:
     """The teacher's weights as a student's: a U-Net with a learned Σ keeps only its first half of outputs
     (the prediction; v then, which the student learns from there)."""
     channels = teacher_unet.config.in_channels
     if teacher_unet.config.out_channels == channels:
         return teacher_unet
-    student = ADMUNet2DModel.from_config({**teacher_unet.config, "out_channels": channels})
+    student = UNet2DModel.from_config({**teacher_unet.config, "out_channels": channels})
     state = teacher_unet.state_dict()
     for name in ("conv_out.weight", "conv_out.bias"):
         state[name] = state[name][:channels]

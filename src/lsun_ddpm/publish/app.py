@@ -93,8 +93,7 @@ class SpaceModel:
         return False, self._interpolation_steps(None).t
 
     def _interpolation_steps(self, t: int | str | None) -> InterpolationSteps:
-        steps = None if self.student_steps is not None else 25  # a student's own; 25 for the rest
-        return choose_interpolation_steps(self.model_id, t, steps, self.max_noise_level + 1)
+        return choose_interpolation_steps(self.model_id, t, None, self.max_noise_level + 1, default_steps=25)
 
     @property
     def resolution(self) -> int:

@@ -146,9 +146,8 @@ def make_interpolation_figure(run_dir: Path, path: Path, seed_pairs=((0, 1), (2,
 
     pipeline = load_interpolation_pipeline(str(run_dir))
     pipeline.set_progress_bar_config(disable=True)
-    student = (run_dir / DISTILLATION_FILE).is_file()
-    chosen = choose_interpolation_steps(str(run_dir), None if student else "auto", None if student else 25,
-                                        pipeline.scheduler.config.num_train_timesteps)
+    chosen = choose_interpolation_steps(str(run_dir), None, None, pipeline.scheduler.config.num_train_timesteps,
+                                        default_t="auto", default_steps=25)
     results = interpolate_pairs(pipeline, [Pair(a, b) for a, b in seed_pairs], t=chosen.t, num_frames=6,
                                 method="slerp", num_inference_steps=chosen.steps, endpoint_steps=chosen.endpoint_steps)
     save_image(strip(results), path)

@@ -50,14 +50,15 @@ class InterpolationSteps:
 
 
 def choose_interpolation_steps(model: str, t: int | str | None, num_inference_steps: int | None,
-                               num_train_timesteps: int) -> InterpolationSteps:
-    """What was asked; where not: t = 500 and 50 steps, or for a distilled student of N steps the point of
-    its grid nearest 500 and its own steps from there (N for an endpoint). A student given a t or a step
-    count off its grid is told what that does."""
+                               num_train_timesteps: int, default_t: int | str = DEFAULT_NOISE_LEVEL,
+                               default_steps: int = DEFAULT_STEPS) -> InterpolationSteps:
+    """What was asked; where not: `default_t` and `default_steps`, or for a distilled student of N steps the
+    point of its grid nearest 500 and its own steps from there (N for an endpoint). A student given a t or a
+    step count off its grid is told what that does."""
     student = student_steps(model)
     if student is None:
-        steps = num_inference_steps or DEFAULT_STEPS
-        return InterpolationSteps(DEFAULT_NOISE_LEVEL if t is None else t, steps, steps)
+        steps = num_inference_steps or default_steps
+        return InterpolationSteps(default_t if t is None else t, steps, steps)
     grid = trailing_grid(student, num_train_timesteps)
     if t is None:
         t = min(grid, key=lambda point: abs(point - DEFAULT_NOISE_LEVEL))

@@ -11,17 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
 from ..model import diffusion
-from ..model.unet import ADMUNet2DModel, build_model
+from ..model.unet import build_model
 from .options import TrainingConfig
 from .setup import size_override
 
 
 @dataclass(frozen=True)
 class Recipe:
-    make_model: Callable[[], ADMUNet2DModel]  # the weights step 0 starts from
+    make_model: Callable[[], UNet2DModel]  # the weights step 0 starts from
     # noise scheduler → objective: `sample_timesteps(batch_size, device)` and `losses(output, clean, noisy, noise, t)`
     make_objective: Callable[[DDPMScheduler], Any]
     description: str  # what is learned how, for the run's first log lines
