@@ -3,12 +3,16 @@
 #
 #   DATA=path/to/photos bash bench/distillation_quality.sh            # the defaults below
 #   DATA=... TEACHER_STEPS=200 STAGE_STEPS=20 NUM_SAMPLES=64 OUT=smoke bash bench/distillation_quality.sh   # a smoke run
+#   DATA=... TEACHER_STEPS=3000 STAGE_STEPS=250 START_STEPS=64 NUM_SAMPLES=100 bash bench/distillation_quality.sh
+#                                           # the reduced run docs/distillation.md reports
 #
 # 1. prepares DATA at RESOLUTION (lsun-ddpm prepare);
 # 2. trains a teacher (configs/cpu_small.yaml's small32 recipe, TEACHER_STEPS optimizer steps);
-# 3. evaluates the teacher: DDPM at 1000 steps, and DDIM, DPM-Solver++ and UniPC at 1, 2, 4, 8 and 16 steps;
-# 4. distills it down to a 1-step student (lsun-ddpm distill, STAGE_STEPS optimizer steps per halving);
-# 5. evaluates each stage's student at its own step count, and the final students of 4, 2 and 1 steps;
+# 3. distills it down to a 1-step student (lsun-ddpm distill from the teacher's DDIM at START_STEPS, STAGE_STEPS
+#    optimizer steps per halving);
+# 4. evaluates each stage's student at its own step count, and the final student at 4, 2 and 1 steps;
+# 5. evaluates the teacher: DDIM, DPM-Solver++ and UniPC at 1, 2, 4, 8 and 16 steps, then DDPM at 1000 steps
+#    (last: it costs more than all the others together, and an interrupted run then already holds the rest);
 # 6. writes OUT/quality.md: one row per (model, sampler, steps) with FID, KID and the compute it took.
 #
 # Every evaluation samples NUM_SAMPLES images (seeds 0..NUM_SAMPLES-1) and compares them with the photos of
@@ -20,6 +24,7 @@ set -euo pipefail
 RESOLUTION=${RESOLUTION:-32}
 TEACHER_STEPS=${TEACHER_STEPS:-20000}
 STAGE_STEPS=${STAGE_STEPS:-2000}
+START_STEPS=${START_STEPS:-512}
 NUM_SAMPLES=${NUM_SAMPLES:-1000}
 NUM_REFERENCE=${NUM_REFERENCE:-10000}
 OUT=${OUT:-distillation-quality}
@@ -48,14 +53,7 @@ evaluate() {  # MODEL NAME SCHEDULER STEPS
         "${inception[@]}"
 }
 
-evaluate "$OUT/teacher" teacher ddpm 1000
-for scheduler in ddim dpmsolver++ unipc; do
-    for steps in 1 2 4 8 16; do
-        evaluate "$OUT/teacher" teacher "$scheduler" "$steps"
-    done
-done
-
-lsun-ddpm distill "$OUT/teacher" --output_dir "$OUT/student" --student_steps 1 --steps_per_stage "$STAGE_STEPS" \
+lsun-ddpm distill "$OUT/teacher" --output_dir "$OUT/student" --student_steps 1 --start_steps "$START_STEPS" --steps_per_stage "$STAGE_STEPS" \
     --train_data_dir "$OUT/data" --train_batch_size 8 --gradient_accumulation_steps 1 --seed "$SEED" \
     --checkpointing_steps "$STAGE_STEPS"
 
@@ -66,6 +64,12 @@ done
 for steps in 4 2 1; do
     evaluate "$OUT/student" student ddim "$steps"
 done
+for scheduler in ddim dpmsolver++ unipc; do
+    for steps in 1 2 4 8 16; do
+        evaluate "$OUT/teacher" teacher "$scheduler" "$steps"
+    done
+done
+evaluate "$OUT/teacher" teacher ddpm 1000
 
 python - "$OUT" <<'EOF'
 import json
