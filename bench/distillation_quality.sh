@@ -3,7 +3,8 @@
 #
 #   DATA=path/to/photos bash bench/distillation_quality.sh            # the defaults below
 #   DATA=... TEACHER_STEPS=200 STAGE_STEPS=20 NUM_SAMPLES=64 OUT=smoke bash bench/distillation_quality.sh   # a smoke run
-#   DATA=... TEACHER_STEPS=3000 STAGE_STEPS=250 START_STEPS=64 NUM_SAMPLES=100 bash bench/distillation_quality.sh
+#   DATA=... TEACHER_STEPS=3000 START_STEPS=64 BRIDGE_STEPS=1000 STAGE_STEPS=200 LEARNING_RATE=3e-4 NUM_SAMPLES=100 \
+#       bash bench/distillation_quality.sh
 #                                           # the reduced run docs/distillation.md reports
 #
 # 1. prepares DATA at RESOLUTION (lsun-ddpm prepare);
@@ -25,6 +26,9 @@ RESOLUTION=${RESOLUTION:-32}
 TEACHER_STEPS=${TEACHER_STEPS:-20000}
 STAGE_STEPS=${STAGE_STEPS:-2000}
 START_STEPS=${START_STEPS:-512}
+distill_options=()  # BRIDGE_STEPS and LEARNING_RATE, when set, replace distill's defaults
+if [ -n "${BRIDGE_STEPS:-}" ]; then distill_options+=(--bridge_steps "$BRIDGE_STEPS"); fi
+if [ -n "${LEARNING_RATE:-}" ]; then distill_options+=(--learning_rate "$LEARNING_RATE"); fi
 NUM_SAMPLES=${NUM_SAMPLES:-1000}
 NUM_REFERENCE=${NUM_REFERENCE:-10000}
 OUT=${OUT:-distillation-quality}
@@ -55,7 +59,7 @@ evaluate() {  # MODEL NAME SCHEDULER STEPS
 
 lsun-ddpm distill "$OUT/teacher" --output_dir "$OUT/student" --student_steps 1 --start_steps "$START_STEPS" --steps_per_stage "$STAGE_STEPS" \
     --train_data_dir "$OUT/data" --train_batch_size 8 --gradient_accumulation_steps 1 --seed "$SEED" \
-    --checkpointing_steps "$STAGE_STEPS"
+    --checkpointing_steps "$STAGE_STEPS" "${distill_options[@]}"
 
 for stage in "$OUT"/student/stage-*; do
     steps=${stage##*stage-}
@@ -81,7 +85,7 @@ def number(value, digits):
     return "undefined" if value is None else f"{value:.{digits}f}"
 
 
-rows = ["| model | sampler | steps | FID | KID | sampling s |", "|---|---|---|---|---|---|"]
+rows = ["| model | sampler | steps | FID | KID ± std | sampling and Inception s |", "|---|---|---|---|---|---|"]
 def order(path):  # the teacher's rows, each stage from the most steps down, then the final student
     model, scheduler, steps = path.parent.name.rsplit("-", 2)
     kind = {"teacher": 0, "student": 2}.get(model, 1)
@@ -92,7 +96,8 @@ for path in sorted((out / "eval").glob("*/evaluation.json"), key=order):
     record = json.loads(path.read_text())
     model, scheduler, steps = path.parent.name.rsplit("-", 2)
     timing = record.get("timing", {})
-    rows.append(f"| {model} | {scheduler} | {steps} | {number(record.get('fid'), 2)} | {number(record.get('kid'), 4)} "
+    kid = f"{number(record.get('kid'), 4)} ± {number(record.get('kid_std'), 4)}"
+    rows.append(f"| {model} | {scheduler} | {steps} | {number(record.get('fid'), 2)} | {kid} "
                 f"| {timing.get('sample_seconds', '?')} |")
 stages = json.loads((out / "student" / "distillation.json").read_text())["stages"]
 rows += ["", "| stage | teacher steps | student steps | optimizer steps | images | wall time s | hardware |",
